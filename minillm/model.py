@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .moe import MoE  # moe.py imports nothing from this file, so there is no cycle
+
 
 @dataclass
 class Config:
@@ -34,6 +36,15 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True   # the output head reuses the token embedding matrix
     eos_token_id: int | None = 2  # generation stops here; None never stops early
+    # Mixture of experts (chapter 4, moe.py). n_experts=0 keeps the dense SwiGLU feed-forward.
+    n_experts: int = 0             # routed experts per layer, each a SwiGLU of width hidden_dim
+    n_experts_active: int = 2      # top-k experts each token is sent to
+    n_shared_experts: int = 0      # always-on experts every token also passes through (DeepSeekMoE)
+    moe_balance: str = "aux"       # "aux" (Switch loss), "bias" (aux-loss-free, DeepSeek-V3) or "none"
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001     # router z-loss (ST-MoE): keeps router logits small
+    moe_capacity_factor: float | None = None  # None = dropless; else each expert takes at most cf*T*k/E tokens
+    moe_bias_update_rate: float = 0.001       # step of the "bias" balancing update per training step
 
     @property
     def head_dim(self) -> int:
@@ -155,7 +166,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = MoE(config) if config.n_experts else FeedForward(config)  # MoE: chapter 4, moe.py
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
