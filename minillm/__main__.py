@@ -21,6 +21,8 @@ def add_sampling_args(p):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", default="static", help="KV cache: static (default) or none")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
+                   help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
 
 
 def cmd_generate(args, chat: bool = False) -> int:
@@ -30,6 +32,8 @@ def cmd_generate(args, chat: bool = False) -> int:
     from .loading import load_pretrained
 
     model, tok = load_pretrained("smollm2-135m")
+    if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
+        model.use_kernels(args.kernels)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, allowed_special="all")

@@ -225,5 +225,15 @@ class Transformer(nn.Module):
             layer.attn.attn_fn = fns[impl]
         return self
 
+    def use_kernels(self, impl: str = "triton"):
+        """Chapter 7: "triton" swaps attention, RMSNorm and int4 linears for Triton kernels, "torch" swaps back.
+
+        Where Triton cannot run (not installed, no GPU and no TRITON_INTERPRET), warns and keeps PyTorch;
+        `self.kernels` says which is active. See kernels/swap.py.
+        """
+        from kernels.swap import use_kernels
+
+        return use_kernels(self, impl)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -1,0 +1,81 @@
+"""How minillm uses the kernels: `model.use_kernels("triton")` swaps three things in place.
+
+- attention: each layer's `attn.attn_fn(q, k, v, mask)` becomes flash_attention with the mask
+  (which already encodes causality by position, padding, or a chapter-6 tree);
+- RMSNorm: every RMSNorm module's forward becomes the fused Triton kernel (no residual here: the
+  model's block adds the residual itself);
+- int4 linears (minillm.quant.Int4Linear): one-token inputs (decoding) go through int4_matvec;
+  longer inputs (prefill) keep the module's own forward, which is compute-bound and already a matmul.
+
+`use_kernels(model, "torch")` restores what was there. If Triton cannot run here (not installed,
+no GPU and no interpreter, a model on the wrong device, bfloat16 under the interpreter), the model
+keeps its PyTorch path and a warning says why; `model.kernels` tells which path is active.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import interpreting, kernel_device, triton_unavailable_reason
+
+
+def _attention_triton(q, k, v, mask):
+    from .flash_attention import flash_attention
+
+    return flash_attention(q, k, v, mask=mask)
+
+
+def _rmsnorm_forward(norm, x):
+    from .rmsnorm import rmsnorm
+
+    return rmsnorm(x.contiguous(), norm.weight, norm.eps)
+
+
+def _int4_forward(linear, x):
+    if x.shape[:-1].numel() != 1:     # prefill: many tokens, compute-bound; keep the module's forward
+        return type(linear).forward(linear, x)
+    from .int4_matvec import int4_matvec
+
+    return int4_matvec(x.contiguous(), linear.packed, linear.scales, linear.offsets, linear.group_size)
+
+
+def _why_not(model) -> str | None:
+    reason = triton_unavailable_reason()
+    if reason:
+        return reason
+    param = next(model.parameters())
+    if param.device.type != kernel_device().type:
+        return f"the model is on {param.device.type} but the kernels run on {kernel_device().type}"
+    if interpreting() and param.dtype == torch.bfloat16:
+        return "Triton's CPU interpreter cannot compute in bfloat16"
+    return None
+
+
+def use_kernels(model, impl: str = "triton"):
+    """Swap attention, RMSNorm and int4 linears for Triton kernels ("triton") or back ("torch")."""
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"kernels must be 'triton' or 'torch', got {impl!r}")
+    from minillm.model import RMSNorm
+
+    try:
+        from minillm.quant import Int4Linear
+    except ImportError:  # the quantization chapter is optional here
+        Int4Linear = ()
+    if impl == "triton" and (reason := _why_not(model)):
+        warnings.warn(f"use_kernels('triton'): {reason}; keeping the PyTorch kernels", RuntimeWarning, stacklevel=3)
+        impl = "torch"
+    for module in model.modules():
+        attn = getattr(module, "attn", None)
+        if attn is not None and hasattr(attn, "attn_fn"):
+            if impl == "triton" and attn.attn_fn is not _attention_triton:
+                attn._torch_attn_fn, attn.attn_fn = attn.attn_fn, _attention_triton
+            elif impl == "torch" and hasattr(attn, "_torch_attn_fn"):
+                attn.attn_fn = attn.__dict__.pop("_torch_attn_fn")
+        if isinstance(module, RMSNorm) or (Int4Linear and isinstance(module, Int4Linear)):
+            module.__dict__.pop("forward", None)  # back to the class's forward
+            if impl == "triton":                  # an instance attribute shadows the method
+                swap = _rmsnorm_forward if isinstance(module, RMSNorm) else _int4_forward
+                module.forward = swap.__get__(module)
+    model.kernels = impl
+    return model
