@@ -44,49 +44,62 @@ def _check_size(vocab_size: int):
         raise ValueError(f"vocab_size must be at least 256 (the bytes), got {vocab_size}")
 
 
+class ChunkPairs:
+    """Pair counts over weighted chunks, kept up to date as merges are applied.
+
+    words[w] is chunk w as token ids and weights[w] how often it occurs; counts[pair] is the
+    weighted number of times `pair` is adjacent; where[pair] the chunks that (may) hold it.
+    """
+
+    def __init__(self, text: str, pattern: str):
+        self.words, self.weights = _chunks(text, pattern)
+        self.counts: dict[tuple[int, int], int] = defaultdict(int)
+        self.where: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for w, ids in enumerate(self.words):
+            for pair in zip(ids, ids[1:]):
+                self.counts[pair] += self.weights[w]
+                self.where[pair].add(w)
+
+    def apply(self, pair: tuple[int, int], new_id: int) -> set[tuple[int, int]]:
+        """Merge `pair` into `new_id` in every chunk that holds it; return the pairs whose count changed."""
+        changed = set()
+        for w in self.where.pop(pair, ()):
+            ids, weight = self.words[w], self.weights[w]
+            new_ids = merge(ids, pair, new_id)
+            if len(new_ids) == len(ids):
+                continue  # a stale entry in `where`: an earlier merge already used this pair's ids
+            for old in zip(ids, ids[1:]):  # take the chunk's pairs out, put the merged ones in
+                self.counts[old] -= weight
+                changed.add(old)
+            for new in zip(new_ids, new_ids[1:]):
+                self.counts[new] += weight
+                self.where[new].add(w)
+                changed.add(new)
+            self.words[w] = new_ids
+        for p in changed:
+            if self.counts[p] <= 0:
+                del self.counts[p]
+        return changed
+
+
 def train_bpe(text: str, vocab_size: int, pattern: str) -> dict[tuple[int, int], int]:
     """Learn `vocab_size - 256` merges from `text`: {(left id, right id): new id}, in order.
 
     Ids 0..255 are the bytes; merge k makes id 256 + k. Stops early if no pair is left.
     """
     _check_size(vocab_size)
-    words, weights = _chunks(text, pattern)
-    counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> chunks that (may) hold it
-    for w, ids in enumerate(words):
-        for pair in zip(ids, ids[1:]):
-            counts[pair] += weights[w]
-            where[pair].add(w)
-    heap = [(-count, pair) for pair, count in counts.items()]  # max-heap on count, then min pair
+    pairs = ChunkPairs(text, pattern)
+    heap = [(-count, pair) for pair, count in pairs.counts.items()]  # max-heap on count, then min pair
     heapq.heapify(heap)
     merges = {}
     while len(merges) < vocab_size - 256 and heap:
         neg_count, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -neg_count:
+        if pairs.counts.get(pair, 0) != -neg_count:
             continue  # stale: the count changed after this entry was pushed
-        if neg_count == 0:
-            break
-        new_id = 256 + len(merges)
-        merges[pair] = new_id
-        changed = set()
-        for w in where.pop(pair):
-            ids, weight = words[w], weights[w]
-            new_ids = merge(ids, pair, new_id)
-            if len(new_ids) == len(ids):
-                continue  # a stale entry in `where`: an earlier merge already used this pair's ids
-            for old in zip(ids, ids[1:]):  # take the chunk's pairs out, put the merged ones in
-                counts[old] -= weight
-                changed.add(old)
-            for new in zip(new_ids, new_ids[1:]):
-                counts[new] += weight
-                where[new].add(w)
-                changed.add(new)
-            words[w] = new_ids
-        for p in changed:
-            if counts[p] > 0:
-                heapq.heappush(heap, (-counts[p], p))
-            else:
-                del counts[p]
+        merges[pair] = 256 + len(merges)
+        for p in pairs.apply(pair, merges[pair]):
+            if p in pairs.counts:
+                heapq.heappush(heap, (-pairs.counts[p], p))
     return merges
 
 

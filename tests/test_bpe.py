@@ -1,6 +1,7 @@
 """BPE training, tiktoken parity (cl100k_base both ways) and the tokenizer file format."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 from hypothesis import example, given, settings
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from test_tokenizer import CORPUS
 
 from minillm.bpe import get_stats, train_bpe, train_bpe_ref
+from minillm.bpe_mixture import infer_proportion, merge_constraints
 from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
@@ -84,9 +86,13 @@ def test_cl100k_on_shakespeare_and_code(ours_cl100k, cl100k, shakespeare):
     assert ours_cl100k.vocab_size == cl100k.n_vocab
 
 
+@pytest.fixture(scope="module")
+def exported(trained):
+    return trained.to_tiktoken()
+
+
 @pytest.mark.parametrize("text", CORPUS + SPECIAL_TEXTS + ["<|sep|> and <|endoftext|>"])
-def test_trained_matches_its_tiktoken_export(trained, text):
-    exported = trained.to_tiktoken()
+def test_trained_matches_its_tiktoken_export(trained, exported, text):
     for kwargs in [{"allowed_special": "all"}, {"disallowed_special": ()}]:
         assert trained.encode(text, **kwargs) == exported.encode(text, **kwargs)
 
@@ -94,10 +100,10 @@ def test_trained_matches_its_tiktoken_export(trained, text):
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(exclude_categories=("Cs",))))
 @example("")
-def test_trained_roundtrip_and_export(trained, text):
+def test_trained_roundtrip_and_export(trained, exported, text):
     ids = trained.encode(text, disallowed_special=())
     assert trained.decode(ids) == text
-    assert trained.to_tiktoken().encode(text, disallowed_special=()) == ids
+    assert exported.encode(text, disallowed_special=()) == ids
 
 
 def test_save_load_roundtrip(trained, tmp_path):
@@ -128,3 +134,23 @@ def test_smollm2_tiktoken_export():
     exported = tok.to_tiktoken("smollm2")
     for text in CORPUS + ["a  1\n\n1. first"]:
         assert exported.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+
+
+def test_infer_proportion_on_hand_made_constraints():
+    rows = np.array([[-3.0, 1.0], [3.0, -1.0]])  # -3a + (1 - a) <= 0 and its opposite: only a = 0.25
+    assert infer_proportion(rows) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="2 categories"):
+        infer_proportion(np.zeros((1, 3)))
+
+
+def test_mixture_inference_recovers_proportion(shakespeare):
+    import _pytest.python
+
+    code = Path(tiktoken.__file__).parent.joinpath("core.py").read_text(encoding="utf-8")
+    code += Path(_pytest.python.__file__).read_text(encoding="utf-8")
+    half_s, half_c = len(shakespeare) // 2, len(code) // 2  # train on first halves, estimate on second
+    mix = shakespeare[:int(0.3 * half_s)] + code[:half_c]
+    alpha = len(shakespeare[:int(0.3 * half_s)]) / len(mix)
+    merges = train_bpe(mix, 256 + 60, GPT4_PATTERN)
+    rows = merge_constraints([shakespeare[half_s:], code[half_c:]], merges, GPT4_PATTERN, steps=60)
+    assert rows.shape[1] == 2 and abs(infer_proportion(rows) - alpha) < 0.15
