@@ -95,10 +95,12 @@ def dispatch_loop(x, token_idx, expert_idx, weight, w1, w3, w2):
 def segment_matmul(rows, weights, counts):
     """rows (A, I) grouped into consecutive segments of counts (E,) rows; weights (E, I, O) -> (A, O).
 
-    Segment e is multiplied by weights[e]. torch._grouped_mm does all segments in one call (one
-    kernel on GPU; on CPU in torch >= 2.9 too); older builds fall back to a loop over segments.
+    Segment e is multiplied by weights[e]. torch._grouped_mm (private, torch >= 2.9, also on CPU)
+    does all segments in one call; it needs rows 16-byte aligned, so other widths, dtypes and older
+    builds fall back to a loop over segments.
     """
-    if hasattr(torch, "_grouped_mm") and rows.dtype in (torch.float32, torch.bfloat16):
+    aligned = all(n * rows.element_size() % 16 == 0 for n in (rows.shape[1], weights.shape[2]))
+    if hasattr(torch, "_grouped_mm") and rows.dtype in (torch.float32, torch.bfloat16) and aligned:
         offsets = counts.cumsum(0).to(torch.int32)                       # (E,) end of each segment
         return torch._grouped_mm(rows, weights, offs=offsets)
     return segment_matmul_loop(rows, weights, counts)
@@ -252,9 +254,10 @@ def set_dispatch(model, name: str):
 
 def track_aux_loss(model):
     """Make model.aux_loss the sum of its MoE layers' losses after each forward (train.py adds it)."""
-    def hook(module, args, output):
-        module.aux_loss = sum(layer.aux_loss for layer in moe_layers(module))
-    model.register_forward_hook(hook)
+    layers = moe_layers(model)
+    if layers:  # a dense model keeps no aux_loss attribute at all
+        model.register_forward_hook(lambda module, args, output: setattr(
+            module, "aux_loss", sum(layer.aux_loss for layer in layers)))
     return model
 
 
