@@ -57,7 +57,9 @@ def test_a_few_steps_lower_the_loss():
     train_data, val_data = split(data)
     model = small_model()
     cfg = TrainConfig(steps=30, batch_size=8, seq_len=32, warmup=5, eval_every=10, eval_steps=2)
+    threads = torch.get_num_threads()
     history = train(model, train_data, val_data, cfg, progress=False)
+    assert torch.get_num_threads() == threads             # train's threads=1 is undone afterwards
     assert len(history["train_loss"]) == len(history["lr"]) == 30
     assert history["val_step"] == [9, 19, 29]
     assert history["train_loss"][0] > 5.0                 # ~ ln 256 = 5.55 at initialisation
