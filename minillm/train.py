@@ -17,6 +17,10 @@ logs it; `callback(step, model)`, called after each optimizer step, may return a
 numbers (per-expert load) that is recorded with its step in `history["metrics"]`, and may also
 update state that gradients do not (the bias of aux-loss-free MoE balancing).
 
+Measured on 2 shared CPU cores, one thread: the default 300 steps of tiny(vocab_size=256) on
+data/shakespeare.txt take ~20 s of CPU (50-90 s wall while other jobs ran) and reach a
+validation loss of 2.20 nats per byte (uniform guessing: ln 256 = 5.55); 50 steps reach 3.17.
+
 Not handled: gradient accumulation, mixed precision, multiple devices, resuming the optimizer
 state (checkpoints hold weights only).
 """
@@ -132,7 +136,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def train(model, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainConfig = TrainConfig(),
+def train(model, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainConfig | None = None,
           progress: bool = True, callback=None, threads: int | None = 1) -> dict:
     """Train model in place for cfg.steps steps; returns the history for plotting.
 
@@ -148,6 +152,7 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainCon
                "seconds": wall time of the whole run}
     train_loss is the language-model loss alone (without aux_loss), so curves compare across models.
     """
+    cfg = cfg or TrainConfig()
     max_len = getattr(getattr(model, "config", None), "max_seq_len", cfg.seq_len)
     if cfg.seq_len > max_len:
         raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's max_seq_len={max_len}")
