@@ -14,13 +14,22 @@ user has not set TRITON_INTERPRET, it sets TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 
 def _choose_interpreter() -> None:
-    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+    if "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    # torch 2.13 imports triton by itself (e.g. when a model is built on the meta device, as
+    # minillm.loading does). triton.language's own @jit helpers (tl.sum, tl.max, tl.cdiv) were then
+    # made for the compiler, and an interpreted kernel calling them fails with "Cannot call @triton.jit'd
+    # outside of the scope of a kernel". Forget the Python part of that import (the compiled extension
+    # triton._C cannot be loaded twice, and does not care) so that ours re-imports triton interpreted.
+    for name in [n for n in sys.modules if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C")]:
+        del sys.modules[name]
 
 
 _choose_interpreter()
