@@ -50,3 +50,17 @@ class StaticCache:
 
     def nbytes(self) -> int:
         return self.k.element_size() * (self.k.numel() + self.v.numel())
+
+    def keep(self, start: int, slots):
+        """Tree attention's compaction (chapter 6): of the entries written after `start`, keep `slots`
+        (increasing, each in [start, length)), moved to slots start, start + 1, ...; drop the rest."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.positions.device)
+        if not 0 <= start <= self.length or (len(slots) and (slots[0] < start or slots[-1] >= self.length)) \
+                or (slots.diff() <= 0).any():
+            raise ValueError(f"keep expects increasing slots in [{start}, {self.length}), got {slots.tolist()}")
+        n = len(slots)
+        for buf in (self.k, self.v, getattr(self, "k_scale", None), getattr(self, "v_scale", None)):
+            if buf is not None:  # (layers, B, nkv, S, ...); the gather copies before the write
+                buf[:, :, :, start:start + n] = buf[:, :, :, slots]
+        self.positions[:, start:start + n] = self.positions[:, slots]
+        self.length = start + n

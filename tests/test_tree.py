@@ -1,0 +1,222 @@
+"""Tree attention: mask and positions, one-forward verification == path by path, acceptance, cache
+compaction, and tree decoding == plain greedy (tiny model; SmolLM2 in the slow tests)."""
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm import generate, tiny
+from minillm.kv_cache import StaticCache
+from minillm.medusa import MedusaDrafter, MedusaHeads, template_from_accuracy
+from minillm.model import Transformer
+from minillm.tree import (Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths, path_to,
+                          tree_generate, tree_mask, tree_mask_ref, verification_inputs, verify)
+
+
+def random_tree(rng, n, vocab):
+    return Tree([rng.randrange(vocab) for _ in range(n)], [-1] + [rng.randrange(i) for i in range(1, n)])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(tiny()).eval()
+
+
+def test_small_tree_by_hand():
+    parents = [-1, 0, 0, 1]
+    assert depths(parents).tolist() == [0, 1, 1, 2]
+    assert path_to(parents, 3) == [0, 1, 3]
+    assert tree_mask(parents).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    tokens, positions, mask = verification_inputs(Tree([5, 6, 7, 8], parents), prefix_len=2)
+    assert tokens.tolist() == [[5, 6, 7, 8]] and positions.tolist() == [[2, 3, 3, 4]]
+    assert mask.shape == (1, 1, 4, 6) and mask[0, 0, :, :2].all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 0.999), min_size=0, max_size=30))
+def test_tree_mask_matches_reference(fractions):
+    parents = [-1] + [int(f * i) for i, f in enumerate(fractions, start=1)]
+    assert torch.equal(tree_mask(parents), tree_mask_ref(parents))
+
+
+@pytest.mark.parametrize("parents", [[], [0], [-1, 1], [-1, 0, 3, 1]])
+def test_bad_trees_raise(parents):
+    with pytest.raises(ValueError, match="parent"):
+        Tree([1] * len(parents), parents)
+
+
+def test_templates():
+    assert Template.budget(depth=3, budget=0).parents == [-1, 0, 1, 2]  # a chain
+    t = Template.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    assert t.parents == [-1, 0, 0, 1, 1, 2] and t.choices == [0, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="no parent path"):
+        Template.from_paths([(0, 0)])
+    # head 0 is right 60% / 30% with its 1st / 2nd choice, head 1 50% / 10%: best 3 paths
+    tuned = template_from_accuracy([[0.6, 0.3], [0.5, 0.1]], size=4)
+    assert Template.from_paths([(0,), (1,), (0, 0)]) == tuned
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_tree_logits_equal_path_by_path(tiny_model, dtype, atol):
+    model = Transformer(tiny()).to(dtype).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    rng = random.Random(1)
+    prefix = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for n in (1, 5, 13):
+            tree = random_tree(rng, n, 512)
+            cache = StaticCache(model.config, 1, 32, dtype=dtype)
+            model(prefix, cache=cache)
+            logits, _ = verify(model, cache, tree)
+            for i in range(n):
+                path = torch.tensor([[tree.tokens[j] for j in path_to(tree.parents, i)]])
+                expected = model(torch.cat([prefix, path], 1))[0, -1]
+                torch.testing.assert_close(logits[i], expected, atol=atol, rtol=0)
+
+
+def test_compaction_equals_plain_run(tiny_model):
+    prefix = torch.tensor([[3, 1, 4, 1, 5]])
+    tree = Tree([9, 2, 6, 5, 3, 5], [-1, 0, 0, 2, 1, 3])
+    keep_nodes = path_to(tree.parents, 3)                      # [0, 2, 3]
+    with torch.inference_mode():
+        cache = StaticCache(tiny_model.config, 1, 16)
+        tiny_model(prefix, cache=cache)
+        verify(tiny_model, cache, tree)
+        cache.keep(5, [5 + i for i in keep_nodes])
+        plain = StaticCache(tiny_model.config, 1, 16)
+        tiny_model(torch.cat([prefix, torch.tensor([[tree.tokens[i] for i in keep_nodes]])], 1), cache=plain)
+    assert cache.length == plain.length == 8
+    assert torch.equal(cache.positions[:, :8], plain.positions[:, :8])
+    for layer in range(tiny_model.config.n_layers):
+        torch.testing.assert_close(cache.k[layer, :, :, :8], plain.k[layer, :, :, :8], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.v[layer, :, :, :8], plain.v[layer, :, :, :8], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="increasing slots"):
+        cache.keep(5, [7, 6])
+
+
+def logits_choosing(choices, vocab=10):
+    """(N, vocab) logits whose argmax at node i is choices[i]."""
+    return torch.nn.functional.one_hot(torch.tensor(choices), vocab).float() * 5
+
+
+def test_accept_greedy_takes_the_longest_matching_path():
+    tree = Tree([0, 4, 7, 8, 1, 2], [-1, 0, 0, 2, 2, 3])      # root -> {4, 7}; 7 -> {8, 1}; 8 -> {2}
+    path, nxt = accept_greedy(tree, logits_choosing([7, 0, 8, 2, 0, 6]))
+    assert path == [0, 2, 3, 5] and nxt == 6
+    path, nxt = accept_greedy(tree, logits_choosing([3, 0, 0, 0, 0, 0]))  # nothing matches: plain decoding
+    assert path == [0] and nxt == 3
+
+
+def test_accept_typical():
+    tree = Tree([0, 1, 2], [-1, 0, 1])
+    logits = torch.tensor([[0.0, 0.0, -9.0], [-9.0, -9.0, 3.0], [0.0, 0.0, 0.0]])  # root flat over {0, 1}
+    path, _ = accept_typical(tree, logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert path == [0, 1, 2]                     # token 1 is not the argmax at the root, but typical enough
+    assert accept_greedy(tree, logits)[0] == [0]  # greedy only takes the argmax (token 0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        accept_typical(tree, logits, temperature=0)
+
+
+class OracleDrafter:
+    """Knows the greedy continuation `truth`; hides it on the branch (slot, 0, 0, ...), random tokens elsewhere."""
+
+    def __init__(self, truth, start, template, slot):
+        self.truth, self.pos, self.template, self.slot = truth, start, template, slot  # truth[pos] is the root
+        self.rng, self.seen_prompt = random.Random(0), False
+
+    def draft(self, root, hidden=None):
+        assert root == self.truth[self.pos]
+        tokens = [root]
+        for i in range(1, len(self.template)):
+            choices = [self.template.choices[j] for j in path_to(self.template.parents, i)[1:]]
+            on_truth = choices == [self.slot] + [0] * (len(choices) - 1) and self.pos + len(choices) < len(self.truth)
+            tokens.append(self.truth[self.pos + len(choices)] if on_truth else self.rng.randrange(512))
+        return Tree(tokens, list(self.template.parents))
+
+    def observe(self, tree, logits, hidden=None):
+        if self.seen_prompt:
+            self.pos += len(accept_greedy(tree, logits)[0])
+        self.seen_prompt = True
+
+
+def test_tree_decoding_equals_plain_greedy_tiny(tiny_model):
+    prompt = torch.tensor([[5, 17, 33, 2, 9]])
+    plain = generate(tiny_model, prompt, 40, eos_token_id=None)
+    truth = plain[0].tolist()
+    for drafter in (OracleDrafter(truth, 5, Template.budget(3, 1), slot=1),
+                    TokenRecycling(512, k=4, template=Template.budget(3, 2)),
+                    MedusaDrafter(tiny_model, MedusaHeads(64, 3), Template.budget(3, 2), k=4)):
+        stats = {}
+        out = tree_generate(tiny_model, prompt, 40, drafter, eos_token_id=None, stats=stats)
+        assert torch.equal(out, plain), type(drafter).__name__
+        assert stats["new_tokens"] == 40
+    assert stats["forwards"] <= 39
+    stats = {}
+    tree_generate(tiny_model, prompt, 40, OracleDrafter(truth, 5, Template.budget(3, 1), 1), eos_token_id=None,
+                  stats=stats)
+    assert stats["forwards"] <= 12          # 4 tokens per forward when the oracle's path is always found
+
+
+def test_token_recycling_state():
+    tr = TokenRecycling(49152, k=8)
+    assert tr.nbytes() == 49152 * 8 * 4 < 2 * 2**20
+    tr.update(torch.tensor([5, 6]), logits_choosing([3, 4], vocab=20))
+    assert tr.adjacency[5, 0] == 3 and tr.adjacency[6, 0] == 4
+    tree = TokenRecycling(20, k=2, template=Template.budget(2, 0))
+    tree.update(torch.tensor([5, 3]), logits_choosing([3, 4], vocab=20))
+    assert tree.draft(5).tokens == [5, 3, 4]  # 5 -> 3 -> 4, read off the adjacency matrix
+    with pytest.raises(ValueError, match="top-2"):
+        TokenRecycling(20, k=2, template=Template.budget(1, 2))
+
+
+def test_bad_input(tiny_model):
+    drafter = TokenRecycling(512, k=4, template=Template.budget(2, 1))
+    with pytest.raises(ValueError, match="one sequence"):
+        tree_generate(tiny_model, torch.zeros(2, 3, dtype=torch.long), 4, drafter)
+    with pytest.raises(ValueError, match="acceptance"):
+        tree_generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), 4, drafter, acceptance="best")
+    with pytest.raises(ValueError, match="heads"):
+        MedusaDrafter(tiny_model, MedusaHeads(64, 1), Template.budget(2, 0))
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+PROMPTS = ["The history of the printing press begins in the fifteenth century, when",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "Photosynthesis is the process by which plants"]
+
+
+@pytest.mark.slow
+def test_smollm2_tree_logits_equal_path_by_path(smollm2):
+    model, tok = smollm2
+    model64 = Transformer(model.config).double().eval()
+    model64.load_state_dict(model.state_dict())
+    rng = random.Random(0)
+    with torch.inference_mode():
+        for text in PROMPTS[:2]:
+            prefix = torch.tensor([tok.encode(text)])
+            tree = random_tree(rng, 8, model.config.vocab_size)
+            for m, atol in ((model64, 1e-5), (model, 2e-4)):
+                cache = StaticCache(model.config, 1, prefix.shape[1] + 8, dtype=next(m.parameters()).dtype)
+                m(prefix, cache=cache)
+                logits, _ = verify(m, cache, tree)
+                for i in range(len(tree)):
+                    path = torch.tensor([[tree.tokens[j] for j in path_to(tree.parents, i)]])
+                    torch.testing.assert_close(logits[i], m(torch.cat([prefix, path], 1))[0, -1], atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_tree_decoding_equals_plain_greedy(smollm2):
+    from minillm.medusa import default_medusa_drafter
+
+    model, tok = smollm2
+    for text in PROMPTS:
+        prompt = torch.tensor([tok.encode(text)])
+        plain = generate(model, prompt, 128, eos_token_id=None)
+        for drafter in (TokenRecycling(model.config.vocab_size), default_medusa_drafter(model)):
+            stats = {}
+            out = tree_generate(model, prompt, 128, drafter, eos_token_id=None, stats=stats)
+            assert torch.equal(out, plain), (text, type(drafter).__name__)
+            assert stats["forwards"] < 127  # the trees did accept something
