@@ -176,7 +176,8 @@ class MoE(nn.Module):
     """Drop-in replacement for the SwiGLU FeedForward: x (B, T, D) -> (B, T, D).
 
     After each forward: `aux_loss` (balancing + z-loss, already scaled by their coefficients),
-    `last_expert_idx` (N, K), `last_load` (E,) assignments per expert, `last_dropped` (int).
+    `last_expert_idx` (N, K), `last_load` (E,) assignments the router made to each expert (before
+    capacity dropping: what balancing should see), `last_dropped` (int) assignments dropped.
     """
 
     def __init__(self, config):
@@ -222,7 +223,7 @@ class MoE(nn.Module):
             y = y + swiglu(flat, self.shared_w1[s], self.shared_w3[s], self.shared_w2[s])
 
         self.last_expert_idx = expert_idx.detach()
-        self.last_load = torch.bincount(expert_idx.reshape(-1)[keep], minlength=c.n_experts)
+        self.last_load = torch.bincount(expert_idx.reshape(-1), minlength=c.n_experts)  # routed, before any drop
         self.last_dropped = int((~keep).sum())
         aux = c.moe_z_loss_coef * router_z_loss(logits)
         if c.moe_balance == "aux":
