@@ -8,6 +8,9 @@ from .generate import generate, sample_next, stream
 from .kv_cache import StaticCache
 from .loading import ModelFileError, gguf_path, load_pretrained
 from .model import Config, Transformer, smollm2_135m, tiny
+from .perplexity import perplexity
+from .quant import quantize
 
 __all__ = ["Config", "Transformer", "tiny", "smollm2_135m", "load_pretrained", "gguf_path", "ModelFileError",
-           "generate", "stream", "sample_next", "StaticCache"]
+           "generate", "stream", "sample_next", "StaticCache",
+           "quantize", "perplexity"]

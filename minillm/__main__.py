@@ -23,6 +23,16 @@ def add_sampling_args(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
+    p.add_argument("--tree", default=None, choices=["recycling", "medusa"],
+                   help="tree-verified decoding (chapter 6): Token Recycling or Medusa heads; batch 1")
+    add_quant_args(p)
+
+
+def add_quant_args(p):
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "gptq", "awq"],
+                   help="weight-only quantization of the transformer linears (chapter 3); gptq/awq calibrate "
+                        "on data/shakespeare.txt first")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (must divide 576 and 1536)")
 
 
 def cmd_generate(args, chat: bool = False) -> int:
@@ -32,8 +42,14 @@ def cmd_generate(args, chat: bool = False) -> int:
     from .loading import load_pretrained
 
     model, tok = load_pretrained("smollm2-135m")
+    model = quantize_for_cli(model, tok, args)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         model.use_kernels(args.kernels)
+    if args.tree:  # chapter 6: same interface as stream, several tokens per forward
+        from functools import partial
+
+        from .tree import tree_stream
+        stream = partial(tree_stream, tree=args.tree)  # noqa: F811
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, allowed_special="all")
@@ -64,7 +80,49 @@ def cmd_generate(args, chat: bool = False) -> int:
     return 0
 
 
+def quantize_for_cli(model, tok, args):
+    from .quant import quantize
+    from .quant_bench import calibration_ids
+
+    calib = calibration_ids(tok, 8, 128) if args.quant in ("gptq", "awq") else None
+    return quantize(model, args.quant, group_size=args.group_size, calibration=calib)
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .loading import load_pretrained
+    from .perplexity import perplexity
+    from .quant import model_bytes
+
+    if not Path(args.text).is_file():
+        raise ValueError(f"--text must be a readable text file, got {args.text!r} (no such file)")
+    model, tok = load_pretrained("smollm2-135m")
+    model = quantize_for_cli(model, tok, args)
+    ppl, tokens = perplexity(model, tok, Path(args.text).read_text(), context=args.context,
+                             max_tokens=args.max_tokens, return_tokens=True)
+    result = {"quant": args.quant, "group_size": args.group_size, "perplexity": round(ppl, 4), "tokens": tokens,
+              "model_bytes": model_bytes(model)}
+    print(json.dumps(result) if args.json else "  ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.what == "quant":
+        import torch
+
+        from .quant_bench import bench_quant
+
+        torch.set_num_threads(args.threads)
+        bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens)
+    if args.what == "moe":
+        from .moe_bench import bench_dispatch
+
+        bench_dispatch()
+    if args.what == "tree":
+        from .tree_bench import bench_tree
+
+        bench_tree(new_tokens=args.new_tokens)
     if args.what == "model":
         from .bench import bench_model
 
@@ -78,13 +136,23 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("generate", help="continue a prompt with SmolLM2-135M-Instruct"))
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
-    bench.add_argument("what", nargs="?", default="model", choices=["model"])
+    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "moe", "tree"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
+    bench.add_argument("--threads", type=int, default=1, help="quant: torch threads (1: best on a shared CPU)")
+    evaluate = sub.add_parser("eval", help="perplexity of SmolLM2 (optionally quantized) on a text file")
+    add_quant_args(evaluate)
+    evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. data/heldout.txt")
+    evaluate.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         if args.command in ("generate", "chat"):
             return cmd_generate(args, chat=args.command == "chat")
+        if args.command == "eval":
+            return cmd_eval(args)
         return cmd_bench(args)
     except ValueError as e:  # bad input: say what was wrong, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,280 @@
+"""Weight-only quantization: group-wise scales, int4 packing, quantized Linear modules, a model handler.
+
+A weight matrix W (N out, K in) is cut along K into groups of `group_size` columns; each
+(row, group) gets a float scale and offset and each weight becomes a small unsigned integer q:
+
+    W[n, k] ~= scales[n, k // g] * q[n, k] + offsets[n, k // g]      q in [0, 2**bits - 1]
+
+asymmetric (zero-point): offset = group min, scale = (max - min) / (2**bits - 1)   (GGUF's Q4_1)
+symmetric  (absmax):     scale = absmax / (2**(bits-1) - 1), offset = -2**(bits-1) * scale
+                         (int4: q - 8 in [-7, 7], offsets = -8 * scales; int8: q - 128 in [-127, 127])
+Per-channel is group_size = K; per-tensor is W.reshape(1, -1) with one group.
+K % group_size != 0 is refused with a ValueError (no padding): every SmolLM2 width is a multiple of 128.
+
+THE PACKED INT4 LAYOUT (shared with the Triton chapter's int4 decode kernel):
+    packed  uint8 (N, K // 2): byte j of a row holds column 2j in its low nibble, column 2j + 1 in its high nibble
+    scales  float (N, K // g), offsets float (N, K // g); W[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g]
+GGUF's Q4_1 orders nibbles differently (in each 32-value block, byte j holds value j low and j + 16 high);
+see loading.py and notebook 03.
+
+Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
+and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
+converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). Which is the default
+is decided by measurement (`python -m minillm bench quant` times both): on the AVX2 CPU of the
+committed results the packed kernels were the slower ones at every batch size, so "ref" is the default.
+
+Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, quantizing the embedding and
+the tied output head (they stay float: a quarter of SmolLM2's parameters, see notebook 03).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_IMPL = "ref"  # see the module docstring: the measured-faster forward on our CPU
+
+
+def _check_groups(w: torch.Tensor, group_size: int) -> int:
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if group_size < 1 or w.shape[1] % group_size:
+        raise ValueError(f"group_size must divide the input width: width {w.shape[1]} is not a multiple of "
+                         f"group_size {group_size} (pad the weight or pick a divisor)")
+    return w.shape[1] // group_size
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool):
+    """w (N, g) one group per row -> scales (N,), offsets (N,) such that w ~= scales * q + offsets.
+
+    Both are rounded to float16 values (stored as float16, like GGUF's and GPTQ's scales), and q is
+    then computed with the rounded values, so storing them in half precision loses nothing more.
+    """
+    if symmetric:
+        scales = _to_half_values(w.abs().amax(-1) / (2 ** (bits - 1) - 1))
+        return scales, -(2 ** (bits - 1)) * scales
+    lo, hi = w.amin(-1), w.amax(-1)
+    return _to_half_values((hi - lo) / (2 ** bits - 1)), lo.half().to(w.dtype)
+
+
+def _to_half_values(scales):
+    """Round to float16 values; a zero (or underflowing) scale, from a constant group, becomes the smallest normal one."""
+    scales = scales.half().to(scales.dtype)
+    return torch.where(scales == 0, torch.full_like(scales, 2.0 ** -14), scales)
+
+
+def quantize_with(w, scales, offsets, bits: int) -> torch.Tensor:
+    """Round each w to its nearest level: q = clamp(round((w - offset) / scale), 0, 2**bits - 1)."""
+    return torch.clamp(torch.round((w - offsets) / scales), 0, 2 ** bits - 1)
+
+
+def quantize_groups(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = False):
+    """Round-to-nearest, group-wise: w (N, K) -> q uint8 (N, K), scales (N, K//g), offsets (N, K//g)."""
+    n_groups = _check_groups(w, group_size)
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits}")
+    w = w if w.dtype == torch.float64 else w.float()                          # float64 stays (GPTQ tests)
+    wg = w.reshape(w.shape[0], n_groups, group_size)                         # (N, G, g)
+    scales, offsets = group_params(wg, bits, symmetric)                       # (N, G) each
+    q = quantize_with(wg, scales[..., None], offsets[..., None], bits)       # (N, G, g)
+    return q.reshape(w.shape).to(torch.uint8), scales, offsets
+
+
+def quantize_groups_ref(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = False):
+    """The same as quantize_groups with plain loops over rows and groups (slow; for tests)."""
+    def half_or_tiny(x):
+        x = x.half().float()
+        return x if x > 0 else torch.tensor(2.0 ** -14)
+
+    N, K = w.shape
+    _check_groups(w, group_size)
+    q = torch.zeros(N, K, dtype=torch.uint8)
+    scales, offsets = torch.zeros(N, K // group_size), torch.zeros(N, K // group_size)
+    for n in range(N):
+        for gi in range(K // group_size):
+            group = w[n, gi * group_size:(gi + 1) * group_size].float()
+            if symmetric:
+                scale = half_or_tiny(group.abs().max() / (2 ** (bits - 1) - 1))
+                offset = -(2 ** (bits - 1)) * scale
+            else:
+                scale = half_or_tiny((group.max() - group.min()) / (2 ** bits - 1))
+                offset = group.min().half().float()
+            for j, value in enumerate(group):
+                level = torch.round((value - offset) / scale).clamp(0, 2 ** bits - 1)
+                q[n, gi * group_size + j] = int(level)
+            scales[n, gi], offsets[n, gi] = scale, offset
+    return q, scales, offsets
+
+
+def dequantize_groups(q, scales, offsets) -> torch.Tensor:
+    """q (N, K), scales/offsets (N, G) -> float W (N, K) = scales * q + offsets, group by group."""
+    N, K = q.shape
+    G = scales.shape[1]
+    dtype = torch.float64 if scales.dtype == torch.float64 else torch.float32    # half scales: compute in float32
+    w = q.reshape(N, G, K // G).to(dtype) * scales[..., None].to(dtype) + offsets[..., None].to(dtype)  # (N, G, g)
+    return w.reshape(N, K)
+
+
+def fake_quantize(w, bits: int = 4, group_size: int = 32, symmetric: bool = False) -> torch.Tensor:
+    """Quantize then dequantize: the float weights an RTN-quantized layer actually computes with."""
+    return dequantize_groups(*quantize_groups(w, bits, group_size, symmetric)).to(w.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) ints in [0, 15], K even -> uint8 (N, K//2). Row [1, 2, 3, 4] -> bytes [0x21, 0x43]."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError(f"int4 values must be in [0, 15], got range [{int(q.min())}, {int(q.max())}]")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K//2) -> q uint8 (N, K); inverse of pack_int4."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is stored packed, 4 bits per value plus a scale and offset per group."""
+
+    def __init__(self, packed, scales, offsets, group_size: int, impl: str = DEFAULT_IMPL):
+        super().__init__()
+        N, half_k = packed.shape
+        if scales.shape != (N, 2 * half_k // group_size) or offsets.shape != scales.shape:
+            raise ValueError(f"scales/offsets must have shape {(N, 2 * half_k // group_size)}, "
+                             f"got {tuple(scales.shape)} and {tuple(offsets.shape)}")
+        self.in_features, self.out_features, self.group_size = 2 * half_k, N, group_size
+        self.register_buffer("packed", packed.to(torch.uint8))
+        self.register_buffer("scales", scales.half())    # exact: group_params rounds them to float16 values
+        self.register_buffer("offsets", offsets.half())
+        self.impl = impl
+        self._aten = None  # PyTorch's own int4 layout, converted lazily (only the packed forward needs it)
+
+    @classmethod
+    def from_quantized(cls, q, scales, offsets, group_size=None, **kw):
+        group_size = group_size or q.shape[1] // scales.shape[1]
+        return cls(pack_int4(q), scales, offsets, group_size, **kw)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True, **kw):
+        if linear.bias is not None:
+            raise ValueError("Int4Linear has no bias; SmolLM2's linears have none")
+        q, scales, offsets = quantize_groups(linear.weight.detach(), 4, group_size, symmetric)
+        return cls.from_quantized(q, scales, offsets, group_size, **kw)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groups(unpack_int4(self.packed), self.scales, self.offsets)  # (N, K)
+
+    def forward_ref(self, x):
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def forward_packed(self, x):
+        if self._aten is None:  # aten wants int32 q (N, K) and (K//g, N, 2) [scale, zero] with w = (q - 8) * scale + zero
+            pad = -self.out_features % 16                                # and N a multiple of 16: pad with zero rows
+            q = F.pad(unpack_int4(self.packed).to(torch.int32), (0, 0, 0, pad))
+            scales, offsets = F.pad(self.scales.float(), (0, 0, 0, pad)), F.pad(self.offsets.float(), (0, 0, 0, pad))
+            self._aten = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+                          torch.stack([scales.t(), (offsets + 8 * scales).t()], dim=-1).contiguous())
+        weight, scales_and_zeros = self._aten
+        x2 = x.reshape(-1, self.in_features).float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_and_zeros)
+        y = y[:, :self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward(self, x):
+        return self.forward_packed(x) if self.impl == "packed" else self.forward_ref(x)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, impl={self.impl}"
+
+
+class Int8Linear(nn.Module):
+    """Per-output-channel symmetric int8: W[n, k] = scales[n] * weight[n, k], weight int8 in [-127, 127]."""
+
+    def __init__(self, weight, scales, impl: str = DEFAULT_IMPL):
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("scales", scales.float())
+        self.in_features, self.out_features, self.impl = weight.shape[1], weight.shape[0], impl
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw):
+        w = linear.weight.detach()
+        q, scales, offsets = quantize_groups(w, 8, w.shape[1], symmetric=True)  # one group per row
+        return cls(q.to(torch.int16) - 128, scales[:, 0], **kw)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales[:, None]
+
+    def forward_ref(self, x):
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def forward_packed(self, x):
+        x2 = x.reshape(-1, self.in_features).float()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward(self, x):
+        return self.forward_packed(x) if self.impl == "packed" else self.forward_ref(x)
+
+
+def replace_linears(model, make_module, skip=("output",)):
+    """The handler: swap every nn.Linear under `model` (except those named in `skip`) for make_module(name, linear)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and full not in skip:
+                setattr(module, child_name, make_module(full, child))
+    return model
+
+
+def set_impl(model, impl: str):
+    """Choose the forward of every quantized Linear: "ref" (dequantize + matmul) or "packed" (aten kernels)."""
+    if impl not in ("ref", "packed"):
+        raise ValueError(f"impl must be 'ref' or 'packed', got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            m.impl = impl
+    return model
+
+
+METHODS = ("none", "int8", "int4", "gptq", "awq")
+
+
+@torch.no_grad()
+def quantize(model, method: str = "int8", group_size: int = 128, symmetric: bool | None = None,
+             calibration=None, **options):
+    """Quantize `model`'s transformer linears in place and return it. The embedding and output head stay float.
+
+    method: "int8" (RTN, per channel) | "int4" (RTN, groups) | "gptq" | "awq" (int4; need `calibration`,
+    token ids (n, T) disjoint from your evaluation text). symmetric defaults to True (absmax) for int4 methods.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    symmetric = True if symmetric is None else symmetric
+    if method == "none":
+        return model
+    if method == "int8":
+        return replace_linears(model, lambda name, lin: Int8Linear.from_linear(lin))
+    if method == "int4":
+        return replace_linears(model, lambda name, lin: Int4Linear.from_linear(lin, group_size, symmetric))
+    if calibration is None:
+        raise ValueError(f"method {method!r} needs calibration token ids (n_samples, seq_len), got None")
+    if method == "gptq":
+        from .gptq import gptq_quantize_model
+        return gptq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
+    from .awq import awq_quantize_model
+    return awq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
+
+
+def model_bytes(model) -> int:
+    """Bytes of every parameter and buffer, each storage counted once (a tied head is not counted twice)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

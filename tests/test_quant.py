@@ -1,0 +1,208 @@
+"""Chapter 3: group-wise RTN, int4 packing, quantized Linears, GPTQ, AWQ, perplexity."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minillm
+from minillm.awq import awq_scale_block, search_scale
+from minillm.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
+from minillm.model import Transformer, tiny
+from minillm.perplexity import nll_sum
+from minillm.quant import (Int4Linear, Int8Linear, dequantize_groups, fake_quantize, model_bytes, pack_int4,
+                           quantize, quantize_groups, quantize_groups_ref, set_impl, unpack_int4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 6), groups=st.integers(1, 4), group_size=st.sampled_from([2, 4, 8, 32]),
+       bits=st.sampled_from([4, 8]), symmetric=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_rtn_matches_loops_and_error_is_half_a_step(rows, groups, group_size, bits, symmetric, seed):
+    w = torch.randn(rows, groups * group_size, generator=torch.Generator().manual_seed(seed))
+    q, scales, offsets = quantize_groups(w, bits, group_size, symmetric)
+    q_ref, scales_ref, offsets_ref = quantize_groups_ref(w, bits, group_size, symmetric)
+    assert torch.equal(q, q_ref)
+    torch.testing.assert_close(scales, scales_ref)
+    torch.testing.assert_close(offsets, offsets_ref)
+    assert int(q.max()) <= 2 ** bits - 1
+    err = (dequantize_groups(q, scales, offsets) - w).abs().reshape(rows, groups, group_size)
+    # half a step, plus what rounding the offset (the group min) to float16 can add at the top of the range
+    bound = scales / 2 + offsets.abs() * 2 ** -10 + 1e-6
+    assert (err <= bound[..., None]).all()
+
+
+def test_group_size_must_divide_width():
+    with pytest.raises(ValueError, match="576 is not a multiple of group_size 128"):
+        quantize_groups(torch.randn(4, 576), 4, 128)
+    with pytest.raises(ValueError, match="2-D weight"):
+        quantize_groups(torch.randn(4), 4, 2)
+    with pytest.raises(ValueError, match="group_size must divide"):
+        Int4Linear.from_linear(torch.nn.Linear(576, 8, bias=False), group_size=128)
+
+
+def test_pack_int4_layout_and_round_trip():
+    assert pack_int4(torch.tensor([[1, 2, 3, 4]])).tolist() == [[0x21, 0x43]]  # column 2j low, 2j+1 high
+    q = torch.randint(0, 16, (7, 30), dtype=torch.uint8)
+    assert pack_int4(q).shape == (7, 15)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    with pytest.raises(ValueError, match="even number of columns"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.tensor([[0, 16]]))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_linear_packed_equals_reference(symmetric):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 97, bias=False)  # an odd number of rows
+    m = Int4Linear.from_linear(linear, group_size=32, symmetric=symmetric)
+    x = torch.randn(3, 5, 192)
+    ref = m.forward_ref(x)
+    torch.testing.assert_close(ref, x @ m.dequantize().T)
+    torch.testing.assert_close(m.forward_packed(x), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.dequantize(), fake_quantize(linear.weight.detach(), 4, 32, symmetric))
+
+
+def test_int8_linear_packed_equals_reference_and_is_close():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(160, 64, bias=False)
+    m = Int8Linear.from_linear(linear)
+    x = torch.randn(4, 160)
+    torch.testing.assert_close(m.forward_packed(x), m.forward_ref(x), atol=1e-4, rtol=1e-4)
+    step = linear.weight.abs().amax(1) / 127
+    assert ((m.dequantize() - linear.weight).abs() <= step[:, None] / 2 + 1e-6).all()
+
+
+def correlated_inputs(n=1024, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)
+
+
+def test_gptq_lazy_batches_equal_the_textbook_loop():
+    X = correlated_inputs()
+    H = 2 * X.T @ X / len(X)
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = gptq_quantize_ref(W, H, 4, 32)
+    for block_size in (16, 32, 128):
+        fast = gptq_quantize(W, H, 4, 32, block_size=block_size)
+        assert torch.equal(fast[0], ref[0])
+        torch.testing.assert_close(fast[1], ref[1])
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    q, scales, offsets = gptq_quantize(W, torch.eye(64, dtype=torch.float64), 4, 32, damp=0.0)
+    assert torch.equal(dequantize_groups(q, scales, offsets), fake_quantize(W, 4, 32, True))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_output_error(act_order):
+    X = correlated_inputs()
+    H = 2 * X.T @ X / len(X)
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q, scales, offsets = gptq_quantize(W, H, 4, 32, act_order=act_order)
+    gptq_err = (X @ (dequantize_groups(q, scales, offsets) - W).T).pow(2).mean()
+    rtn_err = (X @ (fake_quantize(W, 4, 32, True) - W).T).pow(2).mean()
+    assert gptq_err < 0.7 * rtn_err
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(tiny()).eval()
+
+
+def test_awq_alpha_zero_is_rtn_and_scaling_keeps_the_float_block(tiny_model):
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    s, alpha, _ = search_scale([tiny_model.layers[0].ffn.w1.weight], x, group_size=32, grid=1)
+    assert alpha == 0 and torch.allclose(s, torch.ones(64))
+    block = copy.deepcopy(tiny_model.layers[0])
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    h, cos, sin, mask = block_inputs(tiny_model, ids)
+    before = block(h, cos, sin, mask)
+    with torch.no_grad():
+        awq_scale_block(block, h, cos, sin, mask, group_size=32)
+    torch.testing.assert_close(block(h, cos, sin, mask), before, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "gptq", "awq"])
+def test_quantize_handler_swaps_every_transformer_linear(tiny_model, method):
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    q = quantize(copy.deepcopy(tiny_model), method, group_size=32, calibration=calib)
+    linears = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == ["output"]  # the tied head stays float
+    assert model_bytes(q) < model_bytes(tiny_model)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = F.softmax(tiny_model(ids), -1)
+    out = F.softmax(q(ids), -1)
+    assert (out - ref).abs().max() < 0.02  # a random tiny model: a loose bound, real quality is measured on SmolLM2
+    set_impl(q, "packed")
+    torch.testing.assert_close(F.softmax(q(ids), -1), out, atol=1e-5, rtol=1e-4)
+
+
+def test_quantize_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize(tiny_model, "int3")
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize(copy.deepcopy(tiny_model), "gptq", group_size=32)
+    with pytest.raises(ValueError, match="integer token ids"):
+        quantize(copy.deepcopy(tiny_model), "awq", group_size=32, calibration=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="impl must be"):
+        set_impl(tiny_model, "fast")
+
+
+def test_nll_sum_equals_a_position_by_position_loop(tiny_model):
+    ids = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(2))
+    total, count = nll_sum(tiny_model, ids, context=8)
+    expected, n = 0.0, 0
+    for start in range(0, 21, 8):
+        window = ids[start:start + 8]
+        for t in range(1, len(window)):
+            logits = tiny_model(window[None, :t])[0, -1]
+            expected -= torch.log_softmax(logits, -1)[window[t]].item()
+            n += 1
+    assert count == n == 18
+    assert math.isclose(total, expected, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="1-D"):
+        nll_sum(tiny_model, ids[None], context=8)
+
+
+# ----- the real model -----
+
+@pytest.mark.slow
+def test_asymmetric_int4_g32_reproduces_the_gguf_weights_exactly():
+    from minillm.loading import read_gguf, tensor_to_torch
+
+    reader = read_gguf(minillm.gguf_path())
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type.name == "Q4_1" and t.name.startswith(("blk.0.", "blk.29.")):
+            w = tensor_to_torch(t)
+            assert torch.equal(fake_quantize(w, 4, 32, symmetric=False), w), t.name
+            assert not torch.equal(fake_quantize(w, 4, 64, symmetric=True), w), t.name
+            checked += 1
+    assert checked == 14
+
+
+@pytest.mark.slow
+def test_int8_perplexity_within_half_a_percent(smollm2):
+    from minillm.perplexity import perplexity
+
+    model, tok = smollm2
+    text = open("data/heldout.txt").read()
+    fp32 = perplexity(model, tok, text, max_tokens=512)
+    int8 = perplexity(quantize(copy.deepcopy(model), "int8"), tok, text, max_tokens=512)
+    assert abs(int8 / fp32 - 1) < 0.005
+
+
+@pytest.mark.slow
+def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
+    model, tok = smollm2
+    ids = torch.tensor(tok.encode(open("data/heldout.txt").read())[:256])
+    total, count = nll_sum(model, ids, context=256)
+    with torch.inference_mode():
+        hf_loss = hf_smollm2[0](ids[None], labels=ids[None]).loss.item()  # HF shifts labels itself
+    assert math.isclose(total / count, hf_loss, rel_tol=1e-4)
