@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import StaticCache
+from .paged import PagedCache
 
 
 def check_input_ids(ids, config, max_new_tokens: int = 0) -> torch.Tensor:
@@ -64,26 +65,45 @@ def probs_from_logits(logits, temperature: float = 1.0, top_k: int | None = None
     return torch.softmax(logits, dim=-1)
 
 
+CACHES = ("none", "static", "paged")
+
+
+def make_cache(kind, config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+    """A fresh cache of kind "static" | "paged" (16-token blocks, room for max_len each) | "none" (None)."""
+    if not isinstance(kind, str):
+        return kind
+    if kind == "static":
+        return StaticCache(config, batch_size, max_len, dtype=dtype, device=device)
+    if kind == "paged":
+        cache = PagedCache(config, batch_size * -(-max_len // 16), 16, dtype=dtype, device=device)
+        for _ in range(batch_size):
+            cache.add_sequence()
+        return cache
+    return None
+
+
 @torch.inference_mode()
 def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
            seed: int | None = None, eos_token_id="config", cache: str = "static"):
     """Yield next-token ids (B,) one step at a time. Stops when every sequence has produced EOS.
 
-    cache="static" keeps keys and values in a preallocated buffer; cache="none" re-runs the
-    whole sequence each step (quadratic; the reference the cache is tested against).
+    cache="static" keeps keys and values in a preallocated buffer; cache="paged" in blocks of a
+    PagedCache; cache="none" re-runs the whole sequence each step (quadratic; the reference the
+    caches are tested against). A cache object (an empty QuantizedCache, EvictingCache...) is
+    used as given.
     """
     config = model.config
     ids = check_input_ids(ids, config, max_new_tokens)
     if eos_token_id == "config":
         eos_token_id = config.eos_token_id
-    if cache not in ("static", "none"):
-        raise ValueError(f"cache must be 'static' or 'none', got {cache!r}")
+    if isinstance(cache, str) and cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES} or a cache object, got {cache!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=ids.device).manual_seed(seed)
     B, T = ids.shape
     param = next(model.parameters())
-    kv = StaticCache(config, B, T + max_new_tokens, dtype=param.dtype, device=param.device) if cache == "static" else None
+    kv = make_cache(cache, config, B, T + max_new_tokens, dtype=param.dtype, device=param.device)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     seq, step_input = ids, ids
     for _ in range(max_new_tokens):
@@ -99,12 +119,27 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None
             return
 
 
-def generate(model, ids, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int = 4, tree=None, **kwargs) -> torch.Tensor:
     """Prompt ids (B, T) -> prompt + generated ids (B, T + n); greedy unless temperature > 0.
 
     Keyword arguments are those of `stream`: temperature, top_k, top_p, seed, eos_token_id, cache.
     Sequences that stop early are padded with the EOS token.
+    draft: speculative decoding (speculative.py), batch size 1: "ngram", "layerskip:N", a draft
+    checkpoint path or a drafter object, proposing up to draft_len tokens per target forward.
+    tree: "recycling" | "medusa", tree-verified decoding (tree.py), batch size 1.
     """
+    if tree is not None:
+        from .tree import tree_stream
+
+        new = list(tree_stream(model, ids, max_new_tokens, tree=tree, **kwargs))
+        return torch.cat([ids.long(), torch.stack(new, dim=1)], dim=1)
+    if draft is not None:
+        from .drafters import make_drafter
+        from .speculative import speculative_ids
+
+        if kwargs.pop("cache", "static") != "static":
+            raise ValueError("speculative decoding (draft=...) keeps its own StaticCache; leave cache at 'static'")
+        return speculative_ids(model, ids, max_new_tokens, make_drafter(draft, model), draft_len, **kwargs)
     new = list(stream(model, ids, max_new_tokens, **kwargs))
     if not new:
         return ids.long()
