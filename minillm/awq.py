@@ -20,7 +20,8 @@ Then every Linear is rounded to nearest (quant.py's group-wise int4).
 
 Simplifications against the paper's code (llm-awq), stated plainly: the search objective is the
 output of the Linears sharing an input (not the whole attention block), and the weight-clipping
-search (auto_clip) is not done. alpha = 0 gives s = 1, i.e. plain RTN: a test asserts it.
+search (auto_clip) is not done, and the search runs on a random sample of 256 calibration tokens per
+block (to fit a shared 2-core CPU). alpha = 0 gives s = 1, i.e. plain RTN: a test asserts it.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def search_scale(weights, x, group_size: int = 128, symmetric: bool = True, grid
 
 
 @torch.no_grad()
-def awq_scale_block(block, x, cos, sin, mask, group_size: int = 128, symmetric: bool = True, tokens: int = 512):
+def awq_scale_block(block, x, cos, sin, mask, group_size: int = 128, symmetric: bool = True, tokens: int = 256):
     """Search and apply the three AWQ scalings of one block (float output unchanged); returns their alphas."""
     inputs, _ = collect_inputs(block, x, cos, sin, mask)
     pick = torch.randperm(inputs["attn.wq"].shape[0], generator=torch.Generator().manual_seed(0))[:tokens]
@@ -73,7 +74,7 @@ def awq_scale_block(block, x, cos, sin, mask, group_size: int = 128, symmetric: 
 
 
 @torch.no_grad()
-def awq_quantize_model(model, calibration, group_size: int = 128, symmetric: bool = True, tokens: int = 512,
+def awq_quantize_model(model, calibration, group_size: int = 128, symmetric: bool = True, tokens: int = 256,
                        progress=None):
     """Scale every block on float activations (as the paper does), then round every Linear to int4."""
     ids = check_calibration(model, calibration)

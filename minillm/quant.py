@@ -9,11 +9,14 @@ asymmetric (zero-point): offset = group min, scale = (max - min) / (2**bits - 1)
 symmetric  (absmax):     scale = absmax / (2**(bits-1) - 1), offset = -2**(bits-1) * scale
                          (int4: q - 8 in [-7, 7], offsets = -8 * scales; int8: q - 128 in [-127, 127])
 Per-channel is group_size = K; per-tensor is W.reshape(1, -1) with one group.
-K % group_size != 0 is refused with a ValueError (no padding): every SmolLM2 width is a multiple of 128.
+K % group_size != 0 is refused with a ValueError (no padding). SmolLM2's widths 576 and 1536 are multiples of
+64 (and 32, 192) but 576 = 4.5 x 128, so the usual "g128" is g64 here.
 
 THE PACKED INT4 LAYOUT (shared with the Triton chapter's int4 decode kernel):
     packed  uint8 (N, K // 2): byte j of a row holds column 2j in its low nibble, column 2j + 1 in its high nibble
-    scales  float (N, K // g), offsets float (N, K // g); W[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g]
+    scales  float16 (N, K // g), offsets float16 (N, K // g)
+    W[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g], computed in float32 (group_params rounds the
+    scales and offsets to float16 values before q is chosen, so half-precision storage loses nothing more)
 GGUF's Q4_1 orders nibbles differently (in each 32-value block, byte j holds value j low and j + 16 high);
 see loading.py and notebook 03.
 
