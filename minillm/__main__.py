@@ -147,12 +147,17 @@ def main(argv=None) -> int:
     evaluate.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    from .train import add_train_args
+    add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
     args = parser.parse_args(argv)
     try:
         if args.command in ("generate", "chat"):
             return cmd_generate(args, chat=args.command == "chat")
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "train":
+            from .train import cmd_train
+            return cmd_train(args)
         return cmd_bench(args)
     except ValueError as e:  # bad input: say what was wrong, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -194,7 +194,7 @@ def load_gguf_model(path=None, dtype=torch.float32) -> Transformer:
     model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)  # replaces the meta tensors
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return model.eval().requires_grad_(False)  # for inference; call requires_grad_(True) to fine-tune
 
 
 def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
