@@ -232,12 +232,13 @@ class TokenRecycling:
 
 # ----------------------------------------------------------------------------- the decoding loop
 @torch.inference_mode()
-def tree_generate(model, ids, max_new_tokens: int, drafter, eos_token_id="config", acceptance: str = "greedy",
-                  temperature: float = 0.7, seed: int | None = None, stats: dict | None = None) -> torch.Tensor:
-    """Prompt (1, T) -> prompt + new tokens (1, T + n), drafting a tree each step and verifying it in one forward.
+def tree_steps(model, ids, max_new_tokens: int, drafter, eos_token_id="config", acceptance: str = "greedy",
+               temperature: float = 0.7, seed: int | None = None, stats: dict | None = None):
+    """Prompt (1, T) -> yields, per forward, the list of new tokens it produced (accepted drafts + one).
 
-    With greedy acceptance the output equals plain greedy decoding. `stats`, if given, receives
-    forwards (verification forwards, prefill excluded) and new_tokens.
+    Each step drafts a tree from the last token, verifies it in one forward, keeps the accepted
+    nodes' cache entries. With greedy acceptance the tokens equal plain greedy decoding. `stats`,
+    if given, counts forwards (verification forwards, prefill excluded) and new_tokens.
     """
     from .generate import check_input_ids
     from .kv_cache import StaticCache
@@ -251,34 +252,56 @@ def tree_generate(model, ids, max_new_tokens: int, drafter, eos_token_id="config
     if eos_token_id == "config":
         eos_token_id = config.eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stats = {} if stats is None else stats
+    stats.update(forwards=0, new_tokens=0)
     T = ids.shape[1]
     param = next(model.parameters())
-    max_len = min(config.max_seq_len, T + max_new_tokens + len(drafter.template))
-    cache = StaticCache(config, 1, max_len, dtype=param.dtype, device=param.device)
+    cache = StaticCache(config, 1, min(config.max_seq_len, T + max_new_tokens + len(drafter.template)),
+                        dtype=param.dtype, device=param.device)
     logits, hidden = model(ids, cache=cache, return_hidden=True)
     drafter.observe(Tree(ids[0].tolist(), [-1] + list(range(T - 1))), logits[0], hidden[0])
-    new, forwards = [int(logits[0, -1].argmax())], 0
-    last_hidden = hidden[0, -1]
-    while len(new) < max_new_tokens and new[-1] != eos_token_id:
-        tree = drafter.draft(new[-1], last_hidden)
+    chunk, last_hidden = [int(logits[0, -1].argmax())], hidden[0, -1]
+    while True:
+        chunk = chunk[:max_new_tokens - stats["new_tokens"]]
+        if eos_token_id in chunk:
+            chunk = chunk[:chunk.index(eos_token_id) + 1]
+        stats["new_tokens"] += len(chunk)
+        yield chunk
+        if stats["new_tokens"] == max_new_tokens or chunk[-1] == eos_token_id:
+            return
+        tree = drafter.draft(chunk[-1], last_hidden)
         tree = tree.prefix(min(len(tree), cache.max_len - cache.length))  # never overflow near the end
         start = cache.length
         logits, hidden = verify(model, cache, tree)
-        forwards += 1
+        stats["forwards"] += 1
         if acceptance == "greedy":
             path, next_token = accept_greedy(tree, logits)
         else:
             path, next_token = accept_typical(tree, logits, temperature, generator=generator)
         cache.keep(start, [start + i for i in path])
         drafter.observe(tree, logits, hidden)
-        new += [tree.tokens[i] for i in path[1:]] + [next_token]
-        last_hidden = hidden[path[-1]]
-    new = new[:max_new_tokens]
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[:new.index(eos_token_id) + 1]
-    if stats is not None:
-        stats.update(forwards=forwards, new_tokens=len(new))
-    return torch.cat([ids, torch.tensor([new], device=ids.device)], dim=1)
+        chunk, last_hidden = [tree.tokens[i] for i in path[1:]] + [next_token], hidden[path[-1]]
+
+
+def tree_generate(model, ids, max_new_tokens: int, drafter, **kwargs) -> torch.Tensor:
+    """Prompt (1, T) -> prompt + new tokens (1, T + n). Keyword arguments: those of tree_steps."""
+    new = [t for chunk in tree_steps(model, ids, max_new_tokens, drafter, **kwargs) for t in chunk]
+    return torch.cat([ids.long(), torch.tensor([new], device=ids.device)], dim=1)
+
+
+def tree_stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
+                seed: int | None = None, eos_token_id="config", cache: str = "static", tree: str = "recycling"):
+    """generate.stream's signature and output ((1,) tensors), decoding with a tree drafter by name.
+    temperature 0: greedy acceptance (exactly plain greedy); > 0: Medusa's typical acceptance."""
+    if top_k is not None or top_p is not None:
+        raise ValueError(f"tree decoding takes temperature only, got top_k={top_k}, top_p={top_p}")
+    if cache != "static":
+        raise ValueError(f"tree decoding keeps its own StaticCache; got cache={cache!r}")
+    drafter = make_tree_drafter(tree, model)
+    acceptance = "typical" if temperature > 0 else "greedy"
+    for chunk in tree_steps(model, ids, max_new_tokens, drafter, eos_token_id, acceptance, temperature, seed):
+        for token in chunk:
+            yield torch.tensor([token], device=ids.device)
 
 
 def make_tree_drafter(name: str, model):
