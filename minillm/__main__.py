@@ -123,6 +123,10 @@ def cmd_bench(args) -> int:
         from .tree_bench import bench_tree
 
         bench_tree(new_tokens=args.new_tokens)
+    if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
+        from kernels.bench import main as bench_kernels
+
+        return bench_kernels([])
     if args.what == "model":
         from .bench import bench_model
 
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("generate", help="continue a prompt with SmolLM2-135M-Instruct"))
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
-    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "moe", "tree"])
+    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "moe", "tree", "kernels"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
