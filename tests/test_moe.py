@@ -197,3 +197,40 @@ def test_bad_dispatch_name():
     model, _ = model_pair()
     with pytest.raises(ValueError, match="dispatch must be one of"):
         moe.set_dispatch(model, "fast")
+
+
+@pytest.mark.slow
+def test_layer_and_aux_loss_match_hf_mixtral():
+    """Outside reference: HF transformers' MixtralSparseMoeBlock (top-k, renormalised, SwiGLU experts)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+    cfg = tiny(n_experts=4, n_experts_active=2, hidden_dim=32)
+    torch.manual_seed(0)
+    ours = moe.MoE(cfg)
+    hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        hf.gate.weight.copy_(ours.router.weight)
+        hf.experts.gate_up_proj.copy_(torch.cat([ours.w1, ours.w3], dim=1))  # (E, 2H, D): gate rows, then up
+        hf.experts.down_proj.copy_(ours.w2)
+    x = torch.randn(2, 9, cfg.dim)
+    for name in moe.DISPATCHES:
+        ours.dispatch = name
+        torch.testing.assert_close(ours(x), hf(x), atol=1e-6, rtol=1e-5)
+    logits = ours.router(x.reshape(-1, cfg.dim))
+    hf_aux = load_balancing_loss_func((logits,), num_experts=4, top_k=2)
+    # HF divides expert counts by N, Switch's f_i divides by N*K: HF's value is K times ours
+    ours_aux = moe.switch_aux_loss(torch.softmax(logits, -1), ours.last_expert_idx)
+    torch.testing.assert_close(hf_aux, 2 * ours_aux)
+
+
+def test_train_loop_adds_aux_loss_and_logs_load():
+    from minillm.train import TrainConfig, train
+    torch.manual_seed(0)
+    model = moe.track_aux_loss(Transformer(tiny(vocab_size=256, n_experts=4, hidden_dim=32)))
+    data = torch.randint(0, 256, (2000,))
+    history = train(model, data, data, TrainConfig(steps=3, batch_size=2, seq_len=16, warmup=1, eval_steps=1),
+                    progress=False, callback=moe.train_callback)
+    assert len(history["aux_loss"]) == 3 and all(a > 0 for a in history["aux_loss"])
+    assert [sum(load) for load in history["metrics"][-1]["load"]] == [2 * 16 * 2] * 2  # B*T*K per layer
