@@ -268,6 +268,29 @@ def test_smollm2_tokens_identical_interpreter(smollm2):
         model.use_kernels("torch")
 
 
+# ---------------------------------------------------------------- benchmark plumbing and roofline (no GPU needed)
+def test_roofline_and_benchmarks_file(tmp_path):
+    from kernels import bench
+
+    spec = bench.DEVICE_SPECS["H100 SXM"]
+    assert bench.roofline(spec, 1.0) == spec["bandwidth"]           # memory-bound: intensity x bandwidth
+    assert bench.roofline(spec, 1e6) == spec["bf16"]                # compute-bound: the peak
+    assert bench.spec_for("NVIDIA H100 80GB HBM3")[0] == "H100 SXM" and bench.spec_for("NVIDIA L40S") is None
+    intensity = {k: w["flops"] / w["bytes"] for k, w in bench.workloads().items()}
+    assert intensity["matmul"] == pytest.approx(4096 / 3) and intensity["int4_matvec"] < 4
+    if not CUDA:  # the committed file records no GPU run, and the runner refuses to time the interpreter
+        assert bench.read_results() == [] and bench.main([]) == 2
+    header = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-01", "torch": "2.13", "triton": "3.9", "cuda": "12.8",
+              "spec": "H100 SXM", "copy_gbs": 3000.0}
+    row = {"kernel": "softmax", "shape": "4096x4096", "dtype": "float16", "triton_ms": 0.05, "torch_ms": 0.06,
+           "ratio": 1.2, "triton_gbs": 1342.2, "torch_gbs": 1118.5, "aim": ">= 1.0x"}
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(bench.BENCHMARKS_MD.read_text())
+    bench.write_results(bench.to_markdown(header, [row]), path)
+    (got,) = bench.read_results(path)
+    assert (got["kernel"], got["ratio"], got["achieved"], got["unit"]) == ("softmax", 1.2, 1342.2, "GB/s")
+
+
 # ---------------------------------------------------------------- on a GPU: 16-bit dtypes, the real model
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (not the interpreter)")
@@ -288,9 +311,9 @@ def test_gpu_kernels_16bit(dtype):
     positions = torch.arange(300, device=DEV).expand(2, 300)
     torch.testing.assert_close(rope(q, positions, 1e4), rope_ref(q, positions, 1e4), **TOL[dtype])
     k, v = randn(2, 2, 1000, 64, dtype=dtype, seed=1), randn(2, 2, 1000, 64, dtype=dtype, seed=2)
-    for causal in (False, True):
+    for causal in (False, True):  # p is rounded to the 16-bit dtype before the second dot
         torch.testing.assert_close(flash_attention(q, k, v, causal=causal), attention_ref(q, k, v, causal=causal),
-                                   **TOL[dtype])
+                                   atol=1e-2 if dtype == torch.float16 else 4e-2, rtol=1e-2)
     packed, scales, offsets = random_int4_weight(1823, 768, 128, device=DEV)
     x1 = randn(1, 768, dtype=dtype)
     torch.testing.assert_close(int4_matvec(x1, packed, scales, offsets, 128),
