@@ -129,3 +129,264 @@ def test_bad_input_is_a_clear_error(model):
         EvictingCache(model.config, 1, 16, policy="lru")
     with pytest.raises(ValueError, match="budget"):
         EvictingCache(model.config, 1, 4, policy="streaming", n_sink=4)
+
+
+def test_paged_mixed_lengths_equal_each_alone(model):
+    prompts = [ids_of(n, seed=n)[0] for n in (3, 11, 6, 17)]
+    batch = generate_batch(model, prompts, 12, block_size=4)
+    for prompt, got in zip(prompts, batch):
+        alone = generate(model, prompt[None], 12, cache="none", eos_token_id=None)[0, len(prompt):]
+        assert got == alone.tolist()
+
+
+def test_shared_prefix_continuations_equal_independent_runs(model):
+    prefix, suffixes = ids_of(10, seed=5)[0], [ids_of(n, seed=10 + n)[0] for n in (1, 3, 2)]
+    cache = paged(model.config, 1, num_blocks=16, block_size=4)
+    with torch.inference_mode():
+        model(prefix[None], cache=cache)                  # the prefix once: blocks 0, 1 full, block 2 half
+    for _ in suffixes[1:]:
+        cache.fork(0)
+    assert cache.allocator.num_used == 3 and cache.allocator.refcount[:3] == [3, 3, 3]
+    shared = generate_batch(model, suffixes, 8, cache=cache)
+    # copy on write: the half-full block was copied for the first two writers; the full ones stay shared
+    assert cache.allocator.refcount[:2] == [3, 3]
+    assert cache.block_tables[0][:2] == cache.block_tables[1][:2] == cache.block_tables[2][:2]
+    assert len({table[2] for table in cache.block_tables}) == 3
+    for suffix, got in zip(suffixes, shared):
+        alone = generate(model, torch.cat([prefix, suffix])[None], 8, cache="none", eos_token_id=None)
+        assert got == alone[0, -8:].tolist()
+
+
+# -- property test of the paged allocator: random allocate/append/fork/free/truncate ---------------
+OPS = st.lists(st.tuples(st.sampled_from(["add", "append", "fork", "free", "truncate"]),
+                         st.integers(0, 7), st.integers(0, 9)), max_size=40)
+
+
+def check_invariants(cache):
+    a = cache.allocator
+    references = [0] * a.num_blocks
+    for table, length in zip(cache.block_tables, cache.lengths):
+        assert len(table) == math.ceil(length / cache.block_size)  # no block held beyond need
+        for block in table:
+            references[block] += 1
+    assert a.refcount == references                               # counts are exact: no leak
+    assert sorted(a.free) == [b for b in range(a.num_blocks) if references[b] == 0]  # free == unreferenced, once each
+
+
+@settings(max_examples=60, deadline=None)
+@given(OPS)
+def test_paged_allocator_never_leaks_or_double_uses(ops):
+    cache = PagedCache(tiny(n_layers=1, dim=8, n_heads=2, n_kv_heads=1), num_blocks=12, block_size=3)
+    expected = []  # what each sequence must read back: its own token history
+    counter = 0
+    for op, seq, n in ops:
+        if op == "add" or not expected:
+            cache.add_sequence()
+            expected.append([])
+            continue
+        seq %= len(expected)
+        if op == "append":
+            try:
+                rows = cache.append_slots(seq, n)
+            except ValueError as e:
+                assert "overflow" in str(e)
+                continue
+            for row in rows.tolist():  # a write only ever lands in a block this sequence owns alone
+                assert cache.allocator.refcount[row // cache.block_size] == 1
+            cache.slot_positions[rows] = torch.arange(counter, counter + n)
+            expected[seq] += list(range(counter, counter + n))
+            counter += n
+        elif op == "fork":
+            cache.fork(seq)
+            expected.append(list(expected[seq]))
+        elif op == "free":
+            cache.free_sequence(seq)
+            expected.pop(seq)
+        else:
+            keep = min(n, cache.lengths[seq])
+            cache.truncate_sequence(seq, keep)
+            expected[seq] = expected[seq][:keep]
+        check_invariants(cache)
+        for s, history in enumerate(expected):
+            assert cache.sequence_positions(s).tolist() == history
+    while expected:
+        cache.free_sequence(0)
+        expected.pop(0)
+    assert cache.allocator.refcount == [0] * 12 and len(cache.allocator.free) == 12
+
+
+def test_allocator_refuses_double_release():
+    a = BlockAllocator(2)
+    block = a.allocate()
+    a.release(block)
+    with pytest.raises(ValueError, match="double release"):
+        a.release(block)
+
+
+# -- eviction -------------------------------------------------------------------------------------
+def keep_ref(policy, scores, budget, n_sink=4):
+    """The slow reference of which slots survive, one sequence at a time, in plain Python."""
+    S = len(scores)
+    if policy == "streaming":
+        return list(range(n_sink)) + list(range(S - (budget - n_sink), S))
+    recent = budget // 2
+    older = sorted(range(S - recent), key=lambda i: -scores[i])[:budget - recent]
+    return sorted(older + list(range(S - recent, S)))
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_eviction_keeps_what_the_policy_says(model, policy):
+    ids = ids_of(30, batch=2)
+    cache = EvictingCache(model.config, 2, budget=12, policy=policy)
+    with torch.inference_mode(), cache.observe(model):
+        model(ids[:, :20], cache=cache)
+        scores = [cache.score[1][b].tolist() for b in range(2)]
+        model(ids[:, 20:21], cache=cache)  # evicts down to 12, then adds 1
+    assert model.layers[0].attn.attn_fn.__name__ == "attention_sdpa"  # observe() put the fast path back
+    for b in range(2):
+        assert cache.pos[1][b, :12].tolist() == keep_ref(policy, scores[b], 12)
+    assert [len(p[0]) for p in cache.pos] == [13, 13]
+
+
+def test_attention_scores_match_reference_attention(model):
+    """add_attention's weights equal attention_ref's softmax: with v = identity, attention returns the weights."""
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    cache = EvictingCache(model.config, 2, budget=8)
+    cache.score = [torch.zeros(2, 5)] * 2
+    cache.add_attention(0, q, k, mask)
+    weights = attention_ref(q, k, torch.eye(5).expand(2, 4, 5, 5), mask)  # (B, h, T, S)
+    expected = weights.sum(dim=(1, 2))                                    # attention each key received
+    torch.testing.assert_close(cache.score[0], expected)
+
+
+def test_evicting_truncate_refuses_when_tokens_were_evicted(model):
+    cache = EvictingCache(model.config, 1, budget=8)
+    with torch.inference_mode():
+        model(ids_of(10), cache=cache)
+        model(ids_of(1), cache=cache)  # keeps 4 sinks + 4 recent (positions 6..9), adds position 10
+    cache.truncate(9)                  # positions 9 and 10 are still there: fine
+    with pytest.raises(ValueError, match="already evicted"):
+        cache.truncate(5)
+
+
+def test_greedy_prefix_agreement():
+    assert greedy_prefix_agreement([5, 6, 7], [5, 6, 9]) == 2
+    assert greedy_prefix_agreement([1, 2], [1, 2]) == 2
+
+
+def test_memory_per_token_arithmetic():
+    c = smollm2_135m()
+    assert kv_bytes_per_token(c, 4) == 2 * 30 * 3 * 64 * 4 == 46_080
+    assert kv_bytes_per_token(c.with_(n_kv_heads=9), 4) == 3 * 46_080  # what GQA saves: 3x
+    cache = StaticCache(tiny(), 2, 10)
+    assert cache.nbytes() == 2 * 10 * kv_bytes_per_token(tiny(), 4)
+
+
+# -- the real model ----------------------------------------------------------------------------
+PROMPTS = ["The history of the printing press begins",
+           "def fibonacci(n):",
+           "Once upon a time, in a small village by the sea, there lived"]
+
+
+@torch.inference_mode()
+def greedy_with_logits(model, ids, n, kind):
+    """Greedy decoding that also returns each step's logits (n, V): the reference loop, cache or none."""
+    cache = make_cache(kind, model.config, 1, ids.shape[1] + n, dtype=next(model.parameters()).dtype)
+    seq, step, tokens, logits = ids, ids, [], []
+    for _ in range(n):
+        last = model(step if cache is not None else seq, cache=cache)[0, -1]
+        logits.append(last)
+        tokens.append(int(last.argmax()))
+        seq = torch.cat([seq, torch.tensor([[tokens[-1]]])], dim=1)
+        step = seq[:, -1:]
+    return tokens, torch.stack(logits)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    model, tok = smollm2
+    return model, [torch.tensor([tok.encode(p)]) for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_smollm2_static_and_paged_equal_no_cache(smol):
+    """256 greedy tokens static vs paged on every prompt; none vs static on 32 tokens (256 without a
+    cache is minutes on 2 cores: each step recomputes the whole sequence).
+
+    Static and paged read the same numbers: logits within 1e-5. Without a cache the matmuls have
+    other shapes, so float32 rounds differently: within 1e-5 of the logits' scale (max |logit|),
+    and the float64 test below shows the gap is rounding, not the algorithm."""
+    model, prompts = smol
+    for i, ids in enumerate(prompts):
+        static_tokens, static_logits = greedy_with_logits(model, ids, 256, "static")
+        paged_tokens, paged_logits = greedy_with_logits(model, ids, 256, "paged")
+        assert paged_tokens == static_tokens
+        torch.testing.assert_close(paged_logits, static_logits, atol=1e-5, rtol=0)
+        if i == 0:  # generate() itself, not only the loop above
+            assert generate(model, ids, 256, cache="paged", eos_token_id=None)[0, ids.shape[1]:].tolist() == static_tokens
+        none_tokens, none_logits = greedy_with_logits(model, ids, 32, "none")
+        assert none_tokens == static_tokens[:32]
+        assert none_logits.sub(static_logits[:32]).abs().max() <= 1e-5 * static_logits.abs().max()
+
+
+@pytest.mark.slow
+def test_smollm2_float64_no_cache_equals_cache_to_1e_10(smol):
+    import copy
+
+    model, prompts = smol
+    model64 = copy.deepcopy(model).double()
+    none_tokens, none_logits = greedy_with_logits(model64, prompts[1], 12, "none")
+    static_tokens, static_logits = greedy_with_logits(model64, prompts[1], 12, "static")
+    assert none_tokens == static_tokens
+    torch.testing.assert_close(none_logits, static_logits, atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_batch_and_shared_prefix_equal_alone(smol):
+    model, prompts = smol
+    batch = generate_batch(model, [p[0] for p in prompts], 24)
+    for ids, got in zip(prompts, batch):
+        assert got == generate(model, ids, 24, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    prefix = prompts[2][0]
+    suffixes = [torch.tensor(s) for s in ([11], [351, 1130], [260])]  # ",", " a little", " an"
+    cache = paged(model.config, 1, num_blocks=20, block_size=16)
+    with torch.inference_mode():
+        model(prefix[None], cache=cache)
+    for _ in suffixes[1:]:
+        cache.fork(0)
+    shared = generate_batch(model, suffixes, 16, cache=cache)
+    for suffix, got in zip(suffixes, shared):
+        alone = generate(model, torch.cat([prefix, suffix])[None], 16, eos_token_id=None)
+        assert got == alone[0, -16:].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_cache_holds_what_hf_caches(smol, hf_smollm2):
+    """Outside reference: after a prefill our static cache holds HF transformers' past keys and values."""
+    model, prompts = smol
+    hf_model, _ = hf_smollm2
+    ids = prompts[0]
+    cache = StaticCache(model.config, 1, 32)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+        past = hf_model(ids, use_cache=True).past_key_values
+    for layer in (0, 15, 29):
+        torch.testing.assert_close(cache.k[layer, :, :, :ids.shape[1]], past.layers[layer].keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.v[layer, :, :, :ids.shape[1]], past.layers[layer].values, atol=1e-4, rtol=1e-4)
+    hf_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in past.layers)
+    assert hf_bytes / ids.shape[1] == kv_bytes_per_token(model.config, 4) == 46_080
+
+
+@pytest.mark.slow
+def test_smollm2_compressed_caches_stay_close(smol):
+    """int8 keeps the perplexity within 2%; eviction at half the context stays within 25%."""
+    model, prompts = smol
+    ids = torch.cat([p[0] for p in prompts] * 4)[None]  # ~100 tokens
+    L = ids.shape[1]
+    full, full_argmax, _ = teacher_forced(model, ids, lambda: StaticCache(model.config, 1, L))
+    int8, int8_argmax, _ = teacher_forced(model, ids, lambda: QuantizedCache(model.config, 1, L))
+    assert abs(int8 / full - 1) < 0.02 and (int8_argmax == full_argmax).float().mean() > 0.95
+    for policy in ("streaming", "h2o"):
+        ppl, _, cache = teacher_forced(model, ids, lambda: EvictingCache(model.config, 1, L // 2, policy), chunk=L // 2)
+        assert ppl < 1.25 * full and cache.nbytes() == (L // 2 + 1) * kv_bytes_per_token(model.config, 4)
