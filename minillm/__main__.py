@@ -19,7 +19,8 @@ def add_sampling_args(p):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cache", default="static", help="KV cache: static (default) or none")
+    p.add_argument("--cache", default="static", choices=["static", "paged", "none"],
+                   help="KV cache: static (default), paged, or none (recompute every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
@@ -115,6 +116,13 @@ def cmd_bench(args) -> int:
 
         torch.set_num_threads(args.threads)
         bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens)
+    if args.what == "kv":
+        import torch
+
+        from .kv_bench import bench_kv
+
+        torch.set_num_threads(args.threads)
+        bench_kv(quality=not args.no_quality)
     if args.what == "moe":
         from .moe_bench import bench_dispatch
 
@@ -140,11 +148,12 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("generate", help="continue a prompt with SmolLM2-135M-Instruct"))
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
-    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "moe", "tree", "kernels"])
+    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
-    bench.add_argument("--threads", type=int, default=1, help="quant: torch threads (1: best on a shared CPU)")
+    bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU)")
+    bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
     evaluate = sub.add_parser("eval", help="perplexity of SmolLM2 (optionally quantized) on a text file")
     add_quant_args(evaluate)
     evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. data/heldout.txt")

@@ -1,0 +1,97 @@
+"""`python -m minillm bench kv`: what a KV cache buys and what compressing it costs, on SmolLM2-135M.
+
+1. Decode speed with and without a cache at 128 and 1,024 tokens of context, same run: without a
+   cache each new token re-runs the whole sequence; with one it runs one token against stored k, v.
+2. Memory per token, and what grouped-query attention saves.
+3. Quality vs budget: int8 and eviction (StreamingLLM, H2O) against the full cache, on data/heldout.txt:
+   cache bytes, perplexity (teacher-forced, token by token after the first `budget`), top-1
+   agreement with the full cache on that text, and free-running greedy agreement (tokens until the
+   first divergence out of `new_tokens`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
+from .kv_compress import EvictingCache, greedy_prefix_agreement, greedy_with_cache, teacher_forced
+
+HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
+
+
+@torch.inference_mode()
+def decode_tok_s(model, ids, steps: int, cached: bool) -> float:
+    """Tokens per second decoding `steps` tokens after the context `ids` (1, T) (prefill not timed)."""
+    if cached:
+        cache = StaticCache(model.config, 1, ids.shape[1] + steps)
+        next_id = model(ids, cache=cache)[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)
+    else:
+        seq = ids
+        start = time.perf_counter()
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
+    return steps / (time.perf_counter() - start)
+
+
+def bench_speed(model, text_ids, contexts=(128, 1024), cached_steps=32, uncached_steps=4):
+    print(f"decode speed, SmolLM2-135M float32, CPU, {torch.get_num_threads()} threads (noisy on a shared machine)")
+    print(f"{'context':>8}{'no cache tok/s':>16}{'cache tok/s':>13}{'speedup':>9}")
+    rows = {}
+    for ctx in contexts:
+        ids = text_ids[:, :ctx]
+        model(ids[:, :8])  # warm-up
+        none = decode_tok_s(model, ids, uncached_steps, cached=False)
+        static = decode_tok_s(model, ids, cached_steps, cached=True)
+        rows[ctx] = (none, static)
+        print(f"{ctx:>8}{none:>16.2f}{static:>13.2f}{static / none:>8.1f}x")
+    return rows
+
+
+def bench_memory(config):
+    per_token = kv_bytes_per_token(config, 4)
+    mha = kv_bytes_per_token(config.with_(n_kv_heads=config.n_heads), 4)
+    print(f"KV cache per token: {per_token:,.0f} B float32, {per_token / 2:,.0f} B bf16, "
+          f"{per_token / 4 * (config.head_dim + 4) / config.head_dim:,.0f} B int8 + float32 scales; "
+          f"without GQA ({config.n_heads} KV heads instead of {config.n_kv_heads}): {mha:,.0f} B float32 "
+          f"({mha / per_token:.0f}x)")
+    return per_token
+
+
+def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_tokens=64):
+    L, c = text_ids.shape[1], model.config
+    configs = {"full": (lambda: StaticCache(c, 1, L + new_tokens), None),
+               "int8": (lambda: QuantizedCache(c, 1, L + new_tokens), None)}
+    for b in budgets:
+        for policy in ("streaming", "h2o"):
+            configs[f"{policy} {b}"] = (lambda b=b, p=policy: EvictingCache(c, 1, b, p), b)
+    full_greedy = full_argmax = None
+    print(f"quality vs budget: perplexity on {L} tokens of data/heldout.txt; greedy: {new_tokens} tokens "
+          f"after a {prompt_ids.shape[1]}-token prompt")
+    print(f"{'cache':<15}{'KV bytes':>12}{'perplexity':>12}{'top-1 agree':>13}{'greedy agree':>14}")
+    rows = {}
+    for name, (make, chunk) in configs.items():
+        ppl, argmax, cache = teacher_forced(model, text_ids, make, chunk)
+        greedy = greedy_with_cache(model, prompt_ids, new_tokens, make(), chunk)
+        if full_greedy is None:
+            full_greedy, full_argmax = greedy, argmax
+        agree = (argmax == full_argmax).float().mean().item()
+        same = greedy_prefix_agreement(full_greedy, greedy)
+        rows[name] = dict(bytes=cache.nbytes(), ppl=ppl, top1=agree, greedy=same)
+        print(f"{name:<15}{cache.nbytes():>12,}{ppl:>12.3f}{agree:>13.3f}{same:>9}/{new_tokens}", flush=True)
+    return rows
+
+
+def bench_kv(quality: bool = True, text_tokens: int = 384):
+    from .loading import load_pretrained
+
+    model, tok = load_pretrained("smollm2-135m")
+    text_ids = torch.tensor([tok.encode(HELDOUT.read_text())])
+    bench_speed(model, text_ids)
+    bench_memory(model.config)
+    if quality:
+        bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300])
