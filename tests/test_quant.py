@@ -206,3 +206,17 @@ def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
     with torch.inference_mode():
         hf_loss = hf_smollm2[0](ids[None], labels=ids[None]).loss.item()  # HF shifts labels itself
     assert math.isclose(total / count, hf_loss, rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_calibration_is_disjoint_from_the_evaluation_text():
+    from minillm.quant_bench import DATA, calibration_ids
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained("smollm2-135m")
+    calib = calibration_ids(tok, 8, 256)
+    assert calib.shape == (8, 256)
+    held = tok.encode((DATA / "heldout.txt").read_text())
+    grams = lambda ids, n=8: {tuple(ids[i:i + n]) for i in range(len(ids) - n)}  # noqa: E731
+    shared = set().union(*(grams(row.tolist()) for row in calib)) & grams(held)
+    assert not shared, f"{len(shared)} 8-token sequences appear in both"
