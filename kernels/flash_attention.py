@@ -93,7 +93,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """q (B, H, T, d), k and v (B, H_kv, S, d) with H_kv dividing H -> (B, H, T, d).
 
     mask: bool (B or 1, 1, T, S), True where query t may attend key s; combined with `causal` if both.
-    blocks: (BLOCK_M, BLOCK_N), powers of two >= 16; default (64, 64) on the interpreter (fewer, larger numpy steps), (128, 64) on a GPU.
+    blocks: (BLOCK_M, BLOCK_N), powers of two >= 16; default (128, 64) on a GPU, and (64, 64) on the
+        interpreter (it pays per step, not per element, so fewer and larger steps run faster).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, contiguous=False)

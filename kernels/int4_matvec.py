@@ -117,6 +117,7 @@ def bench_int4_matvec(n: int = 8192, k: int = 8192, group_size: int = 128, dtype
     moved = packed.numel() + 2 * scales.numel() * scales.element_size() + (k + n) * x.element_size()
     ms_triton = triton.testing.do_bench(lambda: int4_matvec(x, packed, scales, offsets, group_size))
     ms_torch = triton.testing.do_bench(lambda: x @ dense.T)
-    return {"kernel": "int4_matvec", "shape": f"1x{k} @ ({n}x{k}), g={group_size}", "dtype": str(dtype).removeprefix("torch."),
+    return {"kernel": "int4_matvec", "shape": f"1x{k} @ ({n}x{k}), g={group_size}",
+            "dtype": str(dtype).removeprefix("torch."),
             "triton_ms": ms_triton, "torch_ms": ms_torch, "triton_gbs": moved / (ms_triton * 1e-3) / 1e9,
             "torch_gbs": (dense.numel() * dense.element_size() + (k + n) * x.element_size()) / (ms_torch * 1e-3) / 1e9}
