@@ -83,12 +83,20 @@ class MedusaDrafter:
 # ----------------------------------------------------------------------------- self-distillation
 @torch.inference_mode()
 def distillation_data(model, prompts, new_tokens: int):
-    """SmolLM2 continues each prompt (B, P) greedily; returns the hidden states (B, T-1, dim) and the tokens (B, T)."""
-    from .generate import generate
+    """SmolLM2 continues each prompt (B, P) greedily; returns the final hidden states (B, T-1, dim) seen
+    along the way and the tokens (B, T). One pass: the hidden states come from the decoding itself."""
+    from .kv_cache import StaticCache
 
-    seqs = generate(model, prompts, new_tokens, eos_token_id=None)      # (B, P + new)
-    _, hidden = model(seqs, return_hidden=True)
-    return hidden, seqs
+    B, P = prompts.shape
+    cache = StaticCache(model.config, B, P + new_tokens)
+    logits, hidden = model(prompts, cache=cache, return_hidden=True)
+    seqs, states = [prompts], [hidden]
+    for _ in range(new_tokens - 1):
+        seqs.append(logits[:, -1:].argmax(-1))                                   # (B, 1)
+        logits, hidden = model(seqs[-1], cache=cache, return_hidden=True)
+        states.append(hidden)
+    seqs.append(logits[:, -1:].argmax(-1))
+    return torch.cat(states, 1), torch.cat(seqs, 1)
 
 
 def head_targets(hidden, seqs, prompt_len: int, n_heads: int):
@@ -100,7 +108,8 @@ def head_targets(hidden, seqs, prompt_len: int, n_heads: int):
     return pairs
 
 
-def train_heads(model, heads: MedusaHeads, pairs, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0):
+def train_heads(model, heads: MedusaHeads, pairs, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+                log_every: int = 0):
     """Cross-entropy of each head on its targets; the backbone and the shared output matrix stay frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -116,6 +125,8 @@ def train_heads(model, heads: MedusaHeads, pairs, steps: int, batch: int = 64, l
         loss.backward()
         opt.step()
         losses.append(loss.item() / len(pairs))
+        if log_every and step % log_every == 0:
+            print(f"step {step}: loss {losses[-1]:.3f}", flush=True)
     return losses
 
 
