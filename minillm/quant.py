@@ -222,6 +222,9 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         return self.forward_packed(x) if self.impl == "packed" else self.forward_ref(x)
 
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, impl={self.impl}"
+
 
 def replace_linears(model, make_module, skip=("output",)):
     """The handler: swap every nn.Linear under `model` (except those named in `skip`) for make_module(name, linear)."""
