@@ -147,6 +147,24 @@ def read_results(path: Path = BENCHMARKS_MD) -> list[dict]:
     return rows
 
 
+def recorded_spec(path: Path = BENCHMARKS_MD) -> str | None:
+    """The DEVICE_SPECS row named in the recorded results' header, if any."""
+    found = re.search(r"\(spec row: ([^)]+)\)", path.read_text())
+    return found.group(1) if found and found.group(1) in DEVICE_SPECS else None
+
+
+def measured_points(results: list[dict]) -> list[tuple[str, float, float]]:
+    """(kernel, arithmetic intensity, achieved FLOP/s) for each recorded row, to place on the roofline.
+    A GB/s figure becomes FLOP/s by multiplying with the workload's intensity."""
+    points = []
+    for r in results:
+        w = workloads()[r["kernel"]]
+        intensity = w["flops"] / w["bytes"]
+        flops = r["achieved"] * 1e12 if r["unit"] == "TFLOP/s" else r["achieved"] * 1e9 * intensity
+        points.append((r["kernel"], intensity, flops))
+    return points
+
+
 def write_results(markdown: str, path: Path = BENCHMARKS_MD) -> None:
     text = path.read_text()
     head, rest = text.split(START, 1)

@@ -289,6 +289,9 @@ def test_roofline_and_benchmarks_file(tmp_path):
     bench.write_results(bench.to_markdown(header, [row]), path)
     (got,) = bench.read_results(path)
     assert (got["kernel"], got["ratio"], got["achieved"], got["unit"]) == ("softmax", 1.2, 1342.2, "GB/s")
+    assert bench.recorded_spec(path) == "H100 SXM"
+    ((name, intensity, flops),) = bench.measured_points([got])
+    assert name == "softmax" and flops == pytest.approx(1342.2e9 * intensity)
 
 
 # ---------------------------------------------------------------- on a GPU: 16-bit dtypes, the real model
