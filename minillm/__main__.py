@@ -130,7 +130,7 @@ def cmd_bench(args) -> int:
     if args.what == "tree":
         from .tree_bench import bench_tree
 
-        bench_tree(new_tokens=args.new_tokens)
+        bench_tree(new_tokens=args.new_tokens, threads=args.threads)
     if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
         from kernels.bench import main as bench_kernels
 

@@ -101,9 +101,10 @@ def methods(model, new_tokens: int) -> dict:
     return found
 
 
-def bench_tree(new_tokens: int = 64) -> dict:
+def bench_tree(new_tokens: int = 64, threads: int = 1) -> dict:
     from .loading import load_pretrained
 
+    torch.set_num_threads(threads)  # 1 by default: on a shared CPU a second OpenMP thread mostly waits
     model, tok = load_pretrained("smollm2-135m")
     prompts = [torch.tensor([tok.encode(p, allowed_special="all")]) for p in PROMPTS]
     with torch.inference_mode():
