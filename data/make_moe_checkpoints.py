@@ -10,6 +10,10 @@ Runs (same seed, same batches, same steps; byte-level, vocab 256):
     moe_none  the same MoE with no balancing at all (the collapse demo)
     moe_bias  the same MoE with DeepSeek-V3's auxiliary-loss-free bias balancing
 
+The same with the CLI, one run (here moe_aux; --config tiny / tiny-moe-none / tiny-moe-bias for the others):
+    python -m minillm train --config tiny-moe --steps 1500 --batch-size 16 --seq-len 64 --warmup 30 \
+        --eval-every 50 --eval-steps 8 --out data/moe/moe_aux.safetensors --history data/moe/moe_aux.json
+
 Each run writes data/moe/<name>.safetensors (train.save_checkpoint) and data/moe/<name>.json
 (the history: losses per step, validation losses, per-layer expert load and its CV per step).
 """
@@ -26,13 +30,9 @@ from minillm import moe  # noqa: E402
 from minillm.model import Transformer, tiny  # noqa: E402
 from minillm.train import TrainConfig, save_checkpoint, split, text_to_bytes, train  # noqa: E402
 
-MOE = dict(n_experts=8, n_experts_active=2, hidden_dim=80)
-RUNS = {
-    "dense": tiny(vocab_size=256),
-    "moe_aux": tiny(vocab_size=256, **MOE, moe_balance="aux"),
-    "moe_none": tiny(vocab_size=256, **MOE, moe_balance="none", moe_z_loss_coef=0.0),
-    "moe_bias": tiny(vocab_size=256, **MOE, moe_balance="bias", moe_bias_update_rate=0.01),
-}
+PRESETS = moe.tiny_moe_presets()  # also what `python -m minillm train --config tiny-moe...` builds
+RUNS = {"dense": tiny(vocab_size=256), "moe_aux": PRESETS["tiny-moe"], "moe_none": PRESETS["tiny-moe-none"],
+        "moe_bias": PRESETS["tiny-moe-bias"]}
 TRAIN = TrainConfig(steps=1500, batch_size=16, seq_len=64, warmup=30, eval_every=50, eval_steps=8)
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .loading import ModelFileError
 from .model import Config, Transformer, tiny
+from .moe import tiny_moe_presets, track_aux_loss, train_callback
 
 
 @dataclass
@@ -254,7 +255,9 @@ def load_checkpoint(path) -> Transformer:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    p.add_argument("--config", default="tiny", choices=["tiny"], help="model preset (byte-level, vocab 256)")
+    p.add_argument("--config", default="tiny", choices=["tiny", *tiny_moe_presets()],
+                   help="model preset (byte-level, vocab 256); tiny-moe*: chapter 4's mixtures of experts")
+    p.add_argument("--history", default=None, help="also write the training history as JSON here")
     p.add_argument("--data", default="data/shakespeare.txt", help="a UTF-8 text file to train on")
     p.add_argument("--out", default=None, help="where to save the .safetensors checkpoint")
     for field in ("steps", "batch_size", "seq_len", "warmup", "eval_every", "eval_steps", "seed"):
@@ -275,8 +278,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"data/prepare_shakespeare.py)")
     train_data, val_data = split(text_to_bytes(data_path.read_text(encoding="utf-8")))
     torch.manual_seed(cfg.seed)
-    model = Transformer(tiny(vocab_size=256))
-    history = train(model, train_data, val_data, cfg, progress=not args.no_progress, threads=args.threads)
+    model = Transformer(tiny(vocab_size=256) if args.config == "tiny" else tiny_moe_presets()[args.config])
+    callback = None
+    if model.config.n_experts:  # the loop adds the MoE aux loss; the callback balances and logs expert load
+        track_aux_loss(model)
+        callback = train_callback
+    history = train(model, train_data, val_data, cfg, progress=not args.no_progress, threads=args.threads,
+                    callback=callback)
+    if args.history:
+        Path(args.history).write_text(json.dumps(history))
     print(f"trained {model.num_params():,d} parameters for {cfg.steps} steps in {history['seconds']:.1f} s: "
           f"train loss {history['train_loss'][-1]:.3f}, val loss {history['val_loss'][-1]:.3f} "
           f"(nats per byte; uniform guessing is ln 256 = 5.545)")
