@@ -102,6 +102,15 @@ def test_generate_cache_kinds_agree(model, kind):
     assert torch.equal(generate(model, ids, 24, cache=kind, eos_token_id=None), ref)
 
 
+def test_generate_accepts_a_cache_object(model):
+    ids = ids_of(9, batch=2, seed=4)
+    ref = generate(model, ids, 16, cache="none", eos_token_id=None)
+    assert torch.equal(generate(model, ids, 16, cache=EvictingCache(model.config, 2, budget=32), eos_token_id=None), ref)
+    streamed = generate(model, ids, 16, cache=EvictingCache(model.config, 2, budget=12), eos_token_id=None)
+    # tokens 1..5 come from forwards that started with at most 12 stored: nothing evicted yet, exact
+    assert torch.equal(streamed[:, :9 + 5], ref[:, :9 + 5]) and streamed.shape == ref.shape
+
+
 def test_overflow_is_a_clear_error(model):
     ids = ids_of(10)
     with torch.inference_mode():
