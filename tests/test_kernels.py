@@ -253,6 +253,7 @@ def test_use_kernels_falls_back_with_a_message():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_smollm2_64_tokens_identical runs instead")
 @torch.no_grad()
 def test_smollm2_tokens_identical_interpreter(smollm2):
     """The real model, 2 greedy tokens through the kernels on the interpreter (the GPU test does 64)."""
