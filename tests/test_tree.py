@@ -182,6 +182,16 @@ def test_bad_input(tiny_model):
         MedusaDrafter(tiny_model, MedusaHeads(64, 1), Template.budget(2, 0))
 
 
+def test_generate_tree_argument(tiny_model):
+    prompt = torch.tensor([[5, 17, 33]])
+    plain = generate(tiny_model, prompt, 20, eos_token_id=None)
+    assert torch.equal(generate(tiny_model, prompt, 20, tree="recycling", eos_token_id=None), plain)
+    with pytest.raises(ValueError, match="tree must be"):
+        generate(tiny_model, prompt, 4, tree="forest")
+    with pytest.raises(ValueError, match="temperature only"):
+        generate(tiny_model, prompt, 4, tree="recycling", top_k=5)
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 PROMPTS = ["The history of the printing press begins in the fifteenth century, when",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
