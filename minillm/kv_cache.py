@@ -108,6 +108,7 @@ class StaticCache:
     def nbytes(self) -> int:
         return self.k.element_size() * (self.k.numel() + self.v.numel())
 
+    @torch.inference_mode()  # caches filled under inference mode can only be edited under it
     def keep(self, start: int, slots):
         """Tree attention's compaction (chapter 6): of the entries written after `start`, keep `slots`
         (increasing, each in [start, length)), moved to slots start, start + 1, ...; drop the rest."""
