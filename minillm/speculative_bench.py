@@ -1,0 +1,120 @@
+"""`python -m minillm bench speculative`: plain cached greedy decoding vs each drafter, one run, SmolLM2.
+
+Two prompt sets in SmolLM2's chat template: input-grounded (rewrite / fix / edit a given text or
+code, where the answer copies much of the prompt and prompt lookup shines) and open-ended (the
+answer is new text). For each drafter: tokens per target forward, draft acceptance rate, wall-clock
+speedup over plain decoding timed in the same process, and the speedup the formula predicts from the
+measured acceptance a and the measured cost ratio c of one draft forward to one target forward.
+Every speculative output is checked to be token for token the plain greedy output.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+DRAFT_CKPT = Path(__file__).resolve().parent.parent / "data" / "smollm2_draft.safetensors"
+
+GROUNDED = [
+    "Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
+    "johannes gutenberg around 1440 it used movable metal type and oil based ink, which made books much "
+    "cheaper to produce and helped spread literacy across europe",
+    "Rename the function `add` to `sum_two` in this code and return the whole code:\n\n```python\n"
+    "def add(a, b):\n    return a + b\n\n\ndef add_all(values):\n    total = 0\n    for v in values:\n"
+    "        total = add(total, v)\n    return total\n```",
+    "Repeat the following list, adding a comma after each item:\n\napples\nbananas\ncherries\ndates\n"
+    "elderberries\nfigs\ngrapes",
+]
+OPEN_ENDED = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue.",
+    "Give three tips for staying focused while studying.",
+]
+
+
+def chat_ids(tok, message: str) -> torch.Tensor:
+    text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
+    return torch.tensor([tok.encode(text, allowed_special="all")])
+
+
+def plain_greedy(model, ids, new_tokens: int) -> list[int]:
+    """Cached greedy decoding, one token per forward: the baseline."""
+    from .generate import stream
+
+    return [int(t[0]) for t in stream(model, ids, new_tokens, eos_token_id=None)]
+
+
+def forward_cost(model, ids, repeats: int = 5) -> float:
+    """Median seconds of one cached 1-token forward after ids."""
+    from .kv_cache import StaticCache
+
+    cache = StaticCache(model.config, 1, ids.shape[1] + 1)
+    times = []
+    with torch.inference_mode():
+        model(ids[:, :-1], cache=cache)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids[:, -1:], cache=cache)
+            times.append(time.perf_counter() - start)
+            cache.truncate(ids.shape[1] - 1)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers: int = 8) -> dict:
+    from .drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+    from .loading import load_pretrained
+    from .speculative import expected_speedup, speculative_generate
+
+    torch.set_num_threads(threads)
+    model, tok = load_pretrained("smollm2-135m")
+    sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
+    early = early_exit_model(model, layers)
+    methods = {"ngram": (lambda: NgramDrafter(), 0.0),
+               f"layerskip:{layers}": (lambda: layer_skip_drafter(model, layers), None)}
+    if DRAFT_CKPT.exists():
+        draft = load_draft_model(DRAFT_CKPT)
+        methods["distilled"] = (lambda: ModelDrafter(draft), None)
+        methods["distilled adaptive"] = (lambda: ModelDrafter(draft, stop_below=0.5), None)
+    else:
+        print(f"({DRAFT_CKPT.name} not found: run data/distill_draft.py to add the distilled drafter)")
+    probe = sets["open-ended"][0]
+    target_s = forward_cost(model, probe)
+    cost = {f"layerskip:{layers}": forward_cost(early, probe) / target_s}
+    if DRAFT_CKPT.exists():
+        cost["distilled"] = cost["distilled adaptive"] = forward_cost(draft, probe) / target_s
+    with torch.inference_mode():
+        plain_greedy(model, probe, 2)  # warm-up
+    rows = {}
+    for set_name, prompts in sets.items():
+        start = time.perf_counter()
+        plain = [plain_greedy(model, ids, new_tokens) for ids in prompts]
+        plain_s = time.perf_counter() - start
+        rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None)
+        for name, (make, c) in methods.items():
+            c = cost.get(name, c)
+            drafted = accepted = forwards = produced = 0
+            start = time.perf_counter()
+            for ids, reference in zip(prompts, plain):
+                r = speculative_generate(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
+                if r.tokens != reference:
+                    raise AssertionError(f"{name}: speculative output differs from plain greedy")
+                drafted, accepted = drafted + r.drafted, accepted + r.accepted
+                forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
+            seconds = time.perf_counter() - start
+            a = accepted / max(drafted, 1)
+            rows[(set_name, name)] = dict(tpf=produced / forwards, a=a, speedup=plain_s / seconds,
+                                          formula=expected_speedup(min(a, 0.999), draft_len, c), c=c)
+    print(f"SmolLM2-135M, float32, CPU, {threads} thread(s), greedy, {new_tokens} new tokens x 3 chat prompts "
+          f"per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
+    print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
+          f"{'speedup':>9}{'formula':>9}")
+    for (set_name, name), r in rows.items():
+        a = "" if r["a"] is None else f"{r['a']:.2f}"
+        c = "" if r.get("c") is None else f"{r['c']:.2f}"
+        formula = "" if r["formula"] is None else f"{r['formula']:.2f}x"
+        print(f"{set_name:<12}{name:<20}{r['tpf']:>15.2f}{a:>10}{c:>8}{r['speedup']:>8.2f}x{formula:>9}")
+    print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
+          "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
+          "is per drafted token. Timings on a shared CPU are noisy.")
+    return rows
