@@ -26,6 +26,9 @@ def add_sampling_args(p):
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
     p.add_argument("--tree", default=None, choices=["recycling", "medusa"],
                    help="tree-verified decoding (chapter 6): Token Recycling or Medusa heads; batch 1")
+    p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | a draft "
+                   "checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
+    p.add_argument("--draft-len", type=int, default=4, help="with --draft: tokens drafted per target forward")
     add_quant_args(p)
 
 
@@ -57,6 +60,9 @@ def cmd_generate(args, chat: bool = False) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
     ids = torch.tensor([prompt_ids])
+    if args.draft:  # chapter 5: draft, verify in one forward; --json adds target_forwards, accepted_per_forward
+        from .speculative import run_cli
+        return run_cli(model, tok, ids, args)
     new_ids, shown = [], ""
     start = time.perf_counter()
     for next_id in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -135,6 +141,10 @@ def cmd_bench(args) -> int:
         from kernels.bench import main as bench_kernels
 
         return bench_kernels([])
+    if args.what == "speculative":
+        from .speculative_bench import bench_speculative
+
+        bench_speculative(new_tokens=args.new_tokens, threads=args.threads)
     if args.what == "model":
         from .bench import bench_model
 
@@ -148,7 +158,8 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("generate", help="continue a prompt with SmolLM2-135M-Instruct"))
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
-    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels"])
+    bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
+                                                                     "speculative"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
