@@ -165,10 +165,10 @@ def minillm_name(gguf_name: str) -> str:
     return GGUF_TO_MINILLM.get(gguf_name)
 
 
-def load_gguf_model(path=None, dtype=torch.float32) -> Transformer:
+def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
     """Build a Transformer from a llama GGUF file; every tensor and shape is checked."""
     path = Path(path) if path is not None else gguf_path()
-    reader = read_gguf(path)
+    reader = reader if reader is not None else read_gguf(path)
     config = config_from_gguf(reader)
     with torch.device("meta"):
         model = Transformer(config)
@@ -204,5 +204,5 @@ def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):
         raise ValueError(f"unknown pretrained model {name!r}; available: 'smollm2-135m'")
     path = Path(path) if path is not None else gguf_path()
-    model = load_gguf_model(path, dtype=dtype)
-    return model, Tokenizer.from_gguf(path)
+    reader = read_gguf(path)  # parsed once, for both the weights and the vocabulary
+    return load_gguf_model(path, dtype=dtype, reader=reader), Tokenizer.from_gguf(reader)
