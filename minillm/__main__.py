@@ -145,6 +145,10 @@ def cmd_bench(args) -> int:
         from .speculative_bench import bench_speculative
 
         bench_speculative(new_tokens=args.new_tokens, threads=args.threads)
+    if args.what == "tokenizer":
+        from .tokenizer_bench import bench_tokenizer
+
+        bench_tokenizer()
     if args.what == "model":
         from .bench import bench_model
 
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
-                                                                     "speculative"])
+                                                                     "speculative", "tokenizer"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
