@@ -4,7 +4,7 @@
    cache each new token re-runs the whole sequence; with one it runs one token against stored k, v.
 2. Memory per token, and what grouped-query attention saves.
 3. Quality vs budget: int8 and eviction (StreamingLLM, H2O) against the full cache, on data/heldout.txt:
-   cache bytes, perplexity (teacher-forced, token by token after the first `budget`), top-1
+   cache bytes holding the text, perplexity (teacher-forced, token by token after the first `budget`), top-1
    agreement with the full cache on that text, and free-running greedy agreement (tokens until the
    first divergence out of `new_tokens`).
 """
@@ -64,19 +64,20 @@ def bench_memory(config):
 
 def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_tokens=64):
     L, c = text_ids.shape[1], model.config
-    configs = {"full": (lambda: StaticCache(c, 1, L + new_tokens), None),
-               "int8": (lambda: QuantizedCache(c, 1, L + new_tokens), None)}
+    # each maker takes the capacity a full cache would need; eviction ignores it (its budget is its size)
+    configs = {"full": (lambda cap: StaticCache(c, 1, cap), None),
+               "int8": (lambda cap: QuantizedCache(c, 1, cap), None)}
     for b in budgets:
         for policy in ("streaming", "h2o"):
-            configs[f"{policy} {b}"] = (lambda b=b, p=policy: EvictingCache(c, 1, b, p), b)
+            configs[f"{policy} {b}"] = (lambda cap, b=b, p=policy: EvictingCache(c, 1, b, p), b)
     full_greedy = full_argmax = None
     print(f"quality vs budget: perplexity on {L} tokens of data/heldout.txt; greedy: {new_tokens} tokens "
           f"after a {prompt_ids.shape[1]}-token prompt")
     print(f"{'cache':<15}{'KV bytes':>12}{'perplexity':>12}{'top-1 agree':>13}{'greedy agree':>14}")
     rows = {}
     for name, (make, chunk) in configs.items():
-        ppl, argmax, cache = teacher_forced(model, text_ids, make, chunk)
-        greedy = greedy_with_cache(model, prompt_ids, new_tokens, make(), chunk)
+        ppl, argmax, cache = teacher_forced(model, text_ids, lambda: make(L), chunk)
+        greedy = greedy_with_cache(model, prompt_ids, new_tokens, make(prompt_ids.shape[1] + new_tokens), chunk)
         if full_greedy is None:
             full_greedy, full_argmax = greedy, argmax
         agree = (argmax == full_argmax).float().mean().item()
