@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--heads", type=int, default=3)
     args = p.parse_args(argv)
-    n_train, n_eval, new_tokens, steps = (4, 2, 16, 5) if args.smoke else (24, 6, 48, 150)
+    n_train, n_eval, new_tokens, steps = (4, 2, 16, 5) if args.smoke else (64, 6, 48, 200)
     out = Path(args.out or ("/tmp/medusa_smoke.safetensors" if args.smoke else HERE / "medusa_smollm2.safetensors"))
     torch.manual_seed(0)
     torch.set_num_threads(1)  # on a shared 2-core CPU a second OpenMP thread mostly waits
