@@ -22,9 +22,11 @@ see loading.py and notebook 03.
 
 Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
 and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
-converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). Which is the default
-is decided by measurement (`python -m minillm bench quant` times both): on the AVX2 CPU of the
-committed results the packed kernels were the slower ones at every batch size, so "ref" is the default.
+converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). The default, "auto", was
+chosen by measurement (best of 100, one thread, AVX2 CPU, a 1536 x 576 weight): for one row (decoding)
+the packed kernels win (int4 1.7 ms vs 9.5 ms dequantize + matmul; int8 0.8 ms vs 7.0 ms); for 512
+rows (prefill) they lose badly (int4 2.1 s vs 30 ms). So "auto" uses packed for a single row, ref
+otherwise. Both lose to a float32 matvec whose weight sits in cache (0.09 ms): see notebook 03.
 
 Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, quantizing the embedding and
 the tied output head (they stay float: a quarter of SmolLM2's parameters, see notebook 03).
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_IMPL = "ref"  # see the module docstring: the measured-faster forward on our CPU
+DEFAULT_IMPL = "auto"  # packed kernel for one row (decode), dequantize + matmul otherwise: measured, see above
 
 
 def _check_groups(w: torch.Tensor, group_size: int) -> int:
@@ -139,6 +141,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def _use_packed(impl: str, x) -> bool:
+    return impl == "packed" or (impl == "auto" and x.shape[:-1].numel() == 1)
+
+
 class Int4Linear(nn.Module):
     """A Linear whose weight is stored packed, 4 bits per value plus a scale and offset per group."""
 
@@ -187,7 +193,7 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x):
-        return self.forward_packed(x) if self.impl == "packed" else self.forward_ref(x)
+        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, impl={self.impl}"
@@ -220,7 +226,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x):
-        return self.forward_packed(x) if self.impl == "packed" else self.forward_ref(x)
+        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, impl={self.impl}"
@@ -237,9 +243,9 @@ def replace_linears(model, make_module, skip=("output",)):
 
 
 def set_impl(model, impl: str):
-    """Choose the forward of every quantized Linear: "ref" (dequantize + matmul) or "packed" (aten kernels)."""
-    if impl not in ("ref", "packed"):
-        raise ValueError(f"impl must be 'ref' or 'packed', got {impl!r}")
+    """Choose the forward of every quantized Linear: "ref" (dequantize + matmul), "packed" (aten kernels) or "auto"."""
+    if impl not in ("ref", "packed", "auto"):
+        raise ValueError(f"impl must be 'ref', 'packed' or 'auto', got {impl!r}")
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):
             m.impl = impl
