@@ -332,8 +332,8 @@ def test_smollm2_static_and_paged_equal_no_cache(smol):
         paged_tokens, paged_logits = greedy_with_logits(model, ids, 256, "paged")
         assert paged_tokens == static_tokens
         torch.testing.assert_close(paged_logits, static_logits, atol=1e-5, rtol=0)
-        if i == 0:  # generate() itself, not only the loop above
-            assert generate(model, ids, 256, cache="paged", eos_token_id=None)[0, ids.shape[1]:].tolist() == static_tokens
+        if i == 0:  # generate() itself, not only the loop above (64 tokens: the loop covers 256)
+            assert generate(model, ids, 64, cache="paged", eos_token_id=None)[0, ids.shape[1]:].tolist() == static_tokens[:64]
         none_tokens, none_logits = greedy_with_logits(model, ids, 32, "none")
         assert none_tokens == static_tokens[:32]
         assert none_logits.sub(static_logits[:32]).abs().max() <= 1e-5 * static_logits.abs().max()
