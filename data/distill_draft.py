@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=32, help="teacher batch size")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(ROOT / "data" / "smollm2_draft.safetensors"))
     p.add_argument("--data-cache", default=None, help="save/load the teacher data here (.pt)")
     args = p.parse_args(argv)

@@ -61,7 +61,7 @@ def forward_cost(model, ids, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers: int = 8) -> dict:
+def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20)) -> dict:
     from .drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
     from .loading import load_pretrained
     from .speculative import expected_speedup, speculative_generate
@@ -69,9 +69,9 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     torch.set_num_threads(threads)
     model, tok = load_pretrained("smollm2-135m")
     sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
-    early = early_exit_model(model, layers)
-    methods = {"ngram": (lambda: NgramDrafter(), 0.0),
-               f"layerskip:{layers}": (lambda: layer_skip_drafter(model, layers), None)}
+    methods = {"ngram": (lambda: NgramDrafter(), 0.0)}
+    for n in layers:
+        methods[f"layerskip:{n}"] = (lambda n=n: layer_skip_drafter(model, n), None)
     if DRAFT_CKPT.exists():
         draft = load_draft_model(DRAFT_CKPT)
         methods["distilled"] = (lambda: ModelDrafter(draft), None)
@@ -80,7 +80,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
         print(f"({DRAFT_CKPT.name} not found: run data/distill_draft.py to add the distilled drafter)")
     probe = sets["open-ended"][0]
     target_s = forward_cost(model, probe)
-    cost = {f"layerskip:{layers}": forward_cost(early, probe) / target_s}
+    cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}
     if DRAFT_CKPT.exists():
         cost["distilled"] = cost["distilled adaptive"] = forward_cost(draft, probe) / target_s
     with torch.inference_mode():
