@@ -244,4 +244,7 @@ def test_distilled_draft_checkpoint(smollm2):
     assert draft.config.vocab_size == model.config.vocab_size and draft.num_params() < 8_000_000
     ids = torch.tensor([tok.encode("The capital of France is Paris. The capital of Germany is")])
     r = speculative_generate(model, ids, 32, ModelDrafter(draft), 4, eos_token_id=None)
-    assert r.acceptance_rate > 0.2  # it learned something: a random model's drafts are ~never accepted
+    torch.manual_seed(0)
+    untrained = Transformer(draft.config).eval()
+    baseline = speculative_generate(model, ids, 32, ModelDrafter(untrained), 4, eos_token_id=None)
+    assert r.accepted > baseline.accepted  # it learned something beyond an untrained model of its shape
