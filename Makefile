@@ -28,7 +28,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(DISPLAY),,--no-browser)
 
 test: $(STAMP)
-	$(PY) -m pytest -p no:cacheprovider tests notebooks --nbval
+	$(PY) -m pytest -p no:cacheprovider --durations=20 tests notebooks --nbval
 
 clean:
 	rm -rf $(VENV) *.egg-info
