@@ -22,11 +22,14 @@ see loading.py and notebook 03.
 
 Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
 and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
-converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). The default, "auto", was
-chosen by measurement (best of 100, one thread, AVX2 CPU, a 1536 x 576 weight): for one row (decoding)
-the packed kernels win (int4 1.7 ms vs 9.5 ms dequantize + matmul; int8 0.8 ms vs 7.0 ms); for 512
-rows (prefill) they lose badly (int4 2.1 s vs 30 ms). So "auto" uses packed for a single row, ref
-otherwise. Both lose to a float32 matvec whose weight sits in cache (0.09 ms): see notebook 03.
+converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). The default is "ref",
+chosen by measuring whole-model decoding (SmolLM2, one thread, AVX2 CPU, otherwise idle, 32 tokens,
+2026-11-22): int8 ref 16.0 tok/s vs packed 8.0; int4 (g64) ref 6.0-6.3 vs packed 4.3. Single-matrix
+microbenchmarks can say the opposite for one row (they are dominated by how the allocator serves the
+float copy ref writes: 0.6 ms or 7.7 ms for the same 1536 x 576 weight, depending on process state), so
+trust the whole model. For many rows (prefill) packed loses badly (512 rows: int4 2.1 s vs 30 ms).
+"auto" (packed for a single row, ref otherwise) stays available for CPUs where packed decodes faster.
+Both lose to a float32 matvec (0.09 ms): see notebook 03.
 
 Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, quantizing the embedding and
 the tied output head (they stay float: a quarter of SmolLM2's parameters, see notebook 03).
@@ -37,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_IMPL = "auto"  # packed kernel for one row (decode), dequantize + matmul otherwise: measured, see above
+DEFAULT_IMPL = "ref"  # dequantize + matmul: faster than the packed kernels for whole-model decoding, see above
 
 
 def _check_groups(w: torch.Tensor, group_size: int) -> int:

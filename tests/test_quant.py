@@ -64,7 +64,8 @@ def test_int4_linear_packed_equals_reference(symmetric):
     torch.testing.assert_close(ref, x @ m.dequantize().T)
     torch.testing.assert_close(m.forward_packed(x), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(m.dequantize(), fake_quantize(linear.weight.detach(), 4, 32, symmetric))
-    assert m.impl == "auto"  # one row (decode) -> packed kernel, more rows -> dequantize + matmul
+    assert m.impl == "ref" and torch.equal(m(x), ref)
+    m.impl = "auto"  # one row (decode) -> packed kernel, more rows -> dequantize + matmul
     assert torch.equal(m(x[:1, :1]), m.forward_packed(x[:1, :1])) and torch.equal(m(x), ref)
 
 
