@@ -25,8 +25,9 @@ HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
 def decode_tok_s(model, ids, steps: int, cached: bool) -> float:
     """Tokens per second decoding `steps` tokens after the context `ids` (1, T) (prefill not timed)."""
     if cached:
-        cache = StaticCache(model.config, 1, ids.shape[1] + steps)
+        cache = StaticCache(model.config, 1, ids.shape[1] + steps + 1)
         next_id = model(ids, cache=cache)[:, -1:].argmax(-1)
+        next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)  # warm-up step (lazy layouts, allocator)
         start = time.perf_counter()
         for _ in range(steps):
             next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)

@@ -6,12 +6,10 @@ loop over experts. Timings on a shared machine are noisy: compare ratios, not ab
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from .moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
+from .timing import median_seconds
 
 VARIANTS = {
     "loop": dispatch_loop,
@@ -22,13 +20,7 @@ VARIANTS = {
 
 
 def time_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, repeats)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .kv_cache import StaticCache
+from .kv_bench import decode_tok_s
 from .perplexity import nll_sum
 from .quant import model_bytes, quantize, set_impl
 
@@ -44,17 +44,6 @@ def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
-
-
-@torch.inference_mode()
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    cache = StaticCache(model.config, 1, prompt.shape[1] + new_tokens + 1)
-    next_id = model(prompt, cache=cache)[:, -1:].argmax(-1)
-    next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)  # warm-up step (lazy layouts, allocator)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)
-    return new_tokens / (time.perf_counter() - start)
 
 
 def calibration_ids(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
@@ -90,7 +79,7 @@ def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int 
                    tokens=count, model_bytes=model_bytes(model), quantize_s=round(quant_s, 1))
         for impl in (("ref", "packed") if method != "none" else ("ref",)):
             set_impl(model, impl)
-            row[f"decode_tok_s_{impl}"] = round(decode_tokens_per_s(model, prompt, new_tokens), 2)
+            row[f"decode_tok_s_{impl}"] = round(decode_tok_s(model, prompt, new_tokens, cached=True), 2)
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
         if hasattr(model, "awq_alphas"):
             row["awq_alphas"] = model.awq_alphas

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import median_seconds
+
 DRAFT_CKPT = Path(__file__).resolve().parent.parent / "data" / "smollm2_draft.safetensors"
 
 GROUNDED = [
@@ -50,15 +52,10 @@ def forward_cost(model, ids, repeats: int = 5) -> float:
     from .kv_cache import StaticCache
 
     cache = StaticCache(model.config, 1, ids.shape[1] + 1)
-    times = []
     with torch.inference_mode():
         model(ids[:, :-1], cache=cache)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(ids[:, -1:], cache=cache)
-            times.append(time.perf_counter() - start)
-            cache.truncate(ids.shape[1] - 1)
-    return sorted(times)[len(times) // 2]
+        return median_seconds(lambda: model(ids[:, -1:], cache=cache), repeats,
+                              reset=lambda: cache.truncate(ids.shape[1] - 1))
 
 
 def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20)) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import median_seconds
+
 PROMPTS = [
     "<|im_start|>user\nExplain in three short paragraphs how a bicycle gear system works.<|im_end|>\n"
     "<|im_start|>assistant\n",
@@ -38,13 +40,8 @@ def cost_per_size(model, prefix_len: int = 64, sizes=(1, 2, 4, 8, 16, 32, 64), r
         model(prefix, cache=cache)
         for n in sizes:
             tree = Tree(list(range(n)), [-1] + [(i - 1) // 2 for i in range(1, n)])  # a binary tree
-            times = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                start = time.perf_counter()
-                verify(model, cache, tree)
-                times.append(time.perf_counter() - start)
-                cache.truncate(prefix_len)
-            out[n] = sorted(times[1:])[len(times[1:]) // 2]
+            out[n] = median_seconds(lambda: verify(model, cache, tree), repeats,
+                                    reset=lambda: cache.truncate(prefix_len))
     return out
 
 

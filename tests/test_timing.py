@@ -1,0 +1,23 @@
+import pytest
+
+from minillm.timing import median_seconds
+
+
+def test_median_seconds_counts_warmups_and_resets():
+    calls, resets = [], []
+    seconds = median_seconds(lambda: calls.append(1), repeats=3, warmup=2, reset=lambda: resets.append(1))
+    assert len(calls) == 5 and len(resets) == 5   # 2 untimed + 3 timed, each followed by a reset
+    assert 0 <= seconds < 0.1
+
+
+def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
+    import minillm.timing as timing
+
+    clock = iter([0.0, 1.0,  0.0, 5.0,  0.0, 3.0])   # the timed calls take 1, 5, 3 s; the warm-up reads no clock
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    assert median_seconds(lambda: None, repeats=3, warmup=1) == 3.0
+
+
+def test_median_seconds_needs_a_timed_call():
+    with pytest.raises(ValueError, match="repeats"):
+        median_seconds(lambda: None, repeats=0)
