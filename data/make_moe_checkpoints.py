@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minillm import moe  # noqa: E402
-from minillm.model import Transformer, tiny  # noqa: E402
+from minillm.model import Transformer, tiny, tiny_moe_presets  # noqa: E402
 from minillm.train import TrainConfig, save_checkpoint, split, text_to_bytes, train  # noqa: E402
 
-PRESETS = moe.tiny_moe_presets()  # also what `python -m minillm train --config tiny-moe...` builds
+PRESETS = tiny_moe_presets()  # also what `python -m minillm train --config tiny-moe...` builds
 RUNS = {"dense": tiny(vocab_size=256), "moe_aux": PRESETS["tiny-moe"], "moe_none": PRESETS["tiny-moe-none"],
         "moe_bias": PRESETS["tiny-moe-bias"]}
 TRAIN = TrainConfig(steps=1500, batch_size=16, seq_len=64, warmup=30, eval_every=50, eval_steps=8)

@@ -7,9 +7,13 @@ a plain-torch reference and a GPU benchmark. `python -m kernels.bench` runs the 
 
 Without a CUDA GPU the kernels still run, slowly, under Triton's interpreter: every program of
 the grid is executed one after another in numpy. That is how the tests and the notebook check
-them on a CPU. The interpreter must be chosen *before* a kernel is decorated with @triton.jit,
-so importing this package decides once for everything: if no CUDA device is present and the
-user has not set TRITON_INTERPRET, it sets TRITON_INTERPRET=1.
+them on a CPU. The interpreter must be chosen *before* triton is imported (triton.language's own
+helpers, tl.sum and friends, are decorated at that import), so importing this package first
+decides for everything: if no CUDA device is present and the user has not set TRITON_INTERPRET,
+it sets TRITON_INTERPRET=1. If something imported triton earlier without the interpreter (torch
+does, e.g. when a model is built on the meta device), the kernels cannot run here and
+`triton_unavailable_reason()` says so: import `kernels` first, or set TRITON_INTERPRET=1 before
+starting Python (the test suite's conftest.py does). Importing this package changes no other module.
 """
 from __future__ import annotations
 
@@ -19,20 +23,18 @@ import sys
 import torch
 
 
-def _choose_interpreter() -> None:
+def _choose_interpreter() -> bool:
+    """Set TRITON_INTERPRET=1 if there is no GPU and the user chose nothing. Returns False when triton
+    was already imported without the interpreter on a machine that needs it (too late to choose)."""
     if "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
-        return
+        return True
+    if "triton.language" in sys.modules:
+        return False
     os.environ["TRITON_INTERPRET"] = "1"
-    # torch 2.13 imports triton by itself (e.g. when a model is built on the meta device, as
-    # minillm.loading does). triton.language's own @jit helpers (tl.sum, tl.max, tl.cdiv) were then
-    # made for the compiler, and an interpreted kernel calling them fails with "Cannot call @triton.jit'd
-    # outside of the scope of a kernel". Forget the Python part of that import (the compiled extension
-    # triton._C cannot be loaded twice, and does not care) so that ours re-imports triton interpreted.
-    for name in [n for n in sys.modules if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C")]:
-        del sys.modules[name]
+    return True
 
 
-_choose_interpreter()
+_CHOSE_IN_TIME = _choose_interpreter()
 
 
 def interpreting() -> bool:
@@ -46,6 +48,9 @@ def triton_unavailable_reason() -> str | None:
         import triton  # noqa: F401
     except ImportError as e:  # macOS, Windows, or a minimal install
         return f"Triton is not installed or cannot be imported ({e}); Triton runs on Linux x86_64 only"
+    if not _CHOSE_IN_TIME:
+        return ("triton was imported before `kernels` without the interpreter and there is no CUDA GPU; "
+                "import kernels first, or set TRITON_INTERPRET=1 before starting Python")
     if not interpreting() and not torch.cuda.is_available():
         return "no CUDA GPU and TRITON_INTERPRET is not 1; set TRITON_INTERPRET=1 before importing kernels"
     return None

@@ -1,4 +1,7 @@
-"""How minillm uses the kernels: `model.use_kernels("triton")` swaps three things in place.
+"""How minillm uses the kernels: `use_kernels(model, "triton")` swaps three things in place.
+
+This module depends on the model (minillm.model, minillm.quant); the model knows nothing of it.
+The CLI (`--kernels triton`) and notebook 07 call it.
 
 - attention: each layer's `attn.attn_fn(q, k, v, mask)` becomes flash_attention with the mask
   (which already encodes causality by position, padding, or a chapter-6 tree);
@@ -16,6 +19,9 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from minillm.model import RMSNorm
+from minillm.quant import Int4Linear
 
 from . import interpreting, kernel_device, triton_unavailable_reason
 
@@ -56,12 +62,6 @@ def use_kernels(model, impl: str = "triton"):
     """Swap attention, RMSNorm and int4 linears for Triton kernels ("triton") or back ("torch")."""
     if impl not in ("triton", "torch"):
         raise ValueError(f"kernels must be 'triton' or 'torch', got {impl!r}")
-    from minillm.model import RMSNorm
-
-    try:
-        from minillm.quant import Int4Linear
-    except ImportError:  # the quantization chapter is optional here
-        Int4Linear = ()
     if impl == "triton" and (reason := _why_not(model)):
         warnings.warn(f"use_kernels('triton'): {reason}; keeping the PyTorch kernels", RuntimeWarning, stacklevel=3)
         impl = "torch"
@@ -72,7 +72,7 @@ def use_kernels(model, impl: str = "triton"):
                 attn._torch_attn_fn, attn.attn_fn = attn.attn_fn, _attention_triton
             elif impl == "torch" and hasattr(attn, "_torch_attn_fn"):
                 attn.attn_fn = attn.__dict__.pop("_torch_attn_fn")
-        if isinstance(module, RMSNorm) or (Int4Linear and isinstance(module, Int4Linear)):
+        if isinstance(module, (RMSNorm, Int4Linear)):
             module.__dict__.pop("forward", None)  # back to the class's forward
             if impl == "triton":                  # an instance attribute shadows the method
                 swap = _rmsnorm_forward if isinstance(module, RMSNorm) else _int4_forward

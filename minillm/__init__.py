@@ -4,13 +4,14 @@
     model, tok = minillm.load_pretrained("smollm2-135m")
     out = minillm.generate(model, torch.tensor([tok.encode("The capital of France is")]), max_new_tokens=32)
 """
-from .generate import generate, sample_next, stream
+from .decoding import decode, generate, stream
 from .kv_cache import StaticCache
 from .loading import ModelFileError, gguf_path, load_pretrained
 from .model import Config, Transformer, smollm2_135m, tiny
 from .perplexity import perplexity
 from .quant import quantize
+from .sampling import sample_next
 
 __all__ = ["Config", "Transformer", "tiny", "smollm2_135m", "load_pretrained", "gguf_path", "ModelFileError",
-           "generate", "stream", "sample_next", "StaticCache",
+           "generate", "stream", "decode", "sample_next", "StaticCache",
            "quantize", "perplexity"]

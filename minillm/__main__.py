@@ -26,9 +26,10 @@ def add_sampling_args(p):
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
     p.add_argument("--tree", default=None, choices=["recycling", "medusa"],
                    help="tree-verified decoding (chapter 6): Token Recycling or Medusa heads; batch 1")
-    p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | a draft "
-                   "checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
-    p.add_argument("--draft-len", type=int, default=4, help="with --draft: tokens drafted per target forward")
+    p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | distilled | "
+                   "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help="tokens proposed per target forward (default: 4 with --draft, the whole tree with --tree)")
     add_quant_args(p)
 
 
@@ -40,56 +41,56 @@ def add_quant_args(p):
 
 
 def cmd_generate(args, chat: bool = False) -> int:
+    """generate / chat: one path through decoding.decode_steps, whatever the drafter (none, a chain, a tree)."""
     import torch
 
-    from .generate import stream
+    from .decoding import decode_steps, DecodeResult
     from .loading import load_pretrained
 
+    if args.draft and args.tree:
+        raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
+    if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
+        from kernels.swap import use_kernels
     model, tok = load_pretrained("smollm2-135m")
     model = quantize_for_cli(model, tok, args)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
-        model.use_kernels(args.kernels)
-    if args.tree:  # chapter 6: same interface as stream, several tokens per forward
-        from functools import partial
-
-        from .tree import tree_stream
-        stream = partial(tree_stream, tree=args.tree)  # noqa: F811
+        use_kernels(model, args.kernels)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, allowed_special="all")
     else:
         prompt_ids = tok.encode(args.prompt)
     ids = torch.tensor([prompt_ids])
-    if args.draft:  # chapter 5: draft, verify in one forward; --json adds target_forwards, accepted_per_forward
-        from .speculative import run_cli
-        return run_cli(model, tok, ids, args)
-    new_ids, shown = [], ""
+    eos = model.config.eos_token_id
+    result, shown = DecodeResult(rows=[]), ""
     start = time.perf_counter()
-    for next_id in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, cache=args.cache):
-        token = int(next_id[0])
-        if token == model.config.eos_token_id:
-            break
-        new_ids.append(token)
+    for _ in decode_steps(model, ids, args.max_new_tokens, args.draft or args.tree, args.draft_len,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          cache=args.cache, result=result):
         if not args.json:  # print what is new; a UTF-8 character split across tokens shows when complete
-            text = tok.decode(new_ids)
+            text = tok.decode([t for t in result.tokens if t != eos])
             if not text.endswith("\ufffd"):
                 print(text[len(shown):], end="", flush=True)
                 shown = text
     seconds = time.perf_counter() - start
+    new_ids = [t for t in result.tokens if t != eos]
     text = tok.decode(new_ids)
     if args.json:
-        print(json.dumps({"text": text, "prompt_tokens": len(prompt_ids), "new_token_ids": new_ids,
-                          "seconds": round(seconds, 4),
-                          "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None}))
+        report = {"text": text, "prompt_tokens": len(prompt_ids), "new_token_ids": new_ids,
+                  "seconds": round(seconds, 4),
+                  "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
+                  "target_forwards": result.target_forwards,
+                  "accepted_per_forward": round(result.accepted_per_forward, 4)}
+        if args.draft or args.tree:
+            report["acceptance_rate"] = round(result.acceptance_rate, 4)
+        print(json.dumps(report))
     else:
         print(text[len(shown):], flush=True)
     return 0
 
 
 def quantize_for_cli(model, tok, args):
-    from .quant import quantize
-    from .quant_bench import calibration_ids
+    from .quant import calibration_ids, quantize
 
     calib = calibration_ids(tok, 8, 128) if args.quant in ("gptq", "awq") else None
     return quantize(model, args.quant, group_size=args.group_size, calibration=calib)
@@ -118,23 +119,23 @@ def cmd_bench(args) -> int:
     if args.what == "quant":
         import torch
 
-        from .quant_bench import bench_quant
+        from .bench.quant import bench_quant
 
         torch.set_num_threads(args.threads)
         bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens)
     if args.what == "kv":
         import torch
 
-        from .kv_bench import bench_kv
+        from .bench.kv import bench_kv
 
         torch.set_num_threads(args.threads)
         bench_kv(quality=not args.no_quality)
     if args.what == "moe":
-        from .moe_bench import bench_dispatch
+        from .bench.moe import bench_dispatch
 
         bench_dispatch()
     if args.what == "tree":
-        from .tree_bench import bench_tree
+        from .bench.tree import bench_tree
 
         bench_tree(new_tokens=args.new_tokens, threads=args.threads)
     if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
@@ -142,15 +143,15 @@ def cmd_bench(args) -> int:
 
         return bench_kernels([])
     if args.what == "speculative":
-        from .speculative_bench import bench_speculative
+        from .bench.speculative import bench_speculative
 
         bench_speculative(new_tokens=args.new_tokens, threads=args.threads)
     if args.what == "tokenizer":
-        from .tokenizer_bench import bench_tokenizer
+        from .bench.tokenizer import bench_tokenizer
 
         bench_tokenizer()
     if args.what == "model":
-        from .bench import bench_model
+        from .bench.model import bench_model
 
         bench_model(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     return 0

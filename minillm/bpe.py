@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 
 import regex
 
-from .tokenizer import merge
+from .bpe_base import merge
 
 
 def get_stats(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict[tuple[int, int], int]:

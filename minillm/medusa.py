@@ -15,10 +15,16 @@ model's distribution, not a dataset's. `data/train_medusa.py` runs it (`--smoke`
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from .kv_cache import StaticCache
 from .tree import Template, Tree
 
 
@@ -72,21 +78,28 @@ class MedusaDrafter:
             raise ValueError(f"template asks for choice {max(template.choices)}; only top-{k} is computed")
         self.model, self.heads, self.template, self.k = model, heads, template, k
 
-    def draft(self, root: int, hidden) -> Tree:
+    @property
+    def default_len(self) -> int:
+        return len(self.template) - 1
+
+    def propose(self, context, k, hidden=None, **sampling) -> Tree:
+        """hidden: the final hidden state (dim,) at the last token, which the decoding loop hands over
+        (None in the first round, before the model has seen that token: then nothing is proposed)."""
+        if hidden is None:
+            return Tree.chain(context[-1], [])
         guesses = self.heads(hidden, self.model.output).topk(self.k, dim=-1).indices.tolist()  # (n_heads, k)
-        return self.template.fill(root, lambda token, depth: guesses[depth])
+        return self.template.fill(context[-1], lambda token, depth: guesses[depth]).prefix(k + 1)
 
     def observe(self, tree, logits, hidden=None):
-        pass  # Medusa's heads are static; the loop hands `draft` the hidden state it needs
+        pass  # Medusa's heads are static
 
 
 # ----------------------------------------------------------------------------- self-distillation
 @torch.inference_mode()
 def distillation_data(model, prompts, new_tokens: int):
     """SmolLM2 continues each prompt (B, P) greedily; returns the final hidden states (B, T-1, dim) seen
-    along the way and the tokens (B, T). One pass: the hidden states come from the decoding itself."""
-    from .kv_cache import StaticCache
-
+    along the way and the tokens (B, T). One pass: the hidden states come from the decoding itself
+    (the decoding loop returns tokens only, hence this short loop of its own)."""
     B, P = prompts.shape
     cache = StaticCache(model.config, B, P + new_tokens)
     logits, hidden = model(prompts, cache=cache, return_hidden=True)
@@ -141,16 +154,11 @@ def head_accuracy(model, heads: MedusaHeads, pairs, k: int = 8):
 
 
 def save_heads(heads: MedusaHeads, path):
-    from safetensors.torch import save_file
-
     save_file({k: v.half().contiguous() for k, v in heads.state_dict().items()}, str(path),
               metadata={"n_heads": str(len(heads.blocks))})
 
 
 def load_heads(path, dim: int = 576) -> MedusaHeads:
-    from safetensors import safe_open
-
-    from pathlib import Path
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no Medusa heads here; train them with `python data/train_medusa.py`")
     with safe_open(str(path), "pt") as f:
@@ -161,15 +169,13 @@ def load_heads(path, dim: int = 576) -> MedusaHeads:
     return heads.eval()
 
 
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 HEADS_PATH = "medusa_smollm2.safetensors"  # under data/, made by data/train_medusa.py
 
 
 def default_medusa_drafter(model, size: int = 10, path=None) -> MedusaDrafter:
     """SmolLM2's committed heads with a `size`-node tree tuned on their measured held-out accuracy."""
-    import json
-    from pathlib import Path
-
-    path = Path(path or Path(__file__).resolve().parents[1] / "data" / HEADS_PATH)
+    path = Path(path or DATA_DIR / HEADS_PATH)
     heads = load_heads(path, model.config.dim)
     accuracy = json.loads(path.with_suffix(".json").read_text())["held_out_accuracy"]
     return MedusaDrafter(model, heads, template_from_accuracy(accuracy, size), k=len(accuracy[0]))

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .moe import MoE  # moe.py imports nothing from this file, so there is no cycle
+from .moe import MoE  # a building block of the model: moe.py imports nothing from this file
 
 
 @dataclass
@@ -67,6 +67,15 @@ def tiny(**changes) -> Config:
     base = Config(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
                   max_seq_len=256, rope_theta=10000.0, eos_token_id=None)
     return replace(base, **changes)
+
+
+def tiny_moe_presets() -> dict:
+    """Byte-level MoE presets for `python -m minillm train --config NAME`: 8 experts of hidden 80, top-2,
+    the same active parameters per token as tiny(vocab_size=256) (hidden 160), with each balancing scheme."""
+    moe = dict(vocab_size=256, n_experts=8, n_experts_active=2, hidden_dim=80)
+    return {"tiny-moe": tiny(**moe, moe_balance="aux"),
+            "tiny-moe-none": tiny(**moe, moe_balance="none", moe_z_loss_coef=0.0),
+            "tiny-moe-bias": tiny(**moe, moe_balance="bias", moe_bias_update_rate=0.01)}
 
 
 def smollm2_135m(**changes) -> Config:
@@ -224,16 +233,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.attn_fn = fns[impl]
         return self
-
-    def use_kernels(self, impl: str = "triton"):
-        """Chapter 7: "triton" swaps attention, RMSNorm and int4 linears for Triton kernels, "torch" swaps back.
-
-        Where Triton cannot run (not installed, no GPU and no TRITON_INTERPRET), warns and keeps PyTorch;
-        `self.kernels` says which is active. See kernels/swap.py.
-        """
-        from kernels.swap import use_kernels
-
-        return use_kernels(self, impl)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -282,14 +282,3 @@ def param_counts(model) -> dict:
         per_expert = layer.w1[0].numel() + layer.w3[0].numel() + layer.w2[0].numel()
         idle += (c.n_experts - c.n_experts_active) * per_expert
     return {"total": total, "active": total - idle}
-
-
-def tiny_moe_presets() -> dict:
-    """Byte-level MoE presets for `python -m minillm train --config NAME`: 8 experts of hidden 80, top-2,
-    the same active parameters per token as tiny(vocab_size=256) (hidden 160), with each balancing scheme."""
-    from .model import tiny  # here, not at the top: model.py imports this module
-
-    moe = dict(vocab_size=256, n_experts=8, n_experts_active=2, hidden_dim=80)
-    return {"tiny-moe": tiny(**moe, moe_balance="aux"),
-            "tiny-moe-none": tiny(**moe, moe_balance="none", moe_z_loss_coef=0.0),
-            "tiny-moe-bias": tiny(**moe, moe_balance="bias", moe_bias_update_rate=0.01)}

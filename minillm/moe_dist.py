@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .model import tiny
 from .moe import MoE, expert_outputs_sorted, route, swiglu
 
 
@@ -98,8 +99,6 @@ def check_against_single_process(rank: int, world_size: int, n_shared_experts: i
     All ranks build the same layer and the same batch from seed 0; rank r takes batch rows r::P.
     Returns the largest differences (outputs, input grads, expert grads, router grads).
     """
-    from .model import tiny
-
     cfg = tiny(n_experts=4 * world_size, n_experts_active=2, hidden_dim=32, n_shared_experts=n_shared_experts)
     torch.manual_seed(0)
     full = MoE(cfg)

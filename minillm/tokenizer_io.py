@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from .tokenizer import Tokenizer, bytes_to_unicode
+from .bpe_base import bytes_to_unicode
 
 FORMAT_LINE = "#minillm-bpe v1"
 
@@ -52,14 +52,14 @@ def recover_merges(ranks: dict[bytes, int]) -> tuple[dict[int, bytes], dict[tupl
     return {rank: token for token, rank in ranks.items()}, merges
 
 
-def from_tiktoken(encoding) -> Tokenizer:
-    """Our Tokenizer with a tiktoken Encoding's vocabulary, pattern and special tokens."""
+def from_tiktoken(encoding) -> tuple:
+    """A tiktoken Encoding's (vocab, merges, pattern, special tokens): what Tokenizer(...) takes."""
     # tiktoken keeps these private; they are the inputs `tiktoken.Encoding(...)` was built from.
     vocab, merges = recover_merges(encoding._mergeable_ranks)
-    return Tokenizer(vocab, merges, encoding._pat_str, dict(encoding._special_tokens))
+    return vocab, merges, encoding._pat_str, dict(encoding._special_tokens)
 
 
-def to_tiktoken(tok: Tokenizer, name: str = "minillm"):
+def to_tiktoken(tok, name: str = "minillm"):
     """A tiktoken Encoding that encodes like `tok` (ids as ranks: merges must come in id order)."""
     import tiktoken
 
@@ -69,14 +69,14 @@ def to_tiktoken(tok: Tokenizer, name: str = "minillm"):
     return tiktoken.Encoding(name, pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
 
 
-def _check_trained_layout(tok: Tokenizer):
+def _check_trained_layout(tok):
     bytes_first = all(tok.vocab.get(i) == bytes([i]) for i in range(256))
     if not bytes_first or list(tok.merges.values()) != list(range(256, 256 + len(tok.merges))):
         raise ValueError("save() writes tokenizers laid out as train() makes them: ids 0..255 the bytes, "
                          "merge k = id 256 + k; this one is not (e.g. cl100k or SmolLM2)")
 
 
-def save(tok: Tokenizer, path):
+def save(tok, path):
     _check_trained_layout(tok)
     spell = bytes_to_unicode()
     lines = [FORMAT_LINE, "#pattern " + json.dumps(tok.pattern)]
@@ -87,7 +87,8 @@ def save(tok: Tokenizer, path):
         f.write("\n".join(lines) + "\n")
 
 
-def load(path) -> Tokenizer:
+def load(path) -> tuple:
+    """(vocab, merges, pattern, special tokens) read from a file save() wrote: what Tokenizer(...) takes."""
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -112,4 +113,4 @@ def load(path) -> Tokenizer:
             ids[left + right] = new_id
     if pattern is None:
         raise ValueError(f"{path}: no '#pattern' line")
-    return Tokenizer(vocab, merges, pattern, special)
+    return vocab, merges, pattern, special

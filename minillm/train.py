@@ -41,8 +41,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .loading import ModelFileError
-from .model import Config, Transformer, tiny
-from .moe import tiny_moe_presets, track_aux_loss, train_callback
+from .model import Config, Transformer, tiny, tiny_moe_presets
+from .moe import track_aux_loss, train_callback
 
 
 @dataclass

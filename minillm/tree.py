@@ -20,6 +20,12 @@ indices leading to it, (0, 1) = "second guess after the first guess"):
                     that node's token (an adjacency matrix updated from every verification).
     MedusaDrafter   (medusa.py) choice i at depth d = i-th most likely token of Medusa head d.
 
+Drafters (here, medusa.py and drafters.py) all answer one call, `propose(context, k, hidden, ...)
+-> Tree`: a chain drafter returns a chain (parents [-1, 0, 1, ...]), a tree drafter a tree. The
+decoding loop (decoding.py) scores any proposal with `score`, accepts with `accept_greedy`
+(any tree) or, when sampling, speculative.accept_chain (chains) / `accept_typical` (trees), and
+rolls the cache back to the accepted path.
+
 Not handled: batch > 1 (trees of different accepted lengths would need ragged caches),
 sampling-exact (rejection-sampling) tree verification; typical acceptance is Medusa's
 approximation, not distribution-preserving.
@@ -30,23 +36,35 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import probs_from_logits
+
 
 # ----------------------------------------------------------------------------- the tree itself
 @dataclass
 class Tree:
     tokens: list[int]   # tokens[0] is the root
     parents: list[int]  # parents[0] == -1, parents[i] < i (so any prefix of the nodes is a tree)
+    q: torch.Tensor | None = None  # chains drafted by sampling: (len - 1, V) distributions the drafts came from
 
     def __post_init__(self):
         check_parents(self.parents)
         if len(self.tokens) != len(self.parents):
             raise ValueError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
 
+    @classmethod
+    def chain(cls, root: int, drafts, q=None) -> "Tree":
+        """root -> d_1 -> d_2 ...: what a chain drafter proposes. [7], [3, 4] -> tokens [7, 3, 4], parents [-1, 0, 1]."""
+        drafts = [int(t) for t in drafts]
+        return cls([int(root)] + drafts, list(range(-1, len(drafts))), q)
+
+    def is_chain(self) -> bool:
+        return self.parents == list(range(-1, len(self.parents) - 1))
+
     def __len__(self):
         return len(self.parents)
 
     def prefix(self, n: int) -> "Tree":
-        return Tree(self.tokens[:n], self.parents[:n])
+        return Tree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:max(n - 1, 0)])
 
 
 def check_parents(parents):
@@ -94,8 +112,12 @@ def tree_mask(parents) -> torch.Tensor:
 
 def verification_inputs(tree: Tree, prefix_len: int, device="cpu"):
     """What the model needs to score the tree after `prefix_len` cached tokens:
-    tokens (1, N), positions (1, N) = prefix_len + depth, mask (1, 1, N, prefix_len + N)."""
+    tokens (1, N), positions (1, N) = prefix_len + depth, mask (1, 1, N, prefix_len + N).
+    A chain needs neither: its positions follow the cache and its mask is the causal one, which
+    the model builds itself (positions and mask are then None)."""
     N = len(tree)
+    if tree.is_chain():
+        return torch.tensor([tree.tokens], device=device), None, None
     tokens = torch.tensor([tree.tokens], device=device)
     positions = (prefix_len + depths(tree.parents)).to(device)[None]
     mask = torch.ones(N, prefix_len + N, dtype=torch.bool, device=device)  # the whole prefix is visible
@@ -103,8 +125,9 @@ def verification_inputs(tree: Tree, prefix_len: int, device="cpu"):
     return tokens, positions, mask[None, None]
 
 
-def verify(model, cache, tree: Tree):
-    """One forward over all nodes: logits (N, V) and final hidden states (N, dim). Appends N cache slots."""
+def score(model, cache, tree: Tree):
+    """The verification forward: one pass over all nodes -> logits (N, V) and final hidden states
+    (N, dim). Appends N cache slots (the caller keeps the accepted ones). Plain decoding is a tree of one node."""
     tokens, positions, mask = verification_inputs(tree, cache.length, next(model.parameters()).device)
     logits, hidden = model(tokens, positions=positions, mask=mask, cache=cache, return_hidden=True)
     return logits[0], hidden[0]
@@ -135,14 +158,14 @@ def accept_greedy(tree: Tree, logits):
 
 
 def accept_typical(tree: Tree, logits, temperature: float = 0.7, posterior_threshold: float = 0.09,
-                   posterior_alpha: float = 0.3, generator=None):
+                   posterior_alpha: float = 0.3, generator=None, top_k=None, top_p=None):
     """Medusa's typical acceptance: token x after a node is accepted if
     p(x) > min(posterior_threshold, posterior_alpha * exp(-entropy(p))), p = softmax(logits / temperature).
     Confident distributions demand the likely token; flat ones accept more. Not exact sampling.
-    The next token is sampled from the last accepted node's distribution."""
+    The next token is sampled from the last accepted node's distribution (top_k / top_p applied)."""
     if temperature <= 0:
         raise ValueError(f"typical acceptance needs temperature > 0, got {temperature}; use greedy for 0")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)                # (N, V)
+    probs = probs_from_logits(logits, temperature, top_k, top_p)                # (N, V)
     entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)              # (N,)
     threshold = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
     parents = torch.tensor(tree.parents).clamp(min=0)
@@ -223,93 +246,13 @@ class TokenRecycling:
         tokens = torch.as_tensor(tokens).reshape(-1)
         self.adjacency[tokens] = logits.reshape(len(tokens), -1).topk(self.k, dim=-1).indices.to(torch.int32)
 
-    def draft(self, root: int, hidden=None) -> Tree:
-        return self.template.fill(root, lambda token, depth: self.adjacency[token].tolist())
+    @property
+    def default_len(self) -> int:
+        return len(self.template) - 1
+
+    def propose(self, context, k, hidden=None, **sampling) -> Tree:
+        """The template filled from the adjacency matrix, rooted at the last token; at most k nodes past the root."""
+        return self.template.fill(context[-1], lambda token, depth: self.adjacency[token].tolist()).prefix(k + 1)
 
     def observe(self, tree: Tree, logits, hidden=None):
         self.update(tree.tokens, logits)
-
-
-# ----------------------------------------------------------------------------- the decoding loop
-@torch.inference_mode()
-def tree_steps(model, ids, max_new_tokens: int, drafter, eos_token_id="config", acceptance: str = "greedy",
-               temperature: float = 0.7, seed: int | None = None, stats: dict | None = None):
-    """Prompt (1, T) -> yields, per forward, the list of new tokens it produced (accepted drafts + one).
-
-    Each step drafts a tree from the last token, verifies it in one forward, keeps the accepted
-    nodes' cache entries. With greedy acceptance the tokens equal plain greedy decoding. `stats`,
-    if given, counts forwards (verification forwards, prefill excluded) and new_tokens.
-    """
-    from .generate import check_input_ids
-    from .kv_cache import StaticCache
-
-    config = model.config
-    ids = check_input_ids(ids, config, max_new_tokens)
-    if ids.shape[0] != 1:
-        raise ValueError(f"tree decoding handles one sequence at a time, got batch {ids.shape[0]}")
-    if acceptance not in ("greedy", "typical"):
-        raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-    if eos_token_id == "config":
-        eos_token_id = config.eos_token_id
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    stats = {} if stats is None else stats
-    stats.update(forwards=0, new_tokens=0)
-    T = ids.shape[1]
-    param = next(model.parameters())
-    cache = StaticCache(config, 1, min(config.max_seq_len, T + max_new_tokens + len(drafter.template)),
-                        dtype=param.dtype, device=param.device)
-    logits, hidden = model(ids, cache=cache, return_hidden=True)
-    drafter.observe(Tree(ids[0].tolist(), [-1] + list(range(T - 1))), logits[0], hidden[0])
-    chunk, last_hidden = [int(logits[0, -1].argmax())], hidden[0, -1]
-    while True:
-        chunk = chunk[:max_new_tokens - stats["new_tokens"]]
-        if eos_token_id in chunk:
-            chunk = chunk[:chunk.index(eos_token_id) + 1]
-        stats["new_tokens"] += len(chunk)
-        yield chunk
-        if stats["new_tokens"] == max_new_tokens or chunk[-1] == eos_token_id:
-            return
-        tree = drafter.draft(chunk[-1], last_hidden)
-        tree = tree.prefix(min(len(tree), cache.max_len - cache.length))  # never overflow near the end
-        start = cache.length
-        logits, hidden = verify(model, cache, tree)
-        stats["forwards"] += 1
-        if acceptance == "greedy":
-            path, next_token = accept_greedy(tree, logits)
-        else:
-            path, next_token = accept_typical(tree, logits, temperature, generator=generator)
-        cache.keep(start, [start + i for i in path])
-        drafter.observe(tree, logits, hidden)
-        chunk, last_hidden = [tree.tokens[i] for i in path[1:]] + [next_token], hidden[path[-1]]
-
-
-def tree_generate(model, ids, max_new_tokens: int, drafter, **kwargs) -> torch.Tensor:
-    """Prompt (1, T) -> prompt + new tokens (1, T + n). Keyword arguments: those of tree_steps."""
-    new = [t for chunk in tree_steps(model, ids, max_new_tokens, drafter, **kwargs) for t in chunk]
-    return torch.cat([ids.long(), torch.tensor([new], device=ids.device)], dim=1)
-
-
-def tree_stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-                seed: int | None = None, eos_token_id="config", cache: str = "static", tree: str = "recycling"):
-    """generate.stream's signature and output ((1,) tensors), decoding with a tree drafter by name.
-    temperature 0: greedy acceptance (exactly plain greedy); > 0: Medusa's typical acceptance."""
-    if top_k is not None or top_p is not None:
-        raise ValueError(f"tree decoding takes temperature only, got top_k={top_k}, top_p={top_p}")
-    if cache != "static":
-        raise ValueError(f"tree decoding keeps its own StaticCache; got cache={cache!r}")
-    drafter = make_tree_drafter(tree, model)
-    acceptance = "typical" if temperature > 0 else "greedy"
-    for chunk in tree_steps(model, ids, max_new_tokens, drafter, eos_token_id, acceptance, temperature, seed):
-        for token in chunk:
-            yield torch.tensor([token], device=ids.device)
-
-
-def make_tree_drafter(name: str, model):
-    """"recycling" -> TokenRecycling, "medusa" -> SmolLM2's committed Medusa heads (data/)."""
-    if name == "recycling":
-        return TokenRecycling(model.config.vocab_size)
-    if name == "medusa":
-        from .medusa import default_medusa_drafter
-
-        return default_medusa_drafter(model)
-    raise ValueError(f"tree must be 'recycling' or 'medusa', got {name!r}")

@@ -18,6 +18,7 @@ from kernels import interpreting, kernel_device
 from kernels.flash_attention import attention_ref, flash_attention
 from kernels.int4_matvec import dequantize_int4_ref, int4_matvec, int4_matvec_ref, random_int4_weight
 from kernels.matmul import matmul, matmul_ref
+from kernels.swap import use_kernels
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rope import rope, rope_ref
 from kernels.softmax import softmax, softmax_ref
@@ -213,18 +214,18 @@ def tiny_model():
 
 @torch.no_grad()
 def test_use_kernels_tiny_model_same_logits_and_tokens(tiny_model):
-    from minillm.generate import generate
+    from minillm.decoding import generate
 
     ids = torch.randint(0, 512, (1, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
     expected_logits = tiny_model(ids)
     expected = generate(tiny_model, ids, 4, eos_token_id=None)
     try:
-        tiny_model.use_kernels("triton")
+        use_kernels(tiny_model, "triton")
         assert tiny_model.kernels == "triton" and "forward" in tiny_model.norm.__dict__
         torch.testing.assert_close(tiny_model(ids), expected_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(generate(tiny_model, ids, 4, eos_token_id=None), expected)  # KV cache + padding mask
     finally:
-        tiny_model.use_kernels("torch")
+        use_kernels(tiny_model, "torch")
     assert tiny_model.kernels == "torch" and "forward" not in tiny_model.norm.__dict__
     assert tiny_model.layers[0].attn.attn_fn.__name__ == "attention_sdpa"
 
@@ -237,7 +238,7 @@ def test_use_kernels_int4_decode(tiny_model):
     model = quant.quantize(copy.deepcopy(tiny_model), "int4", group_size=32)
     ids = torch.randint(0, 512, (1, 1), generator=torch.Generator().manual_seed(2)).to(DEV)  # one token: decode
     expected = model(ids)
-    model.use_kernels("triton")
+    use_kernels(model, "triton")
     assert "forward" in model.layers[0].ffn.w1.__dict__
     torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=1e-4)
 
@@ -246,10 +247,10 @@ def test_use_kernels_falls_back_with_a_message():
     with torch.device("meta"):
         model = Transformer(tiny(n_layers=1))
     with pytest.warns(RuntimeWarning, match="keeping the PyTorch kernels"):
-        model.use_kernels("triton")
+        use_kernels(model, "triton")
     assert model.kernels == "torch" and model.layers[0].attn.attn_fn.__name__ == "attention_sdpa"
     with pytest.raises(ValueError, match="'triton' or 'torch'"):
-        model.use_kernels("cuda")
+        use_kernels(model, "cuda")
 
 
 @pytest.mark.slow
@@ -257,16 +258,16 @@ def test_use_kernels_falls_back_with_a_message():
 @torch.no_grad()
 def test_smollm2_tokens_identical_interpreter(smollm2):
     """The real model, 2 greedy tokens through the kernels on the interpreter (the GPU test does 64)."""
-    from minillm.generate import generate
+    from minillm.decoding import generate
 
     model, tok = smollm2
     ids = torch.tensor([tok.encode("The capital of France is")])
     expected = generate(model, ids, 2, eos_token_id=None)
     try:
-        model.use_kernels("triton")
+        use_kernels(model, "triton")
         assert torch.equal(generate(model, ids, 2, eos_token_id=None), expected)
     finally:
-        model.use_kernels("torch")
+        use_kernels(model, "torch")
 
 
 # ---------------------------------------------------------------- benchmark plumbing and roofline (no GPU needed)
@@ -329,16 +330,16 @@ def test_gpu_kernels_16bit(dtype):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (not the interpreter)")
 @torch.no_grad()
 def test_gpu_smollm2_64_tokens_identical(smollm2):
-    from minillm.generate import generate
+    from minillm.decoding import generate
 
     model, tok = smollm2
     model = model.to("cuda")
     ids = torch.tensor([tok.encode("Once upon a time, in a small village,")], device="cuda")
     expected = generate(model, ids, 64, eos_token_id=None)
     try:
-        model.use_kernels("triton")
+        use_kernels(model, "triton")
         assert model.kernels == "triton"
         assert torch.equal(generate(model, ids, 64, eos_token_id=None), expected)
     finally:
-        model.use_kernels("torch")
+        use_kernels(model, "torch")
         model.to("cpu")

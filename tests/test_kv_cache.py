@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.generate import generate, make_cache
+from minillm.decoding import generate, make_cache
 from minillm.kv_cache import ConcatCache, QuantizedCache, StaticCache, dequantize_int8, kv_bytes_per_token, quantize_int8
 from minillm.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from minillm.model import Transformer, attention_ref, smollm2_135m, tiny

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minillm
-from minillm.awq import awq_scale_block, search_scale
-from minillm.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
+from minillm.quant.awq import awq_scale_block, search_scale
+from minillm.quant.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
 from minillm.model import Transformer, tiny
 from minillm.perplexity import nll_sum
 from minillm.quant import (Int4Linear, Int8Linear, dequantize_groups, fake_quantize, model_bytes, pack_int4,
@@ -213,7 +213,7 @@ def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
 
 @pytest.mark.slow
 def test_calibration_is_disjoint_from_the_evaluation_text():
-    from minillm.quant_bench import DATA, calibration_ids
+    from minillm.quant import DATA, calibration_ids
     from minillm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained("smollm2-135m")

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.drafters import (ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model,
-                              make_drafter)
-from minillm.generate import generate, probs_from_logits
+from minillm.drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+from minillm.decoding import generate, make_drafter, speculative_generate
+from minillm.sampling import probs_from_logits
 from minillm.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
-from minillm.speculative import expected_speedup, expected_tokens_per_forward, speculative_generate, verify
+from minillm.speculative import accept_chain as verify, expected_speedup, expected_tokens_per_forward
 
 DRAFT_CKPT = Path(__file__).resolve().parent.parent / "data" / "smollm2_draft.safetensors"
 
@@ -169,10 +169,10 @@ def test_verify_greedy_and_bonus():
 
 
 def test_ngram_drafter():
-    assert NgramDrafter(max_n=2).propose([5, 6, 7, 9, 5, 6], 3) == ([7, 9, 5], None)
-    assert NgramDrafter(max_n=2).propose([5, 6, 7, 5, 8, 5, 6], 2) == ([7, 5], None)  # (5, 6) beats later 5
-    assert NgramDrafter().propose([1, 2, 3], 4) == ([], None)
-    assert NgramDrafter().propose([4], 4) == ([], None)
+    assert NgramDrafter(max_n=2).propose([5, 6, 7, 9, 5, 6], 3).tokens == [6, 7, 9, 5]
+    assert NgramDrafter(max_n=2).lookup([5, 6, 7, 5, 8, 5, 6], 2) == [7, 5]  # (5, 6) beats later 5
+    assert NgramDrafter().lookup([1, 2, 3], 4) == []
+    assert NgramDrafter().propose([4], 4).tokens == [4]
     with pytest.raises(ValueError, match="min_n"):
         NgramDrafter(max_n=1, min_n=2)
 
@@ -216,7 +216,11 @@ def test_bad_inputs(target):
     with pytest.raises(ValueError, match="stop_below"):
         ModelDrafter(target, stop_below=2.0)
     with pytest.raises(ValueError, match="cache"):
-        generate(target, ids, 4, draft="ngram", cache="none")
+        generate(target, ids, 4, tree="recycling", cache="none")  # a tree needs a cache to compact
+    # one loop: chains now run with any cache, and still equal plain greedy
+    for cache in ("none", "paged"):
+        assert torch.equal(generate(target, ids, 12, draft="ngram", cache=cache, eos_token_id=None),
+                           generate(target, ids, 12, eos_token_id=None))
 
 
 @pytest.fixture(scope="module")

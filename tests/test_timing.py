@@ -1,6 +1,6 @@
 import pytest
 
-from minillm.timing import median_seconds
+from minillm.bench.timing import median_seconds
 
 
 def test_median_seconds_counts_warmups_and_resets():
@@ -11,7 +11,7 @@ def test_median_seconds_counts_warmups_and_resets():
 
 
 def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
-    import minillm.timing as timing
+    import minillm.bench.timing as timing
 
     clock = iter([0.0, 1.0,  0.0, 5.0,  0.0, 3.0])   # the timed calls take 1, 5, 3 s; the warm-up reads no clock
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))

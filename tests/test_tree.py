@@ -11,8 +11,9 @@ from minillm import generate, tiny
 from minillm.kv_cache import StaticCache
 from minillm.medusa import MedusaDrafter, MedusaHeads, template_from_accuracy
 from minillm.model import Transformer
+from minillm.decoding import decode
 from minillm.tree import (Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths, path_to,
-                          tree_generate, tree_mask, tree_mask_ref, verification_inputs, verify)
+                          score as verify, tree_mask, tree_mask_ref, verification_inputs)
 
 
 def random_tree(rng, n, vocab):
@@ -127,14 +128,15 @@ class OracleDrafter:
         self.truth, self.pos, self.template, self.slot = truth, start, template, slot  # truth[pos] is the root
         self.rng, self.seen_prompt = random.Random(0), False
 
-    def draft(self, root, hidden=None):
+    def propose(self, context, k, hidden=None, **sampling):
+        root = context[-1]
         assert root == self.truth[self.pos]
         tokens = [root]
         for i in range(1, len(self.template)):
             choices = [self.template.choices[j] for j in path_to(self.template.parents, i)[1:]]
             on_truth = choices == [self.slot] + [0] * (len(choices) - 1) and self.pos + len(choices) < len(self.truth)
             tokens.append(self.truth[self.pos + len(choices)] if on_truth else self.rng.randrange(512))
-        return Tree(tokens, list(self.template.parents))
+        return Tree(tokens, list(self.template.parents)).prefix(k + 1)
 
     def observe(self, tree, logits, hidden=None):
         if self.seen_prompt:
@@ -149,15 +151,12 @@ def test_tree_decoding_equals_plain_greedy_tiny(tiny_model):
     for drafter in (OracleDrafter(truth, 5, Template.budget(3, 1), slot=1),
                     TokenRecycling(512, k=4, template=Template.budget(3, 2)),
                     MedusaDrafter(tiny_model, MedusaHeads(64, 3), Template.budget(3, 2), k=4)):
-        stats = {}
-        out = tree_generate(tiny_model, prompt, 40, drafter, eos_token_id=None, stats=stats)
-        assert torch.equal(out, plain), type(drafter).__name__
-        assert stats["new_tokens"] == 40
-    assert stats["forwards"] <= 39
-    stats = {}
-    tree_generate(tiny_model, prompt, 40, OracleDrafter(truth, 5, Template.budget(3, 1), 1), eos_token_id=None,
-                  stats=stats)
-    assert stats["forwards"] <= 12          # 4 tokens per forward when the oracle's path is always found
+        result = decode(tiny_model, prompt, 40, drafter, eos_token_id=None)
+        assert result.tokens == plain[0, 5:].tolist(), type(drafter).__name__
+        assert len(result.tokens) == 40
+    assert result.verify_forwards <= 39
+    result = decode(tiny_model, prompt, 40, OracleDrafter(truth, 5, Template.budget(3, 1), 1), eos_token_id=None)
+    assert result.verify_forwards <= 12          # 4 tokens per forward when the oracle's path is always found
 
 
 def test_token_recycling_state():
@@ -167,7 +166,7 @@ def test_token_recycling_state():
     assert tr.adjacency[5, 0] == 3 and tr.adjacency[6, 0] == 4
     tree = TokenRecycling(20, k=2, template=Template.budget(2, 0))
     tree.update(torch.tensor([5, 3]), logits_choosing([3, 4], vocab=20))
-    assert tree.draft(5).tokens == [5, 3, 4]  # 5 -> 3 -> 4, read off the adjacency matrix
+    assert tree.propose([5], 2).tokens == [5, 3, 4]  # 5 -> 3 -> 4, read off the adjacency matrix
     with pytest.raises(ValueError, match="top-2"):
         TokenRecycling(20, k=2, template=Template.budget(1, 2))
 
@@ -175,9 +174,9 @@ def test_token_recycling_state():
 def test_bad_input(tiny_model):
     drafter = TokenRecycling(512, k=4, template=Template.budget(2, 1))
     with pytest.raises(ValueError, match="one sequence"):
-        tree_generate(tiny_model, torch.zeros(2, 3, dtype=torch.long), 4, drafter)
-    with pytest.raises(ValueError, match="acceptance"):
-        tree_generate(tiny_model, torch.zeros(1, 3, dtype=torch.long), 4, drafter, acceptance="best")
+        decode(tiny_model, torch.zeros(2, 3, dtype=torch.long), 4, drafter)
+    with pytest.raises(ValueError, match="draft_len"):
+        decode(tiny_model, torch.zeros(1, 3, dtype=torch.long), 4, drafter, draft_len=-1)
     with pytest.raises(ValueError, match="heads"):
         MedusaDrafter(tiny_model, MedusaHeads(64, 1), Template.budget(2, 0))
 
@@ -188,8 +187,11 @@ def test_generate_tree_argument(tiny_model):
     assert torch.equal(generate(tiny_model, prompt, 20, tree="recycling", eos_token_id=None), plain)
     with pytest.raises(ValueError, match="tree must be"):
         generate(tiny_model, prompt, 4, tree="forest")
-    with pytest.raises(ValueError, match="temperature only"):
-        generate(tiny_model, prompt, 4, tree="recycling", top_k=5)
+    with pytest.raises(ValueError, match="not both"):
+        generate(tiny_model, prompt, 4, tree="recycling", draft="ngram")
+    # combinations the old separate loops refused: top-k with a tree, another cache
+    assert torch.equal(generate(tiny_model, prompt, 20, tree="recycling", top_k=5, eos_token_id=None), plain)
+    assert torch.equal(generate(tiny_model, prompt, 20, tree="recycling", cache="paged", eos_token_id=None), plain)
 
 
 # ----------------------------------------------------------------------------- SmolLM2
@@ -226,7 +228,6 @@ def test_smollm2_tree_decoding_equals_plain_greedy(smollm2):
         prompt = torch.tensor([tok.encode(text)])
         plain = generate(model, prompt, 128, eos_token_id=None)
         for drafter in (TokenRecycling(model.config.vocab_size), default_medusa_drafter(model)):
-            stats = {}
-            out = tree_generate(model, prompt, 128, drafter, eos_token_id=None, stats=stats)
-            assert torch.equal(out, plain), (text, type(drafter).__name__)
-            assert stats["forwards"] < 127  # the trees did accept something
+            result = decode(model, prompt, 128, drafter, eos_token_id=None)
+            assert result.tokens == plain[0, prompt.shape[1]:].tolist(), (text, type(drafter).__name__)
+            assert result.verify_forwards < 127  # the trees did accept something

@@ -10,44 +10,27 @@
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from .kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
-from .kv_compress import EvictingCache, greedy_prefix_agreement, greedy_with_cache, teacher_forced
+from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
+from ..kv_compress import EvictingCache, greedy_prefix_agreement, greedy_with_cache, teacher_forced
+from ..loading import load_pretrained
+from .timing import decode_tok_s, machine_line
 
-HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
-
-
-@torch.inference_mode()
-def decode_tok_s(model, ids, steps: int, cached: bool) -> float:
-    """Tokens per second decoding `steps` tokens after the context `ids` (1, T) (prefill not timed)."""
-    if cached:
-        cache = StaticCache(model.config, 1, ids.shape[1] + steps + 1)
-        next_id = model(ids, cache=cache)[:, -1:].argmax(-1)
-        next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)  # warm-up step (lazy layouts, allocator)
-        start = time.perf_counter()
-        for _ in range(steps):
-            next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)
-    else:
-        seq = ids
-        start = time.perf_counter()
-        for _ in range(steps):
-            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
-    return steps / (time.perf_counter() - start)
+HELDOUT = Path(__file__).resolve().parents[2] / "data" / "heldout.txt"
 
 
 def bench_speed(model, text_ids, contexts=(128, 1024), cached_steps=32, uncached_steps=4):
-    print(f"decode speed, SmolLM2-135M float32, CPU, {torch.get_num_threads()} threads (noisy on a shared machine)")
+    print(f"decode speed, SmolLM2-135M float32, {machine_line()} (noisy on a shared machine)")
     print(f"{'context':>8}{'no cache tok/s':>16}{'cache tok/s':>13}{'speedup':>9}")
     rows = {}
     for ctx in contexts:
         ids = text_ids[:, :ctx]
         model(ids[:, :8])  # warm-up
-        none = decode_tok_s(model, ids, uncached_steps, cached=False)
-        static = decode_tok_s(model, ids, cached_steps, cached=True)
+        none = decode_tok_s(model, ids, uncached_steps, cache="none")
+        static = decode_tok_s(model, ids, cached_steps, cache="static")
         rows[ctx] = (none, static)
         print(f"{ctx:>8}{none:>16.2f}{static:>13.2f}{static / none:>8.1f}x")
     return rows
@@ -89,8 +72,6 @@ def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_token
 
 
 def bench_kv(quality: bool = True, text_tokens: int = 384):
-    from .loading import load_pretrained
-
     model, tok = load_pretrained("smollm2-135m")
     text_ids = torch.tensor([tok.encode(HELDOUT.read_text())])
     bench_speed(model, text_ids)

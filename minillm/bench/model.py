@@ -14,6 +14,11 @@ import time
 
 import torch
 
+from ..decoding import decode_steps
+from ..loading import gguf_path, load_pretrained
+from ..tokenizer import Tokenizer
+from .timing import machine_line
+
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden screw press. ") * 8
 
@@ -25,20 +30,14 @@ def _timed(fn):
 
 
 def run_minillm(prompt_tokens: int, new_tokens: int) -> dict:
-    from .kv_cache import StaticCache
-    from .loading import load_pretrained
-
+    """The package's own decoding loop: the prefill yields the first token, then one token per forward."""
     (model, tok), load_s = _timed(lambda: load_pretrained("smollm2-135m"))
     ids = torch.tensor([tok.encode(PROMPT)[:prompt_tokens]])
     with torch.inference_mode():
         model(ids[:, :8])  # warm-up
-        cache = StaticCache(model.config, 1, prompt_tokens + new_tokens)
-        logits, prefill_s = _timed(lambda: model(ids, cache=cache))
-        next_id = logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            next_id = model(next_id, cache=cache)[:, -1:].argmax(-1)
-        decode_s = time.perf_counter() - start
+    steps = decode_steps(model, ids, new_tokens + 1, eos_token_id=None)
+    _, prefill_s = _timed(lambda: next(steps))
+    _, decode_s = _timed(lambda: sum(1 for _ in steps))
     return dict(load_s=load_s, prefill_s=prefill_s, decode_s=decode_s)
 
 
@@ -48,9 +47,6 @@ def run_hf(prompt_tokens: int, new_tokens: int) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
-
-    from .loading import gguf_path
-    from .tokenizer import Tokenizer
 
     logging.set_verbosity_error()
     path = gguf_path()
@@ -87,7 +83,7 @@ def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minill
             except ImportError:
                 print("HF transformers is not installed: skipping the comparison")
                 continue
-        cmd = [sys.executable, "-m", "minillm.bench", engine, str(prompt_tokens), str(new_tokens)]
+        cmd = [sys.executable, "-m", "minillm.bench.model", engine, str(prompt_tokens), str(new_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of {engine} failed:\n{proc.stderr[-2000:]}")
@@ -95,7 +91,8 @@ def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minill
         r["prefill_tok_s"] = prompt_tokens / r["prefill_s"]
         r["decode_tok_s"] = new_tokens / r["decode_s"]
         results[engine] = r
-    print(f"SmolLM2-135M, float32, CPU, {torch.get_num_threads()} threads, "
+    print(machine_line())
+    print(f"SmolLM2-135M, float32, "
           f"prompt {prompt_tokens} tokens, {new_tokens} decoded greedily with a KV cache")
     print(f"{'engine':<10}{'load s':>9}{'prefill tok/s':>16}{'decode tok/s':>15}{'peak RSS MB':>14}")
     for name, r in results.items():

@@ -1,4 +1,6 @@
-"""Weight-only quantization: group-wise scales, int4 packing, quantized Linear modules, a model handler.
+"""Number formats of weight-only quantization: group-wise scales, RTN, int4 packing, the quantized
+Linear modules and the handler that swaps them in. GPTQ and AWQ (gptq.py, awq.py) choose the
+integers more cleverly but store them in these same formats; quant/__init__.py dispatches.
 
 A weight matrix W (N out, K in) is cut along K into groups of `group_size` columns; each
 (row, group) gets a float scale and offset and each weight becomes a small unsigned integer q:
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 DEFAULT_IMPL = "ref"  # dequantize + matmul: faster than the packed kernels for whole-model decoding, see above
 
 
-def _check_groups(w: torch.Tensor, group_size: int) -> int:
+def check_groups(w: torch.Tensor, group_size: int) -> int:
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
     if group_size < 1 or w.shape[1] % group_size:
@@ -78,7 +80,7 @@ def quantize_with(w, scales, offsets, bits: int) -> torch.Tensor:
 
 def quantize_groups(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = False):
     """Round-to-nearest, group-wise: w (N, K) -> q uint8 (N, K), scales (N, K//g), offsets (N, K//g)."""
-    n_groups = _check_groups(w, group_size)
+    n_groups = check_groups(w, group_size)
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits}")
     w = w if w.dtype == torch.float64 else w.float()                          # float64 stays (GPTQ tests)
@@ -95,7 +97,7 @@ def quantize_groups_ref(w: torch.Tensor, bits: int = 4, group_size: int = 32, sy
         return x if x > 0 else torch.tensor(2.0 ** -14)
 
     N, K = w.shape
-    _check_groups(w, group_size)
+    check_groups(w, group_size)
     q = torch.zeros(N, K, dtype=torch.uint8)
     scales, offsets = torch.zeros(N, K // group_size), torch.zeros(N, K // group_size)
     for n in range(N):
@@ -148,7 +150,21 @@ def _use_packed(impl: str, x) -> bool:
     return impl == "packed" or (impl == "auto" and x.shape[:-1].numel() == 1)
 
 
-class Int4Linear(nn.Module):
+class QuantLinear(nn.Module):
+    """What Int4Linear and Int8Linear share: a reference forward (dequantize, then an ordinary matmul),
+    a packed one (PyTorch's CPU kernels) and `impl` choosing between them."""
+
+    def forward_ref(self, x):
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def forward(self, x):
+        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, impl={self.impl}"
+
+
+class Int4Linear(QuantLinear):
     """A Linear whose weight is stored packed, 4 bits per value plus a scale and offset per group."""
 
     def __init__(self, packed, scales, offsets, group_size: int, impl: str = DEFAULT_IMPL):
@@ -179,9 +195,6 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(unpack_int4(self.packed), self.scales, self.offsets)  # (N, K)
 
-    def forward_ref(self, x):
-        return F.linear(x, self.dequantize().to(x.dtype))
-
     def forward_packed(self, x):
         if self._aten is None:  # aten wants int32 q (N, K) and (K//g, N, 2) [scale, zero] with w = (q - 8) * scale + zero
             pad = -self.out_features % 16                                # and N a multiple of 16: pad with zero rows
@@ -195,14 +208,11 @@ class Int4Linear(nn.Module):
         y = y[:, :self.out_features]
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def forward(self, x):
-        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
-
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, impl={self.impl}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantLinear):
     """Per-output-channel symmetric int8: W[n, k] = scales[n] * weight[n, k], weight int8 in [-127, 127]."""
 
     def __init__(self, weight, scales, impl: str = DEFAULT_IMPL):
@@ -220,19 +230,10 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales[:, None]
 
-    def forward_ref(self, x):
-        return F.linear(x, self.dequantize().to(x.dtype))
-
     def forward_packed(self, x):
         x2 = x.reshape(-1, self.in_features).float()
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def forward(self, x):
-        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, impl={self.impl}"
 
 
 def replace_linears(model, make_module, skip=("output",)):
@@ -250,38 +251,9 @@ def set_impl(model, impl: str):
     if impl not in ("ref", "packed", "auto"):
         raise ValueError(f"impl must be 'ref', 'packed' or 'auto', got {impl!r}")
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, QuantLinear):
             m.impl = impl
     return model
-
-
-METHODS = ("none", "int8", "int4", "gptq", "awq")
-
-
-@torch.no_grad()
-def quantize(model, method: str = "int8", group_size: int = 128, symmetric: bool | None = None,
-             calibration=None, **options):
-    """Quantize `model`'s transformer linears in place and return it. The embedding and output head stay float.
-
-    method: "int8" (RTN, per channel) | "int4" (RTN, groups) | "gptq" | "awq" (int4; need `calibration`,
-    token ids (n, T) disjoint from your evaluation text). symmetric defaults to True (absmax) for int4 methods.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    symmetric = True if symmetric is None else symmetric
-    if method == "none":
-        return model
-    if method == "int8":
-        return replace_linears(model, lambda name, lin: Int8Linear.from_linear(lin))
-    if method == "int4":
-        return replace_linears(model, lambda name, lin: Int4Linear.from_linear(lin, group_size, symmetric))
-    if calibration is None:
-        raise ValueError(f"method {method!r} needs calibration token ids (n_samples, seq_len), got None")
-    if method == "gptq":
-        from .gptq import gptq_quantize_model
-        return gptq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
-    from .awq import awq_quantize_model
-    return awq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
 
 
 def model_bytes(model) -> int:

@@ -10,13 +10,17 @@ Every speculative output is checked to be token for token the plain greedy outpu
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from .timing import median_seconds
+from ..decoding import DISTILLED_DRAFT, decode
+from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+from ..kv_cache import StaticCache
+from ..loading import load_pretrained
+from ..speculative import expected_speedup
+from .timing import machine_line, median_seconds
 
-DRAFT_CKPT = Path(__file__).resolve().parent.parent / "data" / "smollm2_draft.safetensors"
+DRAFT_CKPT = DISTILLED_DRAFT
 
 GROUNDED = [
     "Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
@@ -42,15 +46,11 @@ def chat_ids(tok, message: str) -> torch.Tensor:
 
 def plain_greedy(model, ids, new_tokens: int) -> list[int]:
     """Cached greedy decoding, one token per forward: the baseline."""
-    from .generate import stream
-
-    return [int(t[0]) for t in stream(model, ids, new_tokens, eos_token_id=None)]
+    return decode(model, ids, new_tokens, eos_token_id=None).tokens
 
 
 def forward_cost(model, ids, repeats: int = 5) -> float:
     """Median seconds of one cached 1-token forward after ids."""
-    from .kv_cache import StaticCache
-
     cache = StaticCache(model.config, 1, ids.shape[1] + 1)
     with torch.inference_mode():
         model(ids[:, :-1], cache=cache)
@@ -59,10 +59,6 @@ def forward_cost(model, ids, repeats: int = 5) -> float:
 
 
 def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20)) -> dict:
-    from .drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
-    from .loading import load_pretrained
-    from .speculative import expected_speedup, speculative_generate
-
     torch.set_num_threads(threads)
     model, tok = load_pretrained("smollm2-135m")
     sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
@@ -93,7 +89,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
             drafted = accepted = forwards = produced = 0
             start = time.perf_counter()
             for ids, reference in zip(prompts, plain):
-                r = speculative_generate(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
+                r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
                 if r.tokens != reference:
                     raise AssertionError(f"{name}: speculative output differs from plain greedy")
                 drafted, accepted = drafted + r.drafted, accepted + r.accepted
@@ -102,7 +98,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
             a = accepted / max(drafted, 1)
             rows[(set_name, name)] = dict(tpf=produced / forwards, a=a, speedup=plain_s / seconds,
                                           formula=expected_speedup(min(a, 0.999), draft_len, c), c=c)
-    print(f"SmolLM2-135M, float32, CPU, {threads} thread(s), greedy, {new_tokens} new tokens x 3 chat prompts "
+    print(machine_line())
+    print(f"SmolLM2-135M, float32, greedy, {new_tokens} new tokens x 3 chat prompts "
           f"per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
     print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
           f"{'speedup':>9}{'formula':>9}")

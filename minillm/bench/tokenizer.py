@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from .tokenizer import GPT4_PATTERN, Tokenizer
+from ..tokenizer import GPT4_PATTERN, Tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "data" / "shakespeare.txt"
 
 
 def _best_time(fn, repeat: int) -> tuple[object, float]:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import block_inputs, check_calibration, collect_inputs
-from .quant import Int4Linear, fake_quantize, replace_linears
+from .calibration import block_inputs, check_calibration, collect_inputs
+from .formats import Int4Linear, fake_quantize, replace_linears
 
 
 def search_scale(weights, x, group_size: int = 128, symmetric: bool = True, grid: int = 20):

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .kv_bench import decode_tok_s
-from .perplexity import nll_sum
-from .quant import model_bytes, quantize, set_impl
+from ..loading import load_pretrained
+from ..perplexity import nll_sum
+from ..quant import model_bytes, quantize, set_impl
+from ..quant.calibration import calibration_ids
+from .timing import decode_tok_s, machine_line, memory_bandwidth_gb_s
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 CONFIGS = [  # (label, method, options); 576 = 4.5 x 128, so "g128" is g64: the nearest group dividing every width
     ("fp32", "none", {}),
     ("int8 RTN", "int8", {}),
@@ -34,33 +36,8 @@ CONFIGS = [  # (label, method, options); 576 = 4.5 x 128, so "g128" is g64: the 
 ]
 
 
-def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
-    """Best of `repeats` copies of a large float32 tensor: (bytes read + bytes written) / seconds."""
-    src = torch.ones(megabytes * 2 ** 20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def calibration_ids(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
-    """n_samples windows of seq_len tokens from n_samples evenly spaced places in Shakespeare (several plays)."""
-    text = (DATA / "shakespeare.txt").read_text()
-    chars = seq_len * 16                                                      # plenty of characters per window
-    starts = [i * (len(text) - chars) // n_samples for i in range(n_samples)]
-    windows = [tokenizer.encode(text[s:s + chars])[:seq_len] for s in starts]
-    if min(map(len, windows)) < seq_len:
-        raise ValueError(f"a calibration window gave {min(map(len, windows))} tokens, need {seq_len}")
-    return torch.tensor(windows)
-
-
 def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int = 8, calib_len: int = 256,
                 new_tokens: int = 16, out: str | None = str(DATA / "quant_results.json")) -> dict:
-    from .loading import load_pretrained
-
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     base, tok = load_pretrained("smollm2-135m")
@@ -79,7 +56,7 @@ def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int 
                    tokens=count, model_bytes=model_bytes(model), quantize_s=round(quant_s, 1))
         for impl in (("ref", "packed") if method != "none" else ("ref",)):
             set_impl(model, impl)
-            row[f"decode_tok_s_{impl}"] = round(decode_tok_s(model, prompt, new_tokens, cached=True), 2)
+            row[f"decode_tok_s_{impl}"] = round(decode_tok_s(model, prompt, new_tokens), 2)
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
         if hasattr(model, "awq_alphas"):
             row["awq_alphas"] = model.awq_alphas

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .quant import Int4Linear, _check_groups, group_params, quantize_with
+from .calibration import block_inputs, check_calibration, collect_inputs
+from .formats import Int4Linear, check_groups, group_params, quantize_with
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -41,7 +42,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 def _prepare(W, H, bits, group_size, symmetric, act_order):
     N, K = W.shape
-    _check_groups(W, group_size)
+    check_groups(W, group_size)
     W = W.clone()
     W[:, torch.diag(H) == 0] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
@@ -108,43 +109,7 @@ def gptq_quantize_ref(W, H, bits: int = 4, group_size: int = 128, symmetric: boo
     return q_all.to(torch.uint8), scales, offsets
 
 
-# ----- the whole model, layer by layer -----
-
-def block_inputs(model, ids):
-    """Token ids (n, T) -> what the first block receives: hidden x (n, T, dim), RoPE cos/sin, causal mask."""
-    from .model import rope_cos_sin
-
-    n, T = ids.shape
-    positions = torch.arange(T).expand(n, T)
-    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)
-    mask = positions[:, None, None, :] <= positions[:, None, :, None]                 # (n, 1, T, T)
-    return model.tok_embeddings(ids), cos, sin, mask
-
-
-def check_calibration(model, calibration) -> torch.Tensor:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype.is_floating_point:
-        got = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise ValueError(f"calibration must be integer token ids of shape (n_samples, seq_len), got {got}")
-    if int(calibration.max()) >= model.config.vocab_size or int(calibration.min()) < 0:
-        raise ValueError(f"calibration ids must be in [0, {model.config.vocab_size})")
-    return calibration.long()
-
-
-def collect_inputs(block, x, cos, sin, mask, batch: int = 4):
-    """Run the block over x in batches, recording each Linear's inputs: {name: (tokens, K)}; returns (inputs, y)."""
-    inputs, hooks = {}, []
-    for name, m in block.named_modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
-    try:
-        y = torch.cat([block(x[i:i + batch], cos[i:i + batch], sin[i:i + batch], mask[i:i + batch])
-                       for i in range(0, x.shape[0], batch)])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(v) for k, v in inputs.items()}, y
-
+# ----- the whole model, layer by layer (inputs from calibration.py) -----
 
 @torch.no_grad()
 def gptq_quantize_model(model, calibration, group_size: int = 128, symmetric: bool = True, act_order: bool = False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
+from ..moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
 from .timing import median_seconds
 
 VARIANTS = {

@@ -1,0 +1,63 @@
+"""What every benchmark shares: one timing rule (untimed warm-up, then the median of timed calls),
+decode speed measured through the package's own decoding loop, the machine's memory bandwidth,
+and the line that says on what machine a figure was measured."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from ..decoding import decode_steps
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1, reset=None) -> float:
+    """Median wall-clock seconds of fn() over `repeats` calls, after `warmup` untimed calls.
+
+    reset(), if given, runs untimed after every call (e.g. truncating a KV cache back to its prefix).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+        if reset is not None:
+            reset()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if reset is not None:
+            reset()
+    return statistics.median(times)
+
+
+def decode_tok_s(model, ids, steps: int, cache="static", **decode_options) -> float:
+    """Tokens per second of decoding.decode_steps generating `steps` tokens after the context ids (1, T).
+    The prefill and one warm-up forward (lazy layouts, the allocator) are not timed."""
+    steps_iter = decode_steps(model, ids, steps + 2, eos_token_id=None, cache=cache, **decode_options)
+    next(steps_iter)                                   # the prefill's token
+    next(steps_iter)                                   # one warm-up forward
+    produced, start = 0, time.perf_counter()
+    for chunks in steps_iter:
+        produced += len(chunks[0])
+    return produced / (time.perf_counter() - start)
+
+
+def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best of `repeats` copies of a large float32 tensor: (bytes read + bytes written) / seconds."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def machine_line() -> str:
+    """CPU capability, threads and versions: printed above every table of figures."""
+    return (f"CPU {platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")

@@ -1,0 +1,64 @@
+"""Calibration for GPTQ and AWQ: which text they see, and what each block's linears receive.
+
+    calibration_ids(tok, n, T)   n windows of T tokens spread over data/shakespeare.txt (several plays),
+                                 disjoint from the evaluation text data/heldout.txt
+    block_inputs(model, ids)     what the first block receives (hidden states, RoPE, causal mask)
+    collect_inputs(block, ...)   every Linear's inputs while the block runs (forward hooks)
+
+Not handled: calibration mixtures beyond Shakespeare (a narrow, old domain: see notebook 03).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..model import rope_cos_sin
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def calibration_ids(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
+    """n_samples windows of seq_len tokens from n_samples evenly spaced places in Shakespeare (several plays)."""
+    text = (DATA / "shakespeare.txt").read_text()
+    chars = seq_len * 16                                                      # plenty of characters per window
+    starts = [i * (len(text) - chars) // n_samples for i in range(n_samples)]
+    windows = [tokenizer.encode(text[s:s + chars])[:seq_len] for s in starts]
+    if min(map(len, windows)) < seq_len:
+        raise ValueError(f"a calibration window gave {min(map(len, windows))} tokens, need {seq_len}")
+    return torch.tensor(windows)
+
+
+def block_inputs(model, ids):
+    """Token ids (n, T) -> what the first block receives: hidden x (n, T, dim), RoPE cos/sin, causal mask."""
+    n, T = ids.shape
+    positions = torch.arange(T).expand(n, T)
+    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)
+    mask = positions[:, None, None, :] <= positions[:, None, :, None]                 # (n, 1, T, T)
+    return model.tok_embeddings(ids), cos, sin, mask
+
+
+def check_calibration(model, calibration) -> torch.Tensor:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype.is_floating_point:
+        got = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(f"calibration must be integer token ids of shape (n_samples, seq_len), got {got}")
+    if int(calibration.max()) >= model.config.vocab_size or int(calibration.min()) < 0:
+        raise ValueError(f"calibration ids must be in [0, {model.config.vocab_size})")
+    return calibration.long()
+
+
+def collect_inputs(block, x, cos, sin, mask, batch: int = 4):
+    """Run the block over x in batches, recording each Linear's inputs: {name: (tokens, K)}; returns (inputs, y)."""
+    inputs, hooks = {}, []
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    try:
+        y = torch.cat([block(x[i:i + batch], cos[i:i + batch], sin[i:i + batch], mask[i:i + batch])
+                       for i in range(0, x.shape[0], batch)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in inputs.items()}, y
