@@ -13,8 +13,9 @@ from minillm.quant.awq import awq_scale_block, search_scale
 from minillm.quant.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
 from minillm.model import Transformer, tiny
 from minillm.perplexity import nll_sum
-from minillm.quant import (Int4Linear, Int8Linear, dequantize_groups, fake_quantize, model_bytes, pack_int4,
-                           quantize, quantize_groups, quantize_groups_ref, set_impl, unpack_int4)
+from minillm.quant.formats import KERNEL_CHOICES
+from minillm.quant import (Int4Linear, Int8Linear, dequantize_groups, fake_quantize, kernels_used, model_bytes,
+                           pack_int4, quantize, quantize_groups, quantize_groups_ref, set_impl, unpack_int4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -54,19 +55,52 @@ def test_pack_int4_layout_and_round_trip():
         pack_int4(torch.tensor([[0, 16]]))
 
 
+def assert_bf16_close(y, ref, x, w):
+    """Activations (and int8 scales) rounded to bfloat16 lose up to 2**-9 of each value and the output
+    another 2**-9: the error is at most 2**-7 of sum_k |x_k| |w_nk|, the magnitude the sum was made of."""
+    bound = 2 ** -7 * (x.abs() @ w.abs().T) + 1e-5
+    assert ((y.float() - ref).abs() <= bound).all(), float(((y.float() - ref).abs() / bound).max())
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_linear_packed_equals_reference(symmetric):
     torch.manual_seed(0)
     linear = torch.nn.Linear(192, 97, bias=False)  # an odd number of rows
-    m = Int4Linear.from_linear(linear, group_size=32, symmetric=symmetric)
+    m = Int4Linear.from_linear(linear, group_size=32, symmetric=symmetric, impl="ref")
     x = torch.randn(3, 5, 192)
     ref = m.forward_ref(x)
     torch.testing.assert_close(ref, x @ m.dequantize().T)
-    torch.testing.assert_close(m.forward_packed(x), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(m.dequantize(), fake_quantize(linear.weight.detach(), 4, 32, symmetric))
     assert m.impl == "ref" and torch.equal(m(x), ref)
-    m.impl = "auto"  # one row (decode) -> packed kernel, more rows -> dequantize + matmul
-    assert torch.equal(m(x[:1, :1]), m.forward_packed(x[:1, :1])) and torch.equal(m(x), ref)
+    m.set_impl("packed", torch.float32)
+    torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
+    m.set_impl("packed")                             # bfloat16 activations: the vectorized kernel
+    assert m.act_dtype == torch.bfloat16 and "kernel=packed/bfloat16" in repr(m)
+    assert_bf16_close(m(x), ref, x, m.dequantize())
+    assert m(x.bfloat16()).dtype == torch.bfloat16   # a bfloat16 model gets bfloat16 back
+
+
+def test_auto_measures_each_kernel_and_keeps_the_fastest():
+    torch.manual_seed(0)
+    m = Int4Linear.from_linear(torch.nn.Linear(128, 48, bias=False), group_size=64)  # impl="auto" by default
+    key = ("Int4Linear", 48, 128, 64, torch.get_num_threads())
+    impl, act, times = KERNEL_CHOICES[key]
+    assert set(times) == {"ref/float32", "packed/bfloat16", "packed/float32"}
+    assert (m.impl, m.act_dtype) == (impl, act) and f"{impl}/{str(act)[6:]}" == min(times, key=times.get)
+    assert kernels_used(torch.nn.Sequential(m)) == {m.kernel(): 1}
+    odd = Int4Linear.from_linear(torch.nn.Linear(96, 16, bias=False), group_size=16)  # no packed kernel for g16
+    assert odd.impl == "ref"
+    with pytest.raises(ValueError, match="packed int4 kernel takes group sizes .* not 16"):
+        odd.set_impl("packed")
+    with pytest.raises(ValueError, match="act_dtype must be"):
+        m.set_impl("packed", torch.float16)
+
+
+def test_bfloat16_cast_keeps_the_quantized_buffers_exact():
+    m = Int4Linear.from_linear(torch.nn.Linear(64, 32, bias=False), group_size=32, impl="ref")
+    scales = m.scales.clone()
+    m.bfloat16()
+    assert m.scales.dtype == torch.float16 and torch.equal(m.scales, scales)
 
 
 def test_int8_linear_packed_equals_reference_and_is_close():
@@ -74,7 +108,10 @@ def test_int8_linear_packed_equals_reference_and_is_close():
     linear = torch.nn.Linear(160, 64, bias=False)
     m = Int8Linear.from_linear(linear)
     x = torch.randn(4, 160)
-    torch.testing.assert_close(m.forward_packed(x), m.forward_ref(x), atol=1e-4, rtol=1e-4)
+    m.set_impl("packed", torch.float32)
+    torch.testing.assert_close(m(x), m.forward_ref(x), atol=1e-4, rtol=1e-4)
+    m.set_impl("packed", torch.bfloat16)
+    assert_bf16_close(m(x), m.forward_ref(x), x, m.dequantize())
     step = linear.weight.abs().amax(1) / 127
     assert ((m.dequantize() - linear.weight).abs() <= step[:, None] / 2 + 1e-6).all()
 
@@ -142,8 +179,19 @@ def test_quantize_handler_swaps_every_transformer_linear(tiny_model, method):
     ref = F.softmax(tiny_model(ids), -1)
     out = F.softmax(q(ids), -1)
     assert (out - ref).abs().max() < 0.02  # a random tiny model: a loose bound, real quality is measured on SmolLM2
-    set_impl(q, "packed")
+    set_impl(q, "packed", torch.float32)
     torch.testing.assert_close(F.softmax(q(ids), -1), out, atol=1e-5, rtol=1e-4)
+    set_impl(q, "ref")
+    torch.testing.assert_close(F.softmax(q(ids), -1), out, atol=1e-5, rtol=1e-4)
+
+
+def test_quantized_head(tiny_model):
+    q = quantize(copy.deepcopy(tiny_model), "int8", head="int8")
+    assert isinstance(q.output, Int8Linear) and isinstance(q.tok_embeddings, torch.nn.Embedding)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    assert (F.softmax(q(ids), -1) - F.softmax(tiny_model(ids), -1)).abs().max() < 0.02
+    with pytest.raises(ValueError, match="head must be None"):
+        quantize(copy.deepcopy(tiny_model), "int8", head="int4")
 
 
 def test_quantize_bad_input(tiny_model):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .awq import awq_quantize_model
 from .calibration import DATA, calibration_ids
 from .formats import (DEFAULT_IMPL, Int4Linear, Int8Linear, QuantLinear, check_groups, dequantize_groups,
-                      fake_quantize, group_params, model_bytes, pack_int4, quantize_groups, quantize_groups_ref,
+                      fake_quantize, group_params, kernels_used, model_bytes, pack_int4, quantize_groups, quantize_groups_ref,
                       quantize_with, replace_linears, set_impl, unpack_int4)
 from .gptq import gptq_quantize_model
 
@@ -29,8 +29,9 @@ DEFAULT_GROUP_SIZE = 64
 
 @torch.no_grad()
 def quantize(model, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool | None = None,
-             calibration=None, **options):
-    """Quantize `model`'s transformer linears in place and return it. The embedding and output head stay float.
+             calibration=None, head: str | None = None, **options):
+    """Quantize `model`'s transformer linears in place and return it. The embedding stays float; the
+    output head too unless head="int8" (per-channel RTN, the head then no longer shares the embedding's storage).
 
     method: "int8" (RTN, per channel) | "int4" (RTN, groups) | "gptq" | "awq" (int4; need `calibration`,
     token ids (n, T) disjoint from your evaluation text). symmetric defaults to True (absmax) for int4 methods.
@@ -38,7 +39,18 @@ def quantize(model, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if head not in (None, "int8"):
+        raise ValueError(f"head must be None (float) or 'int8', got {head!r}")
+    if head is not None and not isinstance(getattr(model, "output", None), nn.Linear):
+        raise ValueError(f"head='int8' needs a float nn.Linear output head, got {type(getattr(model, 'output', None)).__name__}")
     symmetric = True if symmetric is None else symmetric
+    model = _quantize_body(model, method, group_size, symmetric, calibration, **options)
+    if head == "int8":
+        model.output = Int8Linear.from_linear(model.output)
+    return model
+
+
+def _quantize_body(model, method, group_size, symmetric, calibration, **options):
     if method == "none":
         return model
     if method != "int8":
@@ -63,5 +75,5 @@ def quantize(model, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, 
 
 __all__ = ["quantize", "METHODS", "DEFAULT_GROUP_SIZE", "calibration_ids", "DATA", "gptq_quantize_model",
            "awq_quantize_model", "DEFAULT_IMPL", "Int4Linear", "Int8Linear", "QuantLinear", "check_groups",
-           "dequantize_groups", "fake_quantize", "group_params", "model_bytes", "pack_int4", "quantize_groups",
+           "dequantize_groups", "fake_quantize", "group_params", "kernels_used", "model_bytes", "pack_int4", "quantize_groups",
            "quantize_groups_ref", "quantize_with", "replace_linears", "set_impl", "unpack_int4"]

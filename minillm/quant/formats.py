@@ -24,25 +24,27 @@ see loading.py and notebook 03.
 
 Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
 and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
-converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). The default is "ref",
-chosen by measuring whole-model decoding (SmolLM2, one thread, AVX2 CPU, otherwise idle, 32 tokens,
-2026-11-22): int8 ref 16.0 tok/s vs packed 8.0; int4 (g64) ref 6.0-6.3 vs packed 4.3. Single-matrix
-microbenchmarks can say the opposite for one row (they are dominated by how the allocator serves the
-float copy ref writes: 0.6 ms or 7.7 ms for the same 1536 x 576 weight, depending on process state), so
-trust the whole model. For many rows (prefill) packed loses badly (512 rows: int4 2.1 s vs 30 ms).
-"auto" (packed for a single row, ref otherwise) stays available for CPUs where packed decodes faster.
-Both lose to a float32 matvec (0.09 ms): see notebook 03.
+converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). Those kernels are
+vectorized for bfloat16 activations; fed float32 they run scalar code (one 1536 x 576 matrix, one row,
+AVX2 CPU: int8 1.37 ms with float32 activations, 0.13 ms with bfloat16; int4 g64 2.03 vs 0.17 ms; a
+float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtype` (bfloat16 by default)
+and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
+on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs.
+The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
+head its own Int8Linear (the head is a quarter of SmolLM2's weights and of every decode step's reads).
 
-Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, quantizing the embedding and
-the tied output head (they stay float: a quarter of SmolLM2's parameters, see notebook 03).
+Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, a quantized embedding table (its
+lookup reads one row a token, so only its size would shrink).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_IMPL = "ref"  # dequantize + matmul: faster than the packed kernels for whole-model decoding, see above
+DEFAULT_IMPL = "auto"  # measured at load: see QuantLinear
 
 
 def check_groups(w: torch.Tensor, group_size: int) -> int:
@@ -146,28 +148,100 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def _use_packed(impl: str, x) -> bool:
-    return impl == "packed" or (impl == "auto" and x.shape[:-1].numel() == 1)
+PACKED_INT4_GROUPS = (32, 64, 128, 256)   # the group sizes aten._weight_int4pack_mm_for_cpu takes
+IMPLS = ("ref", "packed", "auto")
+# Which forward each shape chose on this machine: (class, out, in, group, threads) -> (impl, act_dtype, times)
+KERNEL_CHOICES: dict = {}
 
 
 class QuantLinear(nn.Module):
     """What Int4Linear and Int8Linear share: a reference forward (dequantize, then an ordinary matmul),
-    a packed one (PyTorch's CPU kernels) and `impl` choosing between them."""
+    a packed one (PyTorch's CPU kernel, fed activations of `act_dtype`) and `impl` choosing between them.
+
+    impl "auto" (the default) measures, once per weight shape and thread count, the reference and
+    the packed kernel with bfloat16 and with float32 activations on 1 and 8 rows, and keeps the
+    fastest; `KERNEL_CHOICES` and `repr` show what was chosen. The packed kernels are vectorized for
+    bfloat16 activations: fed float32 they fall back to scalar code, 10-30x slower (notebook 03).
+    """
+    impl: str = "ref"
+    act_dtype: torch.dtype = torch.float32
 
     def forward_ref(self, x):
         return F.linear(x, self.dequantize().to(x.dtype))
 
+    def forward_packed(self, x):
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        y = self._packed_mm(x2, self.act_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def forward(self, x):
-        return self.forward_packed(x) if _use_packed(self.impl, x) else self.forward_ref(x)
+        if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
+            return self.forward_packed(x)
+        return self.forward_ref(x)
+
+    def set_impl(self, impl: str, act_dtype: torch.dtype | None = None):
+        """"ref" | "packed" (activations cast to act_dtype, default bfloat16) | "auto" (measure, keep the fastest)."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if act_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"act_dtype must be torch.float32 or torch.bfloat16, got {act_dtype!r}")
+        if impl == "auto":
+            impl, act_dtype = self._choose()
+        elif impl == "packed":
+            self._check_packed()
+            act_dtype = act_dtype or torch.bfloat16
+        self.impl, self.act_dtype = impl, act_dtype or torch.float32
+        return self
+
+    def _check_packed(self):
+        pass
+
+    @torch.no_grad()
+    def _choose(self, rows=(1, 8), repeats: int = 7):
+        key = (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
+               torch.get_num_threads())
+        if key not in KERNEL_CHOICES:
+            times = {}
+            for impl, act in (("ref", torch.float32), ("packed", torch.bfloat16), ("packed", torch.float32)):
+                self.impl, self.act_dtype = impl, act
+                try:
+                    times[(impl, act)] = sum(_median_ms(self, torch.randn(r, self.in_features), repeats) for r in rows)
+                except (RuntimeError, ValueError, NotImplementedError):  # no such kernel on this CPU / group size
+                    continue
+            best = min(times, key=times.get)
+            KERNEL_CHOICES[key] = (*best, {f"{i}/{str(a)[6:]}": round(t, 4) for (i, a), t in times.items()})
+        return KERNEL_CHOICES[key][:2]
+
+    def _apply(self, fn, recurse=True):
+        """model.to(device) moves the buffers; model.bfloat16() leaves their dtypes alone (a float16
+        scale cast to bfloat16 would lose bits the integers were rounded against)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    def kernel(self) -> str:
+        return "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, impl={self.impl}"
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
+
+
+def _median_ms(module, x, repeats):
+    module(x)                                                    # warm-up (and the error, if any)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 class Int4Linear(QuantLinear):
     """A Linear whose weight is stored packed, 4 bits per value plus a scale and offset per group."""
 
-    def __init__(self, packed, scales, offsets, group_size: int, impl: str = DEFAULT_IMPL):
+    def __init__(self, packed, scales, offsets, group_size: int, impl: str = "auto", act_dtype=None):
         super().__init__()
         N, half_k = packed.shape
         if scales.shape != (N, 2 * half_k // group_size) or offsets.shape != scales.shape:
@@ -177,8 +251,25 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", packed.to(torch.uint8))
         self.register_buffer("scales", scales.half())    # exact: group_params rounds them to float16 values
         self.register_buffer("offsets", offsets.half())
-        self.impl = impl
-        self._aten = None  # PyTorch's own int4 layout, converted lazily (only the packed forward needs it)
+        if group_size in PACKED_INT4_GROUPS:
+            self._pack_for_aten()
+        self.set_impl(impl, act_dtype)
+
+    def _pack_for_aten(self):
+        """PyTorch's own int4 layout, beside ours: int32 q (N, K) converted by aten, and (K//g, N, 2)
+        [scale, zero] with w = (q - 8) * scale + zero, for each activation dtype; N padded to a multiple of 16."""
+        pad = -self.out_features % 16
+        q = F.pad(unpack_int4(self.packed).to(torch.int32), (0, 0, 0, pad))
+        scales, offsets = F.pad(self.scales.float(), (0, 0, 0, pad)), F.pad(self.offsets.float(), (0, 0, 0, pad))
+        scales_and_zeros = torch.stack([scales.t(), (offsets + 8 * scales).t()], dim=-1).contiguous()
+        self.register_buffer("aten_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        self.register_buffer("aten_sz_float32", scales_and_zeros, persistent=False)
+        self.register_buffer("aten_sz_bfloat16", scales_and_zeros.bfloat16(), persistent=False)
+
+    def _check_packed(self):
+        if self.group_size not in PACKED_INT4_GROUPS:
+            raise ValueError(f"the packed int4 kernel takes group sizes {PACKED_INT4_GROUPS}, not {self.group_size}; "
+                             f"use impl='ref' or 'auto'")
 
     @classmethod
     def from_quantized(cls, q, scales, offsets, group_size=None, **kw):
@@ -195,31 +286,27 @@ class Int4Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(unpack_int4(self.packed), self.scales, self.offsets)  # (N, K)
 
-    def forward_packed(self, x):
-        if self._aten is None:  # aten wants int32 q (N, K) and (K//g, N, 2) [scale, zero] with w = (q - 8) * scale + zero
-            pad = -self.out_features % 16                                # and N a multiple of 16: pad with zero rows
-            q = F.pad(unpack_int4(self.packed).to(torch.int32), (0, 0, 0, pad))
-            scales, offsets = F.pad(self.scales.float(), (0, 0, 0, pad)), F.pad(self.offsets.float(), (0, 0, 0, pad))
-            self._aten = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
-                          torch.stack([scales.t(), (offsets + 8 * scales).t()], dim=-1).contiguous())
-        weight, scales_and_zeros = self._aten
-        x2 = x.reshape(-1, self.in_features).float()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_and_zeros)
-        y = y[:, :self.out_features]
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _packed_mm(self, x2, act_dtype):
+        self._check_packed()
+        sz = self.aten_sz_bfloat16 if act_dtype == torch.bfloat16 else self.aten_sz_float32
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.aten_weight, self.group_size, sz)
+        return y[:, :self.out_features]
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, impl={self.impl}"
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"kernel={self.kernel()}")
 
 
 class Int8Linear(QuantLinear):
     """Per-output-channel symmetric int8: W[n, k] = scales[n] * weight[n, k], weight int8 in [-127, 127]."""
 
-    def __init__(self, weight, scales, impl: str = DEFAULT_IMPL):
+    def __init__(self, weight, scales, impl: str = "auto", act_dtype=None):
         super().__init__()
         self.register_buffer("weight", weight.to(torch.int8))
         self.register_buffer("scales", scales.float())
-        self.in_features, self.out_features, self.impl = weight.shape[1], weight.shape[0], impl
+        self.register_buffer("scales_bfloat16", self.scales.bfloat16(), persistent=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.set_impl(impl, act_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw):
@@ -230,10 +317,9 @@ class Int8Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales[:, None]
 
-    def forward_packed(self, x):
-        x2 = x.reshape(-1, self.in_features).float()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _packed_mm(self, x2, act_dtype):
+        scales = self.scales_bfloat16 if act_dtype == torch.bfloat16 else self.scales
+        return torch.ops.aten._weight_int8pack_mm(x2, self.weight, scales)
 
 
 def replace_linears(model, make_module, skip=("output",)):
@@ -246,14 +332,24 @@ def replace_linears(model, make_module, skip=("output",)):
     return model
 
 
-def set_impl(model, impl: str):
-    """Choose the forward of every quantized Linear: "ref" (dequantize + matmul), "packed" (aten kernels) or "auto"."""
-    if impl not in ("ref", "packed", "auto"):
-        raise ValueError(f"impl must be 'ref', 'packed' or 'auto', got {impl!r}")
+def set_impl(model, impl: str, act_dtype: torch.dtype | None = None):
+    """Choose the forward of every quantized Linear: "ref" (dequantize + matmul), "packed" (aten kernels,
+    activations cast to act_dtype, default bfloat16) or "auto" (measured per shape, the fastest kept)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.impl = impl
+            m.set_impl(impl, act_dtype)
     return model
+
+
+def kernels_used(model) -> dict:
+    """How many quantized Linears run each kernel: {"packed/bfloat16": 210, ...}."""
+    counts: dict = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.kernel()] = counts.get(m.kernel(), 0) + 1
+    return counts
 
 
 def model_bytes(model) -> int:
