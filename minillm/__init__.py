@@ -4,6 +4,7 @@
     model, tok = minillm.load_pretrained("smollm2-135m")
     out = minillm.generate(model, torch.tensor([tok.encode("The capital of France is")]), max_new_tokens=32)
 """
+from .compiled import compile_decode
 from .decoding import decode, generate, stream
 from .kv_cache import StaticCache
 from .loading import ModelFileError, gguf_path, load_pretrained
@@ -14,4 +15,4 @@ from .sampling import sample_next
 
 __all__ = ["Config", "Transformer", "tiny", "smollm2_135m", "load_pretrained", "gguf_path", "ModelFileError",
            "generate", "stream", "decode", "sample_next", "StaticCache",
-           "quantize", "perplexity"]
+           "quantize", "perplexity", "compile_decode"]

@@ -30,6 +30,9 @@ def add_sampling_args(p):
                    "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
     p.add_argument("--draft-len", type=int, default=None,
                    help="tokens proposed per target forward (default: 4 with --draft, the whole tree with --tree)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode and verify steps with torch.compile (static cache only; "
+                        "the first steps compile for a few seconds)")
     add_quant_args(p)
 
 
@@ -38,6 +41,10 @@ def add_quant_args(p):
                    help="weight-only quantization of the transformer linears (chapter 3); gptq/awq calibrate "
                         "on data/shakespeare.txt first")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (must divide 576 and 1536)")
+    p.add_argument("--head", default="float", choices=["float", "int8"],
+                   help="int8: quantize the output head too (per channel), as llama.cpp does")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations of the float parts (float32: the reference)")
 
 
 def cmd_generate(args, chat: bool = False) -> int:
@@ -51,10 +58,17 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
         from kernels.swap import use_kernels
-    model, tok = load_pretrained("smollm2-135m")
+    if args.compile and args.cache != "static":
+        raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
+    if args.compile and args.kernels != "torch":
+        raise ValueError("--compile and --kernels triton cannot be combined: choose one")
+    model, tok = load_pretrained("smollm2-135m", dtype=args.dtype)
     model = quantize_for_cli(model, tok, args)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
+    if args.compile:
+        from .compiled import compile_decode
+        model = compile_decode(model)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, allowed_special="all")
@@ -93,7 +107,8 @@ def quantize_for_cli(model, tok, args):
     from .quant import calibration_ids, quantize
 
     calib = calibration_ids(tok, 8, 128) if args.quant in ("gptq", "awq") else None
-    return quantize(model, args.quant, group_size=args.group_size, calibration=calib)
+    return quantize(model, args.quant, group_size=args.group_size, calibration=calib,
+                    head=None if args.head == "float" else args.head)
 
 
 def cmd_eval(args) -> int:
@@ -105,11 +120,12 @@ def cmd_eval(args) -> int:
 
     if not Path(args.text).is_file():
         raise ValueError(f"--text must be a readable text file, got {args.text!r} (no such file)")
-    model, tok = load_pretrained("smollm2-135m")
+    model, tok = load_pretrained("smollm2-135m", dtype=args.dtype)
     model = quantize_for_cli(model, tok, args)
     ppl, tokens = perplexity(model, tok, Path(args.text).read_text(), context=args.context,
                              max_tokens=args.max_tokens, return_tokens=True)
-    result = {"quant": args.quant, "group_size": args.group_size, "perplexity": round(ppl, 4), "tokens": tokens,
+    result = {"quant": args.quant, "group_size": args.group_size, "head": args.head, "dtype": args.dtype,
+              "perplexity": round(ppl, 4), "tokens": tokens,
               "model_bytes": model_bytes(model)}
     print(json.dumps(result) if args.json else "  ".join(f"{k}={v}" for k, v in result.items()))
     return 0

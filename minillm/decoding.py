@@ -174,7 +174,9 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
         k = draft_len if draft_len is not None else getattr(drafter, "default_len", None) or max_new_tokens
     param = next(model.parameters())
     # T + max_new_tokens is enough: a proposal never has more nodes than tokens still to produce
-    kv = make_cache(cache, config, B, T + max_new_tokens, param.dtype, param.device)
+    size = T + max_new_tokens
+    size = max(model.cache_len(size), size) if hasattr(model, "cache_len") else size  # compiled: a few sizes only
+    kv = make_cache(cache, config, B, size, param.dtype, param.device)
     if kv is not None and kv.length != 0:
         raise ValueError(f"the cache given must be empty, it holds {kv.length} tokens")
     generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None

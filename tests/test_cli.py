@@ -40,3 +40,18 @@ def test_overlong_request_is_a_clear_error():
     assert proc.returncode == 2
     assert "exceeds the model's context of 8192" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bfloat16_int4_compiled_generation_runs_and_reports_its_choices():
+    proc = run("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json", "--dtype", "bfloat16",
+               "--quant", "int4", "--head", "int8", "--compile")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["new_token_ids"]) == 8 and out["text"]
+
+
+def test_compile_with_a_cache_it_cannot_compile_is_a_clear_error():
+    proc = run("generate", "--prompt", "hi", "--compile", "--cache", "paged")
+    assert proc.returncode == 2 and "--compile needs --cache static" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("generate", "--prompt", "hi", "--dtype", "float16")
+    assert proc.returncode == 2 and "invalid choice: 'float16'" in proc.stderr

@@ -247,6 +247,22 @@ def test_int8_perplexity_within_half_a_percent(smollm2):
     fp32 = perplexity(model, tok, text, max_tokens=512)
     int8 = perplexity(quantize(copy.deepcopy(model), "int8"), tok, text, max_tokens=512)
     assert abs(int8 / fp32 - 1) < 0.005
+    int8_head = perplexity(quantize(copy.deepcopy(model), "int8", head="int8"), tok, text, max_tokens=512)
+    assert abs(int8_head / fp32 - 1) < 0.005
+
+
+@pytest.mark.slow
+def test_bfloat16_model_perplexity_within_half_a_percent(smollm2):
+    from minillm.perplexity import perplexity
+
+    model, tok = smollm2
+    text = open("data/heldout.txt").read()
+    fp32 = perplexity(model, tok, text, max_tokens=1024)
+    bf16 = perplexity(copy.deepcopy(model).bfloat16(), tok, text, max_tokens=1024)
+    assert next(minillm.load_pretrained(dtype="bfloat16")[0].parameters()).dtype == torch.bfloat16
+    assert abs(bf16 / fp32 - 1) < 0.005, (bf16, fp32)
+    with pytest.raises(ValueError, match="dtype must be one of \\['bfloat16', 'float32'\\]"):
+        minillm.load_pretrained(dtype=torch.float16)
 
 
 @pytest.mark.slow

@@ -1,0 +1,152 @@
+"""A compiled decode step (gpt-fast's idea, on the CPU): `compile_decode(model)` returns a model whose
+forwards over a few new tokens run as `torch.compile`d (inductor) graphs instead of ~600 small
+PyTorch calls each dispatched from Python.
+
+Decoding a token with a KV cache costs the weights' bytes plus a fixed toll per operation; for a
+135M model on a CPU the toll is most of the step (chapter 3's profile: int4 matmuls ~12 ms of a ~39 ms
+step). Compiling removes the toll, but only if the graph never changes shape, so every input is made
+static, and one block is compiled and reused by every layer (regional compilation: seconds to
+compile instead of minutes for the whole 30-layer graph, at the same speed):
+
+    width      the new tokens of a forward are padded up to a bucket, 1, 2, 4, 8 or 16 (plain
+               decoding is 1; chapters 5-6 verify 2-16): one graph per bucket, compiled once
+    cache      the StaticCache's whole buffers go in; the step writes its keys and values at explicit
+               slots and attends over every slot through a mask that hides the slots not yet written
+               (so the cache's length is an input, not a shape); caches are sized in multiples of 256
+    padding    padded tokens write to slots past the real ones (never shown to a later query) and
+               attend to slot 0 only, so nothing in them can turn into NaN
+
+Anything else (a prefill wider than 16, a paged or int8 cache, no cache, a cache too full for the
+padded width) runs the eager model, so results never depend on what could be compiled. If inductor
+cannot compile on this machine (no C++ compiler, an unsupported op), the first call says why in a
+RuntimeWarning and the model runs eager from then on.
+
+    fast = compile_decode(model)               # same weights, same results within float tolerance
+    generate(fast, ids, 64)                    # first calls compile (seconds); later calls do not
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kv_cache import StaticCache
+from .model import rope_cos_sin
+
+WIDTHS = (1, 2, 4, 8, 16)
+CACHE_BUCKET = 256
+
+
+class _LayerSlots:
+    """One layer's slice of the StaticCache, as the compiled block sees it: writes the new keys and
+    values at the given slots and returns the whole slice (the mask hides what is not written yet)."""
+
+    def __init__(self, k, v, slots):
+        self.k, self.v, self.slots = k, v, slots
+
+    def update(self, layer: int, k, v):
+        self.k[:, :, self.slots] = k                   # (B, nkv, S, hd) <- (B, nkv, W, hd)
+        self.v[:, :, self.slots] = v
+        return self.k, self.v
+
+
+def _block(layer, x, cos, sin, mask, k, v, slots):
+    """One transformer block over a width-W input; the same graph serves all 30 layers."""
+    return layer(x, cos, sin, mask, _LayerSlots(k, v, slots))
+
+
+def _head(model, x):
+    h = model.norm(x)
+    return model.output(h), h
+
+
+def _compiler_missing() -> str | None:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None and shutil.which("clang++") is None:
+        return f"no C++ compiler found ({cxx!r} or 'clang++' on PATH), which inductor needs on the CPU"
+    return None
+
+
+class CompiledDecoder(nn.Module):
+    """A Transformer whose short forwards over a StaticCache run compiled; see the module docstring."""
+
+    def __init__(self, model, widths=WIDTHS, mode: str | None = None):
+        super().__init__()
+        if not hasattr(model, "layers") or not hasattr(model, "config"):
+            raise ValueError(f"compile_decode takes a minillm Transformer, got {type(model).__name__}")
+        widths = tuple(sorted(widths))
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 64 for w in widths):
+            raise ValueError(f"widths must be ints in [1, 64], got {widths!r}")
+        self.model, self.config, self.widths = model, model.config, widths
+        self.reason_eager = _compiler_missing()     # None while compiling is possible
+        self.compiled_calls = self.eager_calls = 0
+        if self.reason_eager:
+            warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)
+        with warnings.catch_warnings():  # torch.jit's DeprecationWarnings as inductor is imported
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._block = torch.compile(_block, dynamic=False, mode=mode)
+            self._head = torch.compile(_head, dynamic=False, mode=mode)
+
+    def __getattr__(self, name):  # layers, output, ...: the wrapped model's (drafters read them)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or "model" not in self._modules:
+                raise
+            return getattr(self._modules["model"], name)
+
+    def cache_len(self, n: int) -> int:
+        """The cache size decoding should allocate for n tokens: rounded up so few shapes are compiled."""
+        return min(-(-(n + max(self.widths)) // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len)
+
+    def _forward_static(self, idx, positions, slots, mask, cache):
+        """Transformer.forward's outline (embed -> blocks -> norm -> head) with the blocks and the head
+        compiled: regional compilation, so one block graph is compiled once, not thirty."""
+        model = self.model
+        x = model.tok_embeddings(idx)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        for i, layer in enumerate(model.layers):
+            x = self._block(layer, x, cos, sin, mask, cache.k[i], cache.v[i], slots)
+        return self._head(model, x)
+
+    def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False):
+        B, T = idx.shape
+        width = next((w for w in self.widths if w >= T), None)
+        if (self.reason_eager or width is None or type(cache) is not StaticCache
+                or cache.length + width > cache.max_len):
+            self.eager_calls += 1
+            return self.model(idx, positions, mask, cache, return_hidden)
+        start = cache.length
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        key_positions = cache.begin(positions)                      # (B, start + T); cache.length += T
+        S = cache.max_len
+        full = torch.zeros(B, 1, width, S, dtype=torch.bool, device=idx.device)
+        full[:, :, :T, :start + T] = (key_positions[:, None, None, :] <= positions[:, None, :, None]
+                                      if mask is None else mask)
+        full[:, :, T:, 0] = True                                      # padded queries look at slot 0 only
+        pad = width - T
+        idx_w = F.pad(idx, (0, pad))
+        pos_w = torch.cat([positions, positions[:, -1:].expand(B, pad)], dim=1)
+        slots = torch.arange(start, start + width, device=idx.device)
+        try:
+            with warnings.catch_warnings():  # inductor's own DeprecationWarnings, while it compiles
+                warnings.simplefilter("ignore", DeprecationWarning)
+                logits, hidden = self._forward_static(idx_w, pos_w, slots, full, cache)
+        except Exception as e:  # inductor could not build it here: say so once, then run eager
+            self.reason_eager = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)
+            cache.truncate(start)
+            return self.forward(idx, positions, mask, cache, return_hidden)
+        self.compiled_calls += 1
+        logits, hidden = logits[:, :T], hidden[:, :T]
+        return (logits, hidden) if return_hidden else logits
+
+
+def compile_decode(model, widths=WIDTHS, mode: str | None = None) -> CompiledDecoder:
+    """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above)."""
+    return CompiledDecoder(model, widths, mode)

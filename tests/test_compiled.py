@@ -1,0 +1,89 @@
+"""compile_decode: the static-shape compiled step gives the eager model's logits and tokens, compiles
+each width bucket once, and runs eager wherever it cannot compile. On the tiny config, so CI stays fast."""
+import warnings
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from minillm import compiled
+from minillm.compiled import compile_decode
+from minillm.decoding import decode, generate
+from minillm.kv_cache import StaticCache
+from minillm.model import Transformer, tiny
+
+WIDTHS = (1, 4)  # two buckets: enough to test bucketing, few enough to compile in seconds
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(tiny()).eval()
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_model):
+    return compile_decode(tiny_model, widths=WIDTHS)
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@torch.inference_mode()
+def test_compiled_steps_give_the_eager_logits_and_compile_each_bucket_once(tiny_model, fast):
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(1))
+    for round_ in range(2):
+        eager_cache, fast_cache = StaticCache(tiny_model.config, 1, 64), StaticCache(tiny_model.config, 1, 64)
+        start = 0
+        for width in (4, 1, 3, 2, 1, 4, 1):             # widths 3 and 2 are padded up to the 4 bucket
+            chunk = ids[:, start:start + width]
+            expected = tiny_model(chunk, cache=eager_cache)
+            calls = fast.compiled_calls
+            torch.testing.assert_close(fast(chunk, cache=fast_cache), expected, atol=1e-4, rtol=1e-4)
+            assert fast.compiled_calls == calls + 1 and fast_cache.length == eager_cache.length
+            start += width
+        if round_ == 0:
+            compiled_graphs = graphs()
+    assert graphs() == compiled_graphs  # the second pass, with new cache objects, compiled nothing new
+
+
+def test_greedy_tokens_equal_eager_plain_speculative_and_tree(tiny_model, fast):
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    expected = generate(tiny_model, ids, 24, eos_token_id=None)
+    assert torch.equal(generate(fast, ids, 24, eos_token_id=None), expected)
+    for drafter in ("ngram", "recycling"):              # verify widths 1-4 through the compiled buckets
+        result = decode(fast, ids, 24, drafter=drafter, draft_len=3, eos_token_id=None)
+        assert result.tokens == expected[0, 9:].tolist()
+
+
+def test_what_cannot_be_compiled_runs_eager(tiny_model, fast):
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    expected = generate(tiny_model, ids, 6, eos_token_id=None)
+    for cache in ("paged", "none"):
+        eager = fast.eager_calls
+        assert torch.equal(generate(fast, ids, 6, eos_token_id=None, cache=cache), expected)
+        assert fast.eager_calls == eager + 6
+    wide = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))  # wider than any bucket
+    eager = fast.eager_calls
+    torch.testing.assert_close(fast(wide), tiny_model(wide))
+    assert fast.eager_calls == eager + 1
+    assert fast.layers is tiny_model.layers and fast.cache_len(9) == 256  # 9 + 4, rounded up to 256 (the max)
+
+
+def test_without_a_compiler_it_says_so_and_runs_eager(tiny_model, monkeypatch):
+    monkeypatch.setattr(compiled, "_compiler_missing", lambda: "no C++ compiler found")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found; running eager"):
+        slow = compile_decode(tiny_model)
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(generate(slow, ids, 4, eos_token_id=None), generate(tiny_model, ids, 4, eos_token_id=None))
+    assert slow.compiled_calls == 0
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="widths must be ints in \\[1, 64\\]"):
+        compile_decode(tiny_model, widths=(0, 2))
+    with pytest.raises(ValueError, match="takes a minillm Transformer"):
+        compile_decode(torch.nn.Linear(2, 2))
