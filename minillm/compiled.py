@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 import warnings
 
 import torch
@@ -39,6 +40,7 @@ from .model import rope_cos_sin
 
 WIDTHS = (1, 2, 4, 8, 16)
 CACHE_BUCKET = 256
+RECOMPILE_LIMIT = 32  # per wrapper: 5 widths x a few cache sizes
 
 
 class _LayerSlots:
@@ -64,6 +66,11 @@ def _head(model, x):
     return model.output(h), h
 
 
+def _own_copy(fn):
+    """The same function with a code object of its own (dynamo's cache of graphs lives on the code object)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _compiler_missing() -> str | None:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None and shutil.which("clang++") is None:
@@ -86,10 +93,15 @@ class CompiledDecoder(nn.Module):
         self.compiled_calls = self.eager_calls = 0
         if self.reason_eager:
             warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)
+        # dynamo files its compiled graphs under the function's code object, checking each one's guards in
+        # turn on every call and running eager past `recompile_limit` (8) graphs. Shared by every wrapper,
+        # other models' graphs would slow this one's calls and soon exhaust the limit, so each wrapper
+        # compiles its own copies of the functions; each width and cache size adds a graph to them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         with warnings.catch_warnings():  # torch.jit's DeprecationWarnings as inductor is imported
             warnings.simplefilter("ignore", DeprecationWarning)
-            self._block = torch.compile(_block, dynamic=False, mode=mode)
-            self._head = torch.compile(_head, dynamic=False, mode=mode)
+            self._block = torch.compile(_own_copy(_block), dynamic=False, mode=mode)
+            self._head = torch.compile(_own_copy(_head), dynamic=False, mode=mode)
 
     def __getattr__(self, name):  # layers, output, ...: the wrapped model's (drafters read them)
         try:

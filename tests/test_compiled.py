@@ -57,6 +57,19 @@ def test_greedy_tokens_equal_eager_plain_speculative_and_tree(tiny_model, fast):
         assert result.tokens == expected[0, 9:].tolist()
 
 
+def test_a_second_model_compiles_its_own_graphs(tiny_model, fast):
+    """dynamo keeps graphs per code object and runs eager, without a word, past its recompile limit:
+    each wrapper compiles its own copies of the functions, so a quantized model still compiles."""
+    from minillm.quant import quantize
+    import copy
+
+    q = quantize(copy.deepcopy(tiny_model), "int8")
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(6))
+    before = graphs()
+    generate(compile_decode(q, widths=WIDTHS), ids, 3, eos_token_id=None)
+    assert graphs() > before and torch._dynamo.config.recompile_limit >= compiled.RECOMPILE_LIMIT
+
+
 def test_what_cannot_be_compiled_runs_eager(tiny_model, fast):
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
     expected = generate(tiny_model, ids, 6, eos_token_id=None)

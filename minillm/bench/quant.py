@@ -1,10 +1,17 @@
-"""`python -m minillm bench quant`: perplexity, model bytes and decode speed of SmolLM2 under each quantization.
+"""`python -m minillm bench quant`: perplexity, bytes and speed of SmolLM2 under each dtype, quantization
+and kernel, every figure a ratio to the float32 eager model measured in the same run.
 
-Everything is measured in one process, one configuration after another, against the float32 model
-measured in the same run. Evaluation text: the start of data/heldout.txt (Flask docs). Calibration
-text for GPTQ and AWQ: the start of data/shakespeare.txt -- disjoint from the evaluation text.
-The memory bandwidth of the machine (a large tensor copy) gives each model's bytes-read limit on
-decode speed: a decode step reads every weight once, so tokens/s <= bandwidth / model bytes.
+Quality: perplexity on the start of data/heldout.txt (Flask docs); GPTQ and AWQ calibrate on
+data/shakespeare.txt, disjoint from it.
+Speed, three tables:
+  decode     tokens/s of greedy decoding through decoding.decode_steps, each configuration eager and
+             compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
+             (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose
+  forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context,
+             relative to T = 1: what speculative and tree decoding (chapters 5-6) pay to verify T tokens
+  limit      memory bandwidth / bytes read per step, the speed a decode step could reach if it only
+             read its weights
+Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
 """
 from __future__ import annotations
 
@@ -17,46 +24,82 @@ from pathlib import Path
 
 import torch
 
+from ..compiled import compile_decode
+from ..kv_cache import StaticCache
 from ..loading import load_pretrained
 from ..perplexity import nll_sum
-from ..quant import model_bytes, quantize, set_impl
+from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
-from .timing import decode_tok_s, machine_line, memory_bandwidth_gb_s
+from .timing import decode_tok_s, machine_line, median_seconds, memory_bandwidth_gb_s
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-CONFIGS = [  # (label, method, options); 576 = 4.5 x 128, so "g128" is g64: the nearest group dividing every width
-    ("fp32", "none", {}),
-    ("int8 RTN", "int8", {}),
-    ("int4 RTN g32 asym", "int4", dict(group_size=32, symmetric=False)),
-    ("int4 RTN g64 sym", "int4", dict(group_size=64, symmetric=True)),
+# (label, dtype, method, options, speed): speed "full" = eager + compiled + the other kernels, "fast" = eager +
+# compiled, None = perplexity and bytes only (GPTQ and AWQ store the int4 g64 format: same speed).
+# 576 = 4.5 x 128, so "g128" is g64 here: the nearest group size dividing every width.
+CONFIGS = [
+    ("fp32", "float32", "none", {}, "fast"),
+    ("bf16", "bfloat16", "none", {}, "fast"),
+    ("int8", "float32", "int8", {}, "full"),
+    ("int8 + int8 head", "float32", "int8", dict(head="int8"), "fast"),
+    ("int4 g32 asym + int8 head", "float32", "int4", dict(group_size=32, symmetric=False, head="int8"), "fast"),
+    ("int4 g64", "float32", "int4", dict(group_size=64, symmetric=True), "full"),
+    ("int4 g64 + int8 head", "float32", "int4", dict(group_size=64, symmetric=True, head="int8"), "fast"),
+    ("bf16 int4 g64 + int8 head", "bfloat16", "int4", dict(group_size=64, symmetric=True, head="int8"), "fast"),
     # damp 0.1, not the paper's 0.01: with 2,048 calibration tokens of Shakespeare, GPTQ at 0.01 fits them and
     # loses on the held-out Flask docs (worse than RTN); more damping pulls it toward RTN and generalizes better.
-    ("GPTQ int4 g64 sym", "gptq", dict(group_size=64, symmetric=True, damp=0.1)),
-    ("AWQ int4 g64 sym", "awq", dict(group_size=64, symmetric=True)),
+    ("GPTQ int4 g64", "float32", "gptq", dict(group_size=64, symmetric=True, damp=0.1), None),
+    ("AWQ int4 g64", "float32", "awq", dict(group_size=64, symmetric=True), None),
 ]
+WIDTHS = (1, 2, 4, 8, 16)
 
 
-def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int = 8, calib_len: int = 256,
-                new_tokens: int = 16, out: str | None = str(DATA / "quant_results.json")) -> dict:
+def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 7) -> dict:
+    """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache."""
+    C = context_ids.shape[1]
+    cache = StaticCache(model.config, 1, 512, dtype=next(model.parameters()).dtype)
+    with torch.inference_mode():
+        model(context_ids, cache=cache)
+        costs = {}
+        for T in widths:
+            new = context_ids[:, :T]
+            costs[T] = median_seconds(lambda: model(new, cache=cache), repeats, warmup=2,
+                                      reset=lambda: cache.truncate(C))
+    return costs
+
+
+def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int = 8, calib_len: int = 256,
+                new_tokens: int = 32, out: str | None = str(DATA / "quant_results.json")) -> dict:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     base, tok = load_pretrained("smollm2-135m")
     eval_ids = torch.tensor(tok.encode((DATA / "heldout.txt").read_text())[:eval_tokens])
     calib = calibration_ids(tok, calib_samples, calib_len)
-    prompt = eval_ids[None, :16]
+    prompt, context_ids = eval_ids[None, :16], eval_ids[None, :256]
     bandwidth = memory_bandwidth_gb_s()
-    log(f"memory bandwidth {bandwidth:.1f} GB/s")
+    log(machine_line(), f"memory bandwidth {bandwidth:.1f} GB/s")
     rows = []
-    for label, method, options in CONFIGS:
+    for label, dtype, method, options, speed in CONFIGS:
         start = time.perf_counter()
-        model = quantize(copy.deepcopy(base), method, calibration=calib, **options)
-        quant_s = time.perf_counter() - start
+        model = copy.deepcopy(base).to(getattr(torch, dtype))
+        model = quantize(model, method, calibration=calib, **options)
+        row = dict(label=label, dtype=dtype, method=method, **options, quantize_s=round(time.perf_counter() - start, 1))
         nll, count = nll_sum(model, eval_ids, context)
-        row = dict(label=label, method=method, **options, perplexity=float(torch.tensor(nll / count).exp()),
-                   tokens=count, model_bytes=model_bytes(model), quantize_s=round(quant_s, 1))
-        for impl in (("ref", "packed") if method != "none" else ("ref",)):
-            set_impl(model, impl)
-            row[f"decode_tok_s_{impl}"] = round(decode_tok_s(model, prompt, new_tokens), 2)
+        row.update(perplexity=float(torch.tensor(nll / count).exp()), tokens=count, model_bytes=model_bytes(model),
+                   kernels=kernels_used(model))
+        if speed:
+            row["decode_tok_s"] = {"eager": round(decode_tok_s(model, prompt, new_tokens), 2)}
+            row["forward_ms"] = {"eager": {T: round(s * 1e3, 2) for T, s in forward_costs(model, context_ids).items()}}
+            if speed == "full":
+                for impl, act in (("ref", None), ("packed", torch.float32)):
+                    set_impl(model, impl, act)
+                    name = impl if act is None else "packed/float32"
+                    row["decode_tok_s"][name] = round(decode_tok_s(model, prompt, new_tokens), 2)
+                set_impl(model, "auto")
+            fast = compile_decode(model)
+            start = time.perf_counter()
+            row["forward_ms"]["compiled"] = {T: round(s * 1e3, 2) for T, s in forward_costs(fast, context_ids).items()}
+            row["compile_s"] = round(time.perf_counter() - start, 1)  # five widths compiled, then timed
+            row["decode_tok_s"]["compiled"] = round(decode_tok_s(fast, prompt, new_tokens), 2)
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
         if hasattr(model, "awq_alphas"):
             row["awq_alphas"] = model.awq_alphas
@@ -65,9 +108,10 @@ def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int 
     result = dict(
         settings=dict(eval_text="data/heldout.txt", eval_tokens=eval_tokens, context=context,
                       calibration_text="data/shakespeare.txt", calib_samples=calib_samples, calib_len=calib_len,
-                      decode_prompt_tokens=16, decode_new_tokens=new_tokens, threads=torch.get_num_threads(),
-                      torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                      load_average_at_end=round(os.getloadavg()[0], 1)),
+                      decode_prompt_tokens=16, decode_new_tokens=new_tokens, forward_context=256,
+                      threads=torch.get_num_threads(), torch=torch.__version__,
+                      cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
+                      date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1)),
         memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows)
     print_table(result)
     if out:
@@ -77,9 +121,28 @@ def bench_quant(eval_tokens: int = 2048, context: int = 512, calib_samples: int 
 
 
 def print_table(result: dict):
-    fp32 = result["rows"][0]
-    print(f"{'model':<20}{'ppl':>8}{'vs fp32':>9}{'MB':>8}{'tok/s ref':>11}{'tok/s packed':>14}{'limit tok/s':>13}")
-    for r in result["rows"]:
-        print(f"{r['label']:<20}{r['perplexity']:>8.3f}{r['perplexity'] / fp32['perplexity'] - 1:>+9.2%}"
-              f"{r['model_bytes'] / 1e6:>8.1f}{r['decode_tok_s_ref']:>11.2f}{r.get('decode_tok_s_packed', float('nan')):>14.2f}"
-              f"{r['bytes_read_limit_tok_s']:>13.1f}")
+    """The three tables: quality and bytes, decode speed, forward cost by width."""
+    rows = result["rows"]
+    base = rows[0]
+    print(result["settings"]["machine"], f"| memory bandwidth {result['memory_bandwidth_gb_s']} GB/s")
+    print(f"{'model':<27}{'ppl':>8}{'vs fp32':>9}{'MB':>8}  kernels")
+    for r in rows:
+        print(f"{r['label']:<27}{r['perplexity']:>8.3f}{r['perplexity'] / base['perplexity'] - 1:>+9.2%}"
+              f"{r['model_bytes'] / 1e6:>8.1f}  {r['kernels'] or 'float'}")
+    ref = base["decode_tok_s"]["eager"]
+    print(f"\ndecode tok/s (x fp32 eager = {ref})     {'eager':>14}{'compiled':>16}{'limit':>8}  other kernels")
+    for r in rows:
+        if "decode_tok_s" in r:
+            d = r["decode_tok_s"]
+            other = "  ".join(f"{k} {v} ({v / ref:.2f}x)" for k, v in d.items() if k not in ("eager", "compiled"))
+            print(f"{r['label']:<38}{d['eager']:>7.1f} ({d['eager'] / ref:.2f}x){d['compiled']:>8.1f} "
+                  f"({d['compiled'] / ref:.2f}x){r['bytes_read_limit_tok_s']:>8.1f}  {other}")
+    print(f"\nforward over T new tokens after {result['settings']['forward_context']}, cost / cost at T=1 "
+          f"(eager | compiled)")
+    print(f"{'model':<27}" + "".join(f"{'T=' + str(T):>13}" for T in WIDTHS))
+    for r in rows:
+        if "forward_ms" in r:
+            e, c = r["forward_ms"]["eager"], r["forward_ms"]["compiled"]
+            one_e, one_c = e[1] if 1 in e else e["1"], c[1] if 1 in c else c["1"]
+            cells = [(e.get(T, e.get(str(T))) / one_e, c.get(T, c.get(str(T))) / one_c) for T in WIDTHS]
+            print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
