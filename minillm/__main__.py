@@ -51,8 +51,9 @@ def cmd_generate(args, chat: bool = False) -> int:
     """generate / chat: one path through decoding.decode_steps, whatever the drafter (none, a chain, a tree)."""
     import torch
 
+    from .compiled import compile_decode
     from .decoding import decode_steps, DecodeResult
-    from .loading import load_pretrained
+    from .stack import load_stack
 
     if args.draft and args.tree:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
@@ -62,12 +63,10 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
         raise ValueError("--compile and --kernels triton cannot be combined: choose one")
-    model, tok = load_pretrained("smollm2-135m", dtype=args.dtype)
-    model = quantize_for_cli(model, tok, args)
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if args.compile:
-        from .compiled import compile_decode
         model = compile_decode(model)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -103,25 +102,20 @@ def cmd_generate(args, chat: bool = False) -> int:
     return 0
 
 
-def quantize_for_cli(model, tok, args):
-    from .quant import calibration_ids, quantize
-
-    calib = calibration_ids(tok, 8, 128) if args.quant in ("gptq", "awq") else None
-    return quantize(model, args.quant, group_size=args.group_size, calibration=calib,
-                    head=None if args.head == "float" else args.head)
+def stack_head(args):
+    return None if args.head == "float" else args.head
 
 
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .loading import load_pretrained
     from .perplexity import perplexity
     from .quant import model_bytes
+    from .stack import load_stack
 
     if not Path(args.text).is_file():
         raise ValueError(f"--text must be a readable text file, got {args.text!r} (no such file)")
-    model, tok = load_pretrained("smollm2-135m", dtype=args.dtype)
-    model = quantize_for_cli(model, tok, args)
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
     ppl, tokens = perplexity(model, tok, Path(args.text).read_text(), context=args.context,
                              max_tokens=args.max_tokens, return_tokens=True)
     result = {"quant": args.quant, "group_size": args.group_size, "head": args.head, "dtype": args.dtype,
@@ -150,10 +144,12 @@ def cmd_bench(args) -> int:
         from .bench.moe import bench_dispatch
 
         bench_dispatch()
+    stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
+                 compile=args.compile)
     if args.what == "tree":
         from .bench.tree import bench_tree
 
-        bench_tree(new_tokens=args.new_tokens, threads=args.threads)
+        bench_tree(new_tokens=args.new_tokens, threads=args.threads, stack=stack)
     if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
         from kernels.bench import main as bench_kernels
 
@@ -161,7 +157,7 @@ def cmd_bench(args) -> int:
     if args.what == "speculative":
         from .bench.speculative import bench_speculative
 
-        bench_speculative(new_tokens=args.new_tokens, threads=args.threads)
+        bench_speculative(new_tokens=args.new_tokens, threads=args.threads, stack=stack)
     if args.what == "tokenizer":
         from .bench.tokenizer import bench_tokenizer
 
@@ -186,6 +182,8 @@ def main(argv=None) -> int:
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
     bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU)")
     bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
+    add_quant_args(bench)  # speculative, tree: the model both sides decode with
+    bench.add_argument("--compile", action="store_true", help="speculative, tree: compile the decode/verify steps")
     evaluate = sub.add_parser("eval", help="perplexity of SmolLM2 (optionally quantized) on a text file")
     add_quant_args(evaluate)
     evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. data/heldout.txt")

@@ -5,7 +5,10 @@ code, where the answer copies much of the prompt and prompt lookup shines) and o
 answer is new text). For each drafter: tokens per target forward, draft acceptance rate, wall-clock
 speedup over plain decoding timed in the same process, and the speedup the formula predicts from the
 measured acceptance a and the measured cost ratio c of one draft forward to one target forward.
-Every speculative output is checked to be token for token the plain greedy output.
+Every speculative output is compared token for token with the plain greedy output of the same
+model, dtype and kernels: identical in float32; in bfloat16 or int4 a 1-row and a k-row forward
+can round a near-tie differently, and the table says on how many prompts that happened.
+`stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
 from ..kv_cache import StaticCache
-from ..loading import load_pretrained
+from ..stack import describe, load_stack
 from ..speculative import expected_speedup
 from .timing import machine_line, median_seconds
 
@@ -58,9 +61,11 @@ def forward_cost(model, ids, repeats: int = 5) -> float:
                               reset=lambda: cache.truncate(ids.shape[1] - 1))
 
 
-def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20)) -> dict:
+def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20),
+                      stack: dict | None = None) -> dict:
     torch.set_num_threads(threads)
-    model, tok = load_pretrained("smollm2-135m")
+    stack = stack or {}
+    model, tok = load_stack(**stack)
     sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
     methods = {"ngram": (lambda: NgramDrafter(), 0.0)}
     for n in layers:
@@ -76,38 +81,37 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}
     if DRAFT_CKPT.exists():
         cost["distilled"] = cost["distilled adaptive"] = forward_cost(draft, probe) / target_s
-    with torch.inference_mode():
-        plain_greedy(model, probe, 2)  # warm-up
+    for make, _ in [(lambda: None, None)] + list(methods.values()):  # warm-up: every width a method uses
+        decode(model, probe, new_tokens, make(), draft_len, eos_token_id=None)
     rows = {}
     for set_name, prompts in sets.items():
         start = time.perf_counter()
         plain = [plain_greedy(model, ids, new_tokens) for ids in prompts]
         plain_s = time.perf_counter() - start
-        rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None)
+        rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None, same=len(prompts))
         for name, (make, c) in methods.items():
             c = cost.get(name, c)
-            drafted = accepted = forwards = produced = 0
+            drafted = accepted = forwards = produced = same = 0
             start = time.perf_counter()
             for ids, reference in zip(prompts, plain):
                 r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
-                if r.tokens != reference:
-                    raise AssertionError(f"{name}: speculative output differs from plain greedy")
+                same += r.tokens == reference
                 drafted, accepted = drafted + r.drafted, accepted + r.accepted
                 forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
             seconds = time.perf_counter() - start
             a = accepted / max(drafted, 1)
             rows[(set_name, name)] = dict(tpf=produced / forwards, a=a, speedup=plain_s / seconds,
-                                          formula=expected_speedup(min(a, 0.999), draft_len, c), c=c)
+                                          formula=expected_speedup(min(a, 0.999), draft_len, c), c=c, same=same)
     print(machine_line())
-    print(f"SmolLM2-135M, float32, greedy, {new_tokens} new tokens x 3 chat prompts "
+    print(f"SmolLM2-135M, {describe(**stack)}, greedy, {new_tokens} new tokens x 3 chat prompts "
           f"per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
     print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
-          f"{'speedup':>9}{'formula':>9}")
+          f"{'speedup':>9}{'formula':>9}{'== plain':>10}")
     for (set_name, name), r in rows.items():
         a = "" if r["a"] is None else f"{r['a']:.2f}"
         c = "" if r.get("c") is None else f"{r['c']:.2f}"
         formula = "" if r["formula"] is None else f"{r['formula']:.2f}x"
-        print(f"{set_name:<12}{name:<20}{r['tpf']:>15.2f}{a:>10}{c:>8}{r['speedup']:>8.2f}x{formula:>9}")
+        print(f"{set_name:<12}{name:<20}{r['tpf']:>15.2f}{a:>10}{c:>8}{r['speedup']:>8.2f}x{formula:>9}{r['same']:>8}/{len(GROUNDED)}")
     print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")

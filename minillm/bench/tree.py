@@ -1,7 +1,10 @@
 """`python -m minillm bench tree`: plain greedy vs chain speculation vs tree verification, on SmolLM2.
 
-Every method decodes the same prompts greedily (the output is checked equal to plain decoding),
-in one process, one after the other, float32 on the CPU. Reported per method: new tokens per
+Every method decodes the same prompts greedily,
+in one process, one after the other, on the CPU; `stack` chooses the model (dtype, quantization,
+compiled step; see stack.py), the same for every method. "== plain" counts the prompts whose tokens
+equal plain greedy decoding of that same model (always all in float32; bfloat16 and int4 can round a
+near-tie differently in a 1-row and a many-row forward). Reported per method: new tokens per
 target forward (the prefill counted as one forward, so plain decoding is exactly 1.0) and
 wall-clock speedup over plain decoding measured in the same run.
 
@@ -19,7 +22,7 @@ import torch
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, load_draft_model
 from ..kv_cache import StaticCache
-from ..loading import load_pretrained
+from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
 from .timing import machine_line, median_seconds
@@ -63,33 +66,34 @@ def methods(model) -> dict:
     return found
 
 
-def bench_tree(new_tokens: int = 64, threads: int = 1) -> dict:
+def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None) -> dict:
     torch.set_num_threads(threads)  # 1 by default: on a shared CPU a second OpenMP thread mostly waits
-    model, tok = load_pretrained("smollm2-135m")
+    stack = stack or {}
+    model, tok = load_stack(**stack)
     prompts = [torch.tensor([tok.encode(p, allowed_special="all")]) for p in PROMPTS]
-    with torch.inference_mode():
-        model(prompts[0])  # warm-up
+    run = lambda drafter, ids: decode(model, ids, new_tokens, drafter,  # noqa: E731
+                                      4 if isinstance(drafter, ChainDrafters) else None, eos_token_id=None)
+    for make in methods(model).values():  # warm-up: every forward width a method uses (compiled: compiles it)
+        run(make(), prompts[0])
     results, reference = {}, None
     for name, make in methods(model).items():
         tokens, forwards, start = [], 0, time.perf_counter()
         for ids in prompts:
-            drafter = make()
-            result = decode(model, ids, new_tokens, drafter, 4 if isinstance(drafter, ChainDrafters) else None,
-                            eos_token_id=None)
+            result = run(make(), ids)
             tokens.append(result.tokens)
             forwards += result.target_forwards
         seconds = time.perf_counter() - start
         if reference is None:
             reference = tokens
         results[name] = dict(tokens_per_forward=sum(map(len, tokens)) / forwards, seconds=seconds,
-                             same_as_plain=tokens == reference)
+                             same_as_plain=sum(t == r for t, r in zip(tokens, reference)))
     base = results["plain"]["seconds"]
     print(machine_line())
-    print(f"SmolLM2-135M, float32, greedy, {len(prompts)} prompts x "
+    print(f"SmolLM2-135M, {describe(**stack)}, greedy, {len(prompts)} prompts x "
           f"{new_tokens} new tokens, one run (a shared CPU: timings are noisy)")
     print(f"{'method':<30}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
         r["speedup"] = base / r["seconds"]
         print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
-              f"{str(r['same_as_plain']):>10}")
+              f"{r['same_as_plain']:>8}/{len(prompts)}")
     return results
