@@ -101,7 +101,7 @@ def distillation_data(model, prompts, new_tokens: int):
     along the way and the tokens (B, T). One pass: the hidden states come from the decoding itself
     (the decoding loop returns tokens only, hence this short loop of its own)."""
     B, P = prompts.shape
-    cache = StaticCache(model.config, B, P + new_tokens)
+    cache = StaticCache(model.config, B, P + new_tokens, dtype=next(model.parameters()).dtype)
     logits, hidden = model(prompts, cache=cache, return_hidden=True)
     seqs, states = [prompts], [hidden]
     for _ in range(new_tokens - 1):
@@ -176,6 +176,6 @@ HEADS_PATH = "medusa_smollm2.safetensors"  # under data/, made by data/train_med
 def default_medusa_drafter(model, size: int = 10, path=None) -> MedusaDrafter:
     """SmolLM2's committed heads with a `size`-node tree tuned on their measured held-out accuracy."""
     path = Path(path or DATA_DIR / HEADS_PATH)
-    heads = load_heads(path, model.config.dim)
+    heads = load_heads(path, model.config.dim).to(next(model.parameters()).dtype)  # the model's dtype
     accuracy = json.loads(path.with_suffix(".json").read_text())["held_out_accuracy"]
     return MedusaDrafter(model, heads, template_from_accuracy(accuracy, size), k=len(accuracy[0]))

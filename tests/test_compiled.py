@@ -100,3 +100,11 @@ def test_bad_arguments(tiny_model):
         compile_decode(tiny_model, widths=(0, 2))
     with pytest.raises(ValueError, match="takes a minillm Transformer"):
         compile_decode(torch.nn.Linear(2, 2))
+
+
+def test_stack_names_what_it_builds():
+    from minillm.stack import describe
+
+    assert describe() == "float32"
+    assert describe("bfloat16", "int4", 64, "int8", True) == "bfloat16, int4 g64 + int8 head, compiled"
+    assert describe(quant="int8") == "float32, int8"

@@ -54,7 +54,7 @@ def plain_greedy(model, ids, new_tokens: int) -> list[int]:
 
 def forward_cost(model, ids, repeats: int = 5) -> float:
     """Median seconds of one cached 1-token forward after ids."""
-    cache = StaticCache(model.config, 1, ids.shape[1] + 1)
+    cache = StaticCache(model.config, 1, ids.shape[1] + 1, dtype=next(model.parameters()).dtype)
     with torch.inference_mode():
         model(ids[:, :-1], cache=cache)
         return median_seconds(lambda: model(ids[:, -1:], cache=cache), repeats,

@@ -43,7 +43,7 @@ def cost_per_size(model, prefix_len: int = 64, sizes=(1, 2, 4, 8, 16, 32, 64), r
     prefix = torch.randint(0, model.config.vocab_size, (1, prefix_len), generator=torch.Generator().manual_seed(0))
     out = {}
     with torch.inference_mode():
-        cache = StaticCache(model.config, 1, prefix_len + max(sizes))
+        cache = StaticCache(model.config, 1, prefix_len + max(sizes), dtype=next(model.parameters()).dtype)
         model(prefix, cache=cache)
         for n in sizes:
             tree = Tree(list(range(n)), [-1] + [(i - 1) // 2 for i in range(1, n)])  # a binary tree

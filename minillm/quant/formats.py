@@ -353,9 +353,11 @@ def kernels_used(model) -> dict:
 
 
 def model_bytes(model) -> int:
-    """Bytes of every parameter and buffer, each storage counted once (a tied head is not counted twice)."""
+    """Bytes of the weights as stored (the state dict), each storage counted once (a tied head is not
+    counted twice). Copies a kernel keeps in its own layout (the packed int4 kernel's) are not counted:
+    they hold the same values, and a decode step reads one layout or the other."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.state_dict(keep_vars=True).values():
         key = (t.untyped_storage().data_ptr(), t.data_ptr())
         if key not in seen:
             seen.add(key)
