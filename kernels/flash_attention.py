@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minillm.model import attention_ref as model_attention_ref
+
 from . import FLOAT_DTYPES, check_no_interpreted_bf16, check_tensor, interpreting, require_gpu
 
 
@@ -132,7 +134,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def attention_ref(q, k, v, mask=None, causal: bool = False) -> torch.Tensor:
-    """Plain torch: repeat k/v heads, scores, mask, softmax in float32, weighted sum. Empty rows -> 0."""
+    """The model's textbook attention (minillm.model.attention_ref) in float32, with this kernel's
+    interface: k/v heads repeated for GQA, an optional causal rule and mask. Empty rows -> 0."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, d)
     T, S = q.shape[2], k.shape[2]
@@ -141,9 +144,8 @@ def attention_ref(q, k, v, mask=None, causal: bool = False) -> torch.Tensor:
         allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         allowed = allowed & mask
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, T, S)
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (weights @ v.float()).to(q.dtype)
+    out = model_attention_ref(q.float(), k.float(), v.float(), allowed)              # (B, H, T, d)
+    return out.nan_to_num(0.0).to(q.dtype)
 
 
 def bench_flash_attention(batch: int = 4, heads: int = 16, seq: int = 4096, head_dim: int = 64,
