@@ -59,7 +59,7 @@ def make_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
         snippet = snippet[snippet.find(" ") + 1:]  # start on a word boundary
         if len(prompts) % 4 >= 2:  # chat-wrapped, the way the CLI's chat command asks
             message = rng.choice(INSTRUCTIONS).format(snippet[:400])
-            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": message}]), allowed_special="all")
+            ids = tok.encode_chat([{"role": "user", "content": message}])
             ids = ids[-prompt_tokens:]
         else:
             ids = tok.encode(snippet)[:prompt_tokens]

@@ -22,6 +22,12 @@ def add_sampling_args(p):
     p.add_argument("--cache", default="static", choices=["static", "paged", "none"],
                    help="KV cache: static (default), paged, or none (recompute every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--special", default="refuse", choices=["refuse", "allow", "text"],
+                   help="generate: special-token text such as <|im_end|> in --prompt is refused (default), "
+                        "encoded as control tokens (allow) or as plain text (text); chat always encodes "
+                        "the message as plain text")
+    p.add_argument("--allow-special", dest="special", action="store_const", const="allow",
+                   help="the same as --special allow")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
     p.add_argument("--tree", default=None, choices=["recycling", "medusa"],
@@ -68,11 +74,18 @@ def cmd_generate(args, chat: bool = False) -> int:
         use_kernels(model, args.kernels)
     if args.compile:
         model = compile_decode(model)
-    if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt_ids = tok.encode(text, allowed_special="all")
-    else:
-        prompt_ids = tok.encode(args.prompt)
+    if chat:  # the template's markers are the only control tokens: the message is plain text
+        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    elif args.special == "allow":
+        prompt_ids = tok.encode(args.prompt, allowed_special="all")
+    elif args.special == "text":
+        prompt_ids = tok.encode(args.prompt, disallowed_special=())
+    else:  # "refuse": special-token text in a prompt is an error that names the two options
+        try:
+            prompt_ids = tok.encode(args.prompt)
+        except ValueError as e:
+            raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
+                             f"token or --special text to encode it as plain text") from None
     ids = torch.tensor([prompt_ids])
     eos = model.config.eos_token_id
     result, shown = DecodeResult(rows=[]), ""
@@ -89,7 +102,7 @@ def cmd_generate(args, chat: bool = False) -> int:
     new_ids = [t for t in result.tokens if t != eos]
     text = tok.decode(new_ids)
     if args.json:
-        report = {"text": text, "prompt_tokens": len(prompt_ids), "new_token_ids": new_ids,
+        report = {"text": text, "prompt_tokens": len(prompt_ids), "prompt_ids": prompt_ids, "new_token_ids": new_ids,
                   "seconds": round(seconds, 4),
                   "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
                   "target_forwards": result.target_forwards,

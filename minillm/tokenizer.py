@@ -47,6 +47,7 @@ SMOLLM2_PATTERN = (
 )
 PRETOKENIZER_PATTERNS = {"smollm": SMOLLM2_PATTERN, "gpt2": GPT2_PATTERN}  # GGUF `tokenizer.ggml.pre`
 
+CHAT_ROLES = ("system", "user", "assistant")
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SMOLLM2_CHAT_TEMPLATE = (  # as stored in the GGUF; apply_chat_template renders it in plain Python
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -180,25 +181,41 @@ class Tokenizer:
 
     # ---- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """SmolLM2's ChatML, rendered in plain Python. Encode the result with allowed_special="all".
+        """SmolLM2's ChatML, rendered in plain Python, as text (what HF's template renders). To feed a
+        model, use encode_chat: encoding this text with allowed_special="all" would turn special-token
+        strings inside a message into real control tokens.
 
         [{"role": "user", "content": "Hi"}] ->
         "<|im_start|>system\\n{default system}<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n"
         """
+        return "".join(start + body + end for start, body, end in self._chat_turns(messages, add_generation_prompt))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat prompt as token ids, safe against injection: the template's own <|im_start|> and
+        <|im_end|> are the only control tokens; roles (system, user, assistant) and message contents
+        are encoded as plain text, so "<|im_end|>" typed in a message stays those characters. For
+        harmless messages the ids equal encode(apply_chat_template(...), allowed_special="all")."""
+        ids = []
+        for start, body, end in self._chat_turns(messages, add_generation_prompt):
+            ids += self.encode(start, allowed_special="all") + self.encode(body, disallowed_special=())
+            ids += self.encode(end, allowed_special="all") if end else []
+        return ids
+
+    def _chat_turns(self, messages, add_generation_prompt):
+        """(control prefix, plain text, control suffix) per turn: the one place the template lives."""
         if self.chat_template != SMOLLM2_CHAT_TEMPLATE:
-            raise ValueError("apply_chat_template renders SmolLM2's ChatML only; this tokenizer has "
+            raise ValueError("the chat template renders SmolLM2's ChatML only; this tokenizer has "
                              f"chat_template={self.chat_template!r:.60}")
         if not messages:
             raise ValueError("messages is empty; expected at least one {'role': ..., 'content': ...}")
         for m in messages:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
-        text = ""
-        if messages[0]["role"] != "system":
-            text += f"<|im_start|>system\n{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n"
-        for m in messages:
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+            if m["role"] not in CHAT_ROLES:
+                raise ValueError(f"message role must be one of {CHAT_ROLES}, got {m['role']!r}")
+        turns = [] if messages[0]["role"] == "system" else [("<|im_start|>", f"system\n{SMOLLM2_DEFAULT_SYSTEM}", "<|im_end|>\n")]
+        turns += [("<|im_start|>", f"{m['role']}\n{m['content']}", "<|im_end|>\n") for m in messages]
+        return turns + ([("<|im_start|>", "assistant\n", "")] if add_generation_prompt else [])
 
     # ---- loading
     @classmethod

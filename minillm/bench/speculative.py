@@ -43,8 +43,7 @@ OPEN_ENDED = [
 
 
 def chat_ids(tok, message: str) -> torch.Tensor:
-    text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
-    return torch.tensor([tok.encode(text, allowed_special="all")])
+    return torch.tensor([tok.encode_chat([{"role": "user", "content": message}], add_generation_prompt=True)])
 
 
 def plain_greedy(model, ids, new_tokens: int) -> list[int]:
