@@ -59,6 +59,18 @@ class TrainConfig:
     eval_steps: int = 10        # batches averaged per validation loss
     seed: int = 0               # seeds batch sampling; seed the model's init yourself
 
+    def __post_init__(self):
+        """Refuse settings that would train on nothing or on NaN (batch_size 0 averages an empty loss)."""
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup < 0 or not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need warmup >= 0 and 0 <= min_lr <= lr with lr > 0, got warmup={self.warmup}, "
+                             f"lr={self.lr}, min_lr={self.min_lr}")
+        if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip < 0):
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Byte-level data
@@ -276,6 +288,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not data_path.is_file():
         raise ValueError(f"training text {data_path} not found (data/shakespeare.txt is built by "
                          f"data/prepare_shakespeare.py)")
+    for flag, out in (("--out", args.out), ("--history", args.history)):  # before training, not after
+        if out and not Path(out).resolve().parent.is_dir():
+            raise ValueError(f"{flag} {out}: directory {Path(out).resolve().parent} does not exist")
+        if out and Path(out).is_dir():
+            raise ValueError(f"{flag} {out} is a directory; give a file name")
     train_data, val_data = split(text_to_bytes(data_path.read_text(encoding="utf-8")))
     torch.manual_seed(cfg.seed)
     model = Transformer(tiny(vocab_size=256) if args.config == "tiny" else tiny_moe_presets()[args.config])
@@ -285,13 +302,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         callback = train_callback
     history = train(model, train_data, val_data, cfg, progress=not args.no_progress, threads=args.threads,
                     callback=callback)
+    if args.out:  # the checkpoint first: the costly result
+        save_checkpoint(model, args.out)
     if args.history:
         Path(args.history).write_text(json.dumps(history))
     print(f"trained {model.num_params():,d} parameters for {cfg.steps} steps in {history['seconds']:.1f} s: "
           f"train loss {history['train_loss'][-1]:.3f}, val loss {history['val_loss'][-1]:.3f} "
           f"(nats per byte; uniform guessing is ln 256 = 5.545)")
     if args.out:
-        save_checkpoint(model, args.out)
         print(f"saved {args.out}")
     return 0
 

@@ -252,3 +252,30 @@ def test_distilled_draft_checkpoint(smollm2):
     untrained = Transformer(draft.config).eval()
     baseline = speculative_generate(model, ids, 32, ModelDrafter(untrained), 4, eos_token_id=None)
     assert r.accepted > baseline.accepted  # it learned something beyond an untrained model of its shape
+
+
+def test_bad_draft_files_give_one_clear_error(tmp_path):
+    import dataclasses
+    import json
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from minillm.decoding import make_drafter
+    from minillm.model import Transformer, tiny
+
+    target = Transformer(tiny())
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(DRAFT_CKPT.read_bytes()[:5000])
+    wrong = tmp_path / "wrong.safetensors"
+    config = json.dumps(dataclasses.asdict(tiny()))
+    save_file({"tok_embeddings.weight": torch.zeros(3, 3)}, str(wrong), metadata={"config": config})
+    for path, message in ((tmp_path, "is not 'ngram'"), (text, "not a minillm draft checkpoint"),
+                          (pickled, "not a minillm draft checkpoint"), (truncated, "not a minillm draft checkpoint"),
+                          (wrong, "does not match its config")):
+        with pytest.raises(ValueError, match=message):
+            make_drafter(str(path), target)

@@ -124,3 +124,19 @@ def test_cli_trains_and_saves(tmp_path, capsys):
                       "--eval-steps", "1", "--no-progress", "--out", str(out)]) == 0
     assert "val loss" in capsys.readouterr().out
     assert load_checkpoint(out).config == tiny(vocab_size=256)
+
+
+def test_bad_settings_and_outputs_are_refused_before_training(tmp_path, capsys):
+    from minillm.__main__ import main
+
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="min_lr <= lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    missing = tmp_path / "no_such_dir" / "model.safetensors"
+    assert main(["train", "--steps", "1", "--out", str(missing), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.parent.exists()
+    assert main(["train", "--steps", "1", "--history", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["train", "--batch-size", "0", "--no-progress"]) == 2
+    assert "batch_size must be a positive int" in capsys.readouterr().err
