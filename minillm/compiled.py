@@ -98,10 +98,12 @@ class CompiledDecoder(nn.Module):
         # other models' graphs would slow this one's calls and soon exhaust the limit, so each wrapper
         # compiles its own copies of the functions; each width and cache size adds a graph to them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        with warnings.catch_warnings():  # torch.jit's DeprecationWarnings as inductor is imported
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self._block = torch.compile(_own_copy(_block), dynamic=False, mode=mode)
-            self._head = torch.compile(_own_copy(_head), dynamic=False, mode=mode)
+        # inductor still calls torch.jit.script_method, deprecated, while it imports and compiles: silence
+        # that one warning (once, here; not a context manager on every step, which is not thread-safe)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.* is deprecated",
+                                category=DeprecationWarning)
+        self._block = torch.compile(_own_copy(_block), dynamic=False, mode=mode)
+        self._head = torch.compile(_own_copy(_head), dynamic=False, mode=mode)
 
     def __getattr__(self, name):  # layers, output, ...: the wrapped model's (drafters read them)
         try:
@@ -146,9 +148,7 @@ class CompiledDecoder(nn.Module):
         pos_w = torch.cat([positions, positions[:, -1:].expand(B, pad)], dim=1)
         slots = torch.arange(start, start + width, device=idx.device)
         try:
-            with warnings.catch_warnings():  # inductor's own DeprecationWarnings, while it compiles
-                warnings.simplefilter("ignore", DeprecationWarning)
-                logits, hidden = self._forward_static(idx_w, pos_w, slots, full, cache)
+            logits, hidden = self._forward_static(idx_w, pos_w, slots, full, cache)
         except Exception as e:  # inductor could not build it here: say so once, then run eager
             self.reason_eager = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)

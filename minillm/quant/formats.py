@@ -31,7 +31,7 @@ float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtyp
 and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
 on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs.
 The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
-head its own Int8Linear (the head is a quarter of SmolLM2's weights and of every decode step's reads).
+head its own Int8Linear (in float32 the head is a fifth of SmolLM2's bytes, read at every decode step).
 
 Not handled: activation quantization (int8 x int8 matmuls), fp8/NF4, a quantized embedding table (its
 lookup reads one row a token, so only its size would shrink).
@@ -161,7 +161,7 @@ class QuantLinear(nn.Module):
     impl "auto" (the default) measures, once per weight shape and thread count, the reference and
     the packed kernel with bfloat16 and with float32 activations on 1 and 8 rows, and keeps the
     fastest; `KERNEL_CHOICES` and `repr` show what was chosen. The packed kernels are vectorized for
-    bfloat16 activations: fed float32 they fall back to scalar code, 10-30x slower (notebook 03).
+    bfloat16 activations: fed float32 they fall back to scalar code, about 9-30x slower (notebook 03).
     """
     impl: str = "ref"
     act_dtype: torch.dtype = torch.float32
