@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minillm.decoding import decode  # noqa: E402
 from minillm.kv_cache import StaticCache  # noqa: E402
 from minillm.loading import load_pretrained  # noqa: E402
 from minillm.model import Config, Transformer  # noqa: E402
@@ -70,19 +71,16 @@ def make_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def teacher_batch(teacher, prompts: torch.Tensor, new_tokens: int, temperature: float, generator):
-    """(B, P) prompts -> tokens (B, P + new) and the teacher's greedy choice after each (B, P + new)."""
+    """(B, P) prompts -> tokens (B, P + new) and the teacher's greedy choice after each (B, P + new).
+    The decoding loop samples the continuation and keeps the hidden states it computed; the head
+    turns them back into the teacher's choice at every position, and one more forward gives the last."""
     B, P = prompts.shape
     cache = StaticCache(teacher.config, B, P + new_tokens)
-    logits = teacher(prompts, cache=cache)                       # (B, P, V)
-    greedy = [logits.argmax(-1)]
-    tokens = [prompts]
-    for _ in range(new_tokens):
-        probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
-        next_ids = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-        tokens.append(next_ids)
-        logits = teacher(next_ids, cache=cache)                   # (B, 1, V)
-        greedy.append(logits.argmax(-1))
-    return torch.cat(tokens, 1), torch.cat(greedy, 1)
+    run = decode(teacher, prompts, new_tokens, temperature=temperature, seed=generator, eos_token_id=None,
+                 cache=cache, keep_hidden=True)
+    tokens = torch.cat([prompts, torch.tensor(run.rows)], dim=1)
+    last = teacher(tokens[:, -1:], cache=cache)                   # (B, 1, V) after the last sampled token
+    return tokens, torch.cat([teacher.output(run.hidden).argmax(-1), last.argmax(-1)], dim=1)
 
 
 def init_student(teacher, config: Config) -> Transformer:

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.loading import load_pretrained  # noqa: E402
-from minillm.medusa import (MedusaHeads, distillation_data, head_accuracy, head_targets, save_heads,  # noqa: E402
-                            train_heads)
+from minillm.decoding import decode  # noqa: E402
+from minillm.medusa import MedusaHeads, head_accuracy, head_targets, save_heads, train_heads  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,7 +48,8 @@ def main(argv=None):
     model, tok = load_pretrained("smollm2-135m")
     start = time.perf_counter()
     ids = prompts(tok, n_train + n_eval, 32, seed=0)
-    hidden, seqs = distillation_data(model, ids, new_tokens)
+    run = decode(model, ids, new_tokens, eos_token_id=None, keep_hidden=True)  # SmolLM2 continues greedily
+    hidden, seqs = run.hidden, torch.cat([ids, torch.tensor(run.rows)], dim=1)
     train = head_targets(hidden[:n_train], seqs[:n_train], 32, args.heads)
     held = head_targets(hidden[n_train:], seqs[n_train:], 32, args.heads)
     print(f"data: {len(train[0][1])} training positions per head, {time.perf_counter() - start:.0f} s", flush=True)

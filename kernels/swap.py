@@ -5,10 +5,13 @@ The CLI (`--kernels triton`) and notebook 07 call it.
 
 - attention: each layer's `attn.attn_fn(q, k, v, mask)` becomes flash_attention with the mask
   (which already encodes causality by position, padding, or a chapter-6 tree);
-- RMSNorm: every RMSNorm module's forward becomes the fused Triton kernel (no residual here: the
+- RMSNorm: every RMSNorm's `norm_fn` slot gets the fused Triton kernel (no residual here: the
   model's block adds the residual itself);
-- int4 linears (minillm.quant.Int4Linear): one-token inputs (decoding) go through int4_matvec;
-  longer inputs (prefill) keep the module's own forward, which is compute-bound and already a matmul.
+- int4 linears (minillm.quant.Int4Linear): the `matvec_fn` slot, which one-token inputs (decoding)
+  go through, gets int4_matvec; longer inputs (prefill) keep the module's own path, which is
+  compute-bound and already a matmul.
+
+The model offers these three slots (`attn_fn`, `norm_fn`, `matvec_fn`); nothing's `forward` is replaced.
 
 `use_kernels(model, "torch")` restores what was there. If Triton cannot run here (not installed,
 no GPU and no interpreter, a model on the wrong device, bfloat16 under the interpreter), the model
@@ -32,15 +35,13 @@ def _attention_triton(q, k, v, mask):
     return flash_attention(q, k, v, mask=mask)
 
 
-def _rmsnorm_forward(norm, x):
-    from .rmsnorm import rmsnorm
+def _rmsnorm_triton(x, weight, eps):
+    from .rmsnorm import rmsnorm  # triton is imported only when a kernel runs
 
-    return rmsnorm(x.contiguous(), norm.weight, norm.eps)
+    return rmsnorm(x.contiguous(), weight, eps)
 
 
-def _int4_forward(linear, x):
-    if x.shape[:-1].numel() != 1:     # prefill: many tokens, compute-bound; keep the module's forward
-        return type(linear).forward(linear, x)
+def _int4_matvec_triton(linear, x):
     from .int4_matvec import int4_matvec
 
     return int4_matvec(x.contiguous(), linear.packed, linear.scales, linear.offsets, linear.group_size)
@@ -72,10 +73,9 @@ def use_kernels(model, impl: str = "triton"):
                 attn._torch_attn_fn, attn.attn_fn = attn.attn_fn, _attention_triton
             elif impl == "torch" and hasattr(attn, "_torch_attn_fn"):
                 attn.attn_fn = attn.__dict__.pop("_torch_attn_fn")
-        if isinstance(module, (RMSNorm, Int4Linear)):
-            module.__dict__.pop("forward", None)  # back to the class's forward
-            if impl == "triton":                  # an instance attribute shadows the method
-                swap = _rmsnorm_forward if isinstance(module, RMSNorm) else _int4_forward
-                module.forward = swap.__get__(module)
+        if isinstance(module, RMSNorm):           # the model's own slots for a kernel: no forward is replaced
+            module.norm_fn = _rmsnorm_triton if impl == "triton" else None
+        if isinstance(module, Int4Linear):        # one-token inputs only: prefill is compute-bound, a matmul
+            module.matvec_fn = _int4_matvec_triton if impl == "triton" else None
     model.kernels = impl
     return model

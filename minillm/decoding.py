@@ -14,13 +14,17 @@ for plain, speculative (chapter 5) and tree (chapter 6) decoding, for any model 
     stop       at EOS, or after max_new_tokens
 
 Each forward takes the tokens not yet in the cache (the prompt but its last token, in the first
-round) followed by the proposal, so the prefill is simply the first round. Invariant between
-rounds: the cache holds every token of the sequence but the last, the root of the next proposal. Plain decoding takes a batch (rows padded with EOS
-once they finish); speculative and tree decoding take one sequence.
+round; in pieces of prefill_chunk if asked) followed by the proposal, so the prefill is simply the
+first round. Invariant between rounds: the cache holds every token of the sequence but the last,
+the root of the next proposal. Plain decoding takes a batch, whose prompts may differ in length
+(left padding: padded slots get PAD_POSITION, which no real query attends, and each row's
+positions start at its first real token, so a row computes what it would alone); rows that finish
+are padded with EOS. Speculative and tree decoding take one sequence. A cache that already holds
+a prefix (a shared system prompt, a forked PagedCache) is continued with continue_cache=True.
 
 `decode_steps` yields each forward's new tokens; `stream`, `generate` and `decode` are views of it.
-Not handled here: stop strings (they need the tokenizer; the CLI applies them), batches of
-prompts of different lengths (paged.generate_batch pads by position).
+Not handled here: stop strings (they need the tokenizer; the CLI applies them); scheduling requests
+that arrive and leave while others decode (the serving chapter does that above this loop).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 from .drafters import ModelDrafter, NgramDrafter, layer_skip_drafter, load_draft_model
 from .kv_cache import StaticCache
 from .medusa import default_medusa_drafter
-from .paged import PagedCache
+from .paged import PAD_POSITION, PagedCache
 from .sampling import check_input_ids, check_sampling, sample_next
 from .speculative import accept_chain
 from .tree import Tree, TokenRecycling, accept_greedy, accept_typical, score
@@ -102,6 +106,14 @@ class DecodeResult:
     drafted: int = 0                                           # draft tokens (nodes past the root) proposed
     accepted: int = 0                                          # draft tokens accepted
     draft_lengths: list[int] = field(default_factory=list)     # proposal size of each verification forward
+    hidden_parts: list = field(default_factory=list, repr=False)  # keep_hidden=True: final hidden states, in pieces
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """keep_hidden=True: the final hidden state of every token that entered the cache, (B, tokens, dim)."""
+        if not self.hidden_parts:
+            raise ValueError("no hidden states were kept: decode with keep_hidden=True")
+        return torch.cat(self.hidden_parts, dim=1)
 
     @property
     def tokens(self) -> list[int]:
@@ -141,26 +153,90 @@ def _stop(chunk: list[int], left: int, eos_token_id) -> list[int]:
     return chunk
 
 
+def _left_padded(ids, attention_mask):
+    """A list of prompts of different lengths, or ids (B, T) with a left-padding attention_mask ->
+    (ids (B, T) long with padding set to 0, padding (B,) leading pad columns per row)."""
+    if isinstance(ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("give prompts as a list of sequences or as ids with an attention_mask, not both")
+        rows = [torch.as_tensor(p).flatten() for p in ids]
+        if not rows or min(len(r) for r in rows) == 0:
+            raise ValueError("give at least one prompt, each of at least one token")
+        for r in rows:
+            if r.dtype.is_floating_point or r.dtype == torch.bool:
+                raise ValueError(f"prompts must hold integer token ids, got dtype {r.dtype}")
+        T = max(len(r) for r in rows)
+        padded = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            padded[b, T - len(r):] = r
+        return padded, torch.tensor([T - len(r) for r in rows])
+    if attention_mask is None:
+        return ids, None
+    if not isinstance(ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor) \
+            or attention_mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of the ids' shape "
+                         f"{tuple(getattr(ids, 'shape', ()))}, got {getattr(attention_mask, 'shape', attention_mask)!r}")
+    mask = attention_mask.long()
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("attention_mask must hold 1 for a token and 0 for padding")
+    if (mask.diff(dim=1) < 0).any():
+        bad = int((mask.diff(dim=1) < 0).any(1).nonzero()[0])
+        raise ValueError(f"attention_mask row {bad} has padding after a token: pad on the left")
+    if (mask.sum(1) == 0).any():
+        raise ValueError(f"attention_mask row {int((mask.sum(1) == 0).nonzero()[0])} has no tokens")
+    return ids.masked_fill(mask == 0, 0), (mask == 0).sum(1)
+
+
+def _cache_rows(kv) -> int | None:
+    """How many sequences a cache object holds, where it says."""
+    if hasattr(kv, "lengths"):
+        return len(kv.lengths)
+    if hasattr(kv, "batch_size"):
+        return kv.batch_size
+    positions = getattr(kv, "positions", None)
+    return positions.shape[0] if hasattr(kv, "max_len") and isinstance(positions, torch.Tensor) else None
+
+
 @torch.inference_mode()
 def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | None = None,
-                 temperature: float = 0.0, top_k=None, top_p=None, seed: int | None = None, eos_token_id="config",
-                 cache="static", result: DecodeResult | None = None):
+                 temperature: float = 0.0, top_k=None, top_p=None, seed=None, eos_token_id="config",
+                 cache="static", result: DecodeResult | None = None, attention_mask=None,
+                 continue_cache: bool = False, prefill_chunk: int | None = None, keep_hidden: bool = False):
     """Prompt ids (B, T) -> yields, per forward, each row's new tokens (a list of B lists).
 
+    ids: (B, T); prompts of different lengths as a list of sequences, or left-padded with an
+        attention_mask (B, T) of 1 (token) and 0 (padding); each row then computes what it would alone.
     drafter: None (plain decoding), a name or an object for make_drafter; batch size 1.
     draft_len: most tokens proposed past the root per forward (default: the drafter's `default_len`,
         4 for the chain drafters, the whole template for the tree drafters).
+    seed: an int, or a torch.Generator to draw from (shared across calls).
     cache: "static" | "paged" | "none" (recompute the whole sequence every forward: the quadratic
         reference the caches are tested against) | an empty cache object (QuantizedCache, ...).
+    continue_cache: the cache object given already holds tokens (a prefilled shared prefix, ...), and
+        ids continue each of its sequences; without it, a cache that is not empty is refused.
+    prefill_chunk: at most this many prompt tokens per forward (chunked prefill: bounded memory and
+        latency per forward; 1 feeds the prompt token by token, as an evicting cache needs).
+    keep_hidden: collect the final hidden states of every token that entered the cache, in order
+        (result.hidden, (B, tokens, dim)), padding included, as Medusa's distillation reads them.
     result: a DecodeResult to fill as the run goes (decode() returns it).
     """
     config = model.config
+    ids, padding = _left_padded(ids, attention_mask)
     ids = check_input_ids(ids, config, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, torch.Generator):
+        generator = seed
+    elif seed is None or (not isinstance(seed, bool) and isinstance(seed, int) and 0 <= seed < 2**63):
+        generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+    else:
+        raise ValueError(f"seed must be an int in [0, 2**63) or a torch.Generator, got {seed!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
     if eos_token_id == "config":
         eos_token_id = config.eos_token_id
+    if padding is not None and ids.shape[0] == 1:         # one row: padding is simply dropped
+        ids, padding = ids[:, int(padding[0]):], None
     B, T = ids.shape
     k = 0
     if drafter is not None:
@@ -173,25 +249,73 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
         # a drafter's own default (chain drafters: 4), else no limit but the tokens still to produce
         k = draft_len if draft_len is not None else getattr(drafter, "default_len", None) or max_new_tokens
     param = next(model.parameters())
+    if continue_cache and isinstance(cache, str):
+        raise ValueError("continue_cache needs a cache object that holds the tokens to continue")
     # T + max_new_tokens is enough: a proposal never has more nodes than tokens still to produce
     size = T + max_new_tokens
     size = max(model.cache_len(size), size) if hasattr(model, "cache_len") else size  # compiled: a few sizes only
     kv = make_cache(cache, config, B, size, param.dtype, param.device)
-    if kv is not None and kv.length != 0:
-        raise ValueError(f"the cache given must be empty, it holds {kv.length} tokens")
-    generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+    base = torch.zeros(B, dtype=torch.long)              # tokens each row's cache holds before ids
+    if kv is not None and continue_cache:
+        lengths = getattr(kv, "lengths", [kv.length] * (_cache_rows(kv) or B))
+        if len(lengths) != B:
+            raise ValueError(f"the cache holds {len(lengths)} sequences, the prompt has {B} rows")
+        base = torch.tensor(lengths, dtype=torch.long)
+        if int(base.max()) + T + max_new_tokens > config.max_seq_len:
+            raise ValueError(f"the cache's {int(base.max())} tokens + prompt ({T}) + max_new_tokens "
+                             f"({max_new_tokens}) exceed the model's context of {config.max_seq_len}")
+        if drafter is not None and not (kv.length == base).all():
+            raise ValueError("speculative and tree decoding continue a cache only at one length")
+    elif kv is not None and kv.length != 0:
+        raise ValueError(f"the cache given must be empty, it holds {kv.length} tokens "
+                         f"(continue_cache=True continues it)")
+    elif kv is not None and (_cache_rows(kv) or B) != B:
+        raise ValueError(f"the cache given holds {_cache_rows(kv)} sequences, the prompt has {B} rows")
+    # Rows of different lengths, or a cache whose rows differ: every forward gets explicit positions
+    ragged = padding is not None or bool((base != base[0]).any())
+    padding = padding if padding is not None else torch.zeros(B, dtype=torch.long)
+
+    def positions(col: int, n: int):
+        """RoPE positions of the columns [col, col + n) of seq; padding -> PAD_POSITION (never attended)."""
+        c = torch.arange(col, col + n)
+        pos = (base[:, None] + c - padding[:, None]).masked_fill(c < padding[:, None], PAD_POSITION)
+        return pos.to(ids.device)
+
     result = result if result is not None else DecodeResult(rows=[])
     result.rows = [[] for _ in range(B)]
+    result.hidden_parts = []
+    fed = kept = 0      # columns of seq in the cache; columns whose hidden state was kept
     seq, finished, last_hidden, first = ids, [False] * B, None, True
+
+    def forward(tokens, col: int):
+        """One forward over the columns [col, col + width) of seq -> logits, hidden."""
+        out = model(tokens, positions(col, tokens.shape[1]) if ragged else None, cache=kv, return_hidden=True)
+        result.target_forwards += 1
+        return out
+
+    def keep(hidden, col):
+        """hidden (B, n, dim) of the columns col, col + 1, ... that are now in the cache."""
+        nonlocal kept
+        if keep_hidden and col + hidden.shape[1] > kept:
+            result.hidden_parts.append(hidden[:, kept - col:])
+            kept = col + hidden.shape[1]
+
     while True:
         roots = seq[:, -1].tolist()                                  # the last token of each row
-        cached = kv.length if kv is not None else 0
-        pending = seq[:, cached:-1]     # not yet in the cache (the prompt in the first round; all with cache="none")
+        pending = seq[:, fed:-1]        # not yet in the cache (the prompt in the first round; all with cache="none")
+        if prefill_chunk is not None:                                # chunked prefill: the prompt a piece at a time
+            while pending.shape[1] and pending.shape[1] + 1 > prefill_chunk:
+                piece = pending[:, :prefill_chunk]
+                logits, hidden = forward(piece, fed)
+                if first and drafter is not None:
+                    drafter.observe(Tree.chain(piece[0, 0], piece[0, 1:]), logits[0], hidden[0])
+                keep(hidden, fed)
+                fed, pending = fed + piece.shape[1], pending[:, prefill_chunk:]
         tree = None
         if drafter is not None:                                      # propose
             n = min(k, max_new_tokens - len(result.rows[0]) - 1)     # the forward adds (accepted + 1) tokens
             if kv is not None and hasattr(kv, "max_len"):            # never overflow a cache that was given
-                n = min(n, kv.max_len - cached - pending.shape[1] - 1)
+                n = min(n, kv.max_len - kv.length - pending.shape[1] - 1)
             tree = drafter.propose(seq[0].tolist(), n, last_hidden, temperature=temperature, top_k=top_k,
                                    top_p=top_p, generator=generator) if n > 0 else Tree.chain(roots[0], [])
             tree = tree.prefix(n + 1)
@@ -202,25 +326,29 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
             if kv is None:
                 raise ValueError("tree drafters need a KV cache (cache='static' or 'paged'), got cache='none'")
             if pending.shape[1]:                                     # the prompt goes in first
-                prefix_logits, prefix_hidden = model(pending, cache=kv, return_hidden=True)
-                result.target_forwards += 1
+                prefix_logits, prefix_hidden = forward(pending, fed)
                 if first:
                     drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), prefix_logits[0], prefix_hidden[0])
+                keep(prefix_hidden, fed)
             start = kv.length
             logits, hidden = score(model, kv, tree)                  # (N, V), (N, dim)
+            result.target_forwards += 1
+            nodes_hidden = hidden[None]
         else:                                                        # verify a chain (or nothing) after `pending`
             nodes = torch.tensor([[r] + (tree.tokens[1:] if tree is not None else []) for r in roots],
                                  device=ids.device)                  # (B, N)
-            logits, hidden = model(torch.cat([pending, nodes], dim=1), cache=kv, return_hidden=True)
-            if first and drafter is not None and pending.shape[1]:   # Token Recycling learns from the prompt
-                P = pending.shape[1]
+            logits, hidden = forward(torch.cat([pending, nodes], dim=1), fed)
+            P = pending.shape[1]
+            if first and drafter is not None and P:                  # Token Recycling learns from the prompt
                 drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), logits[0, :P], hidden[0, :P])
-            logits, hidden = logits[:, -nodes.shape[1]:], hidden[:, -nodes.shape[1]:]
+            keep(hidden[:, :P], fed)
+            logits, hidden = logits[:, P:], hidden[:, P:]
+            nodes_hidden = hidden
             start = kv.length - nodes.shape[1] if kv is not None else None
-        result.target_forwards += 1
         first = False
 
         if drafter is None:                                          # accept: plain decoding samples one token a row
+            path = [0]
             chunks = [[t] for t in sample_next(logits[:, -1], temperature, top_k, top_p, generator).tolist()]
             flags = [False]
         else:
@@ -243,6 +371,7 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
             result.draft_lengths.append(len(tree) - 1)
             chunks, last_hidden = [[tree.tokens[i] for i in path[1:]] + [extra]], hidden[path[-1]]
             flags = [True] * (len(path) - 1) + [False]
+        keep(nodes_hidden[:, path], seq.shape[1] - 1)
 
         left = max_new_tokens - len(result.rows[0])                  # stop
         for b in range(B):          # a finished row of a batch repeats EOS until every row is done
@@ -256,6 +385,7 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
         if len(result.rows[0]) >= max_new_tokens or all(finished):
             return
         seq = torch.cat([seq, torch.tensor(chunks, device=ids.device)], dim=1)
+        fed = seq.shape[1] - 1 if kv is not None else 0
 
 
 def decode(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | None = None, **kwargs) -> DecodeResult:
@@ -267,32 +397,41 @@ def decode(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | 
 
 
 def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-           seed: int | None = None, eos_token_id="config", cache="static", draft=None, draft_len: int | None = None,
-           tree=None):
+           seed=None, eos_token_id="config", cache="static", draft=None, draft_len: int | None = None,
+           tree=None, **kwargs):
     """Yield next-token ids (B,) one token at a time. Stops when every sequence has produced EOS.
 
     cache="static" keeps keys and values in a preallocated buffer; cache="paged" in blocks of a
-    PagedCache; cache="none" re-runs the whole sequence each step. draft / tree: as in generate.
+    PagedCache; cache="none" re-runs the whole sequence each step. draft / tree: as in generate;
+    other keyword arguments (attention_mask, prefill_chunk, ...) as in decode_steps.
     """
     drafter = _drafter_from(draft, tree)
+    device = ids.device if isinstance(ids, torch.Tensor) else None
     for chunks in decode_steps(model, ids, max_new_tokens, drafter, draft_len, temperature, top_k, top_p, seed,
-                               eos_token_id, cache):
+                               eos_token_id, cache, **kwargs):
         for i in range(len(chunks[0])):
-            yield torch.tensor([c[i] for c in chunks], device=ids.device)
+            yield torch.tensor([c[i] for c in chunks], device=device)
 
 
 def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | None = None, tree=None,
-             **kwargs) -> torch.Tensor:
+             **kwargs):
     """Prompt ids (B, T) -> prompt + generated ids (B, T + n); greedy unless temperature > 0.
 
-    Keyword arguments are those of decode_steps: temperature, top_k, top_p, seed, eos_token_id, cache.
-    Sequences that stop early are padded with the EOS token.
+    Keyword arguments are those of decode_steps: temperature, top_k, top_p, seed, eos_token_id, cache,
+    attention_mask (left padding, HF's convention), prefill_chunk, continue_cache.
+    Sequences that stop early are padded with the EOS token. Prompts of different lengths given as a
+    list of sequences -> a list of 1-D tensors, each prompt + its new tokens up to EOS (no padding).
     draft: speculative decoding (chapter 5), batch size 1: "ngram", "layerskip:N", "distilled", a
         draft checkpoint path or a drafter object, proposing up to draft_len (default 4) tokens a forward.
     tree: "recycling" | "medusa" | a tree drafter, tree-verified decoding (chapter 6), batch size 1.
     At temperature 0 every choice gives the same tokens as plain greedy decoding.
     """
     rows = decode(model, ids, max_new_tokens, _drafter_from(draft, tree), draft_len, **kwargs).rows
+    if isinstance(ids, (list, tuple)):
+        eos = model.config.eos_token_id if kwargs.get("eos_token_id", "config") == "config" else kwargs["eos_token_id"]
+        rows = [r[:r.index(eos) + 1] if eos is not None and eos in r else r for r in rows]
+        return [torch.cat([torch.as_tensor(p).flatten().long(), torch.tensor(r, dtype=torch.long)])
+                for p, r in zip(ids, rows)]
     return torch.cat([ids.long(), torch.tensor(rows, dtype=torch.long, device=ids.device)], dim=1)
 
 

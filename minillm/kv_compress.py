@@ -148,21 +148,6 @@ def teacher_forced(model, ids, make_cache, chunk: int | None = None):
     return math.exp(nll.item()), logits.argmax(-1), cache
 
 
-@torch.inference_mode()
-def greedy_with_cache(model, ids, n: int, cache, chunk: int | None = None) -> list[int]:
-    """Greedy-decode n tokens after the prompt ids (1, P) with `cache`; the prompt is fed as in
-    teacher_forced (the first `chunk` tokens at once, then one by one)."""
-    chunk = ids.shape[1] if chunk is None else min(chunk, ids.shape[1])
-    with cache.observe(model) if getattr(cache, "policy", None) == "h2o" else nullcontext():
-        logits = model(ids[:, :chunk], cache=cache)
-        for t in range(chunk, ids.shape[1]):
-            logits = model(ids[:, t:t + 1], cache=cache)
-        out = [int(logits[0, -1].argmax())]
-        while len(out) < n:
-            out.append(int(model(torch.tensor([[out[-1]]], device=ids.device), cache=cache)[0, -1].argmax()))
-    return out
-
-
 def greedy_prefix_agreement(reference, candidate) -> int:
     """How many leading tokens two generations share: [5, 6, 7] vs [5, 6, 9] -> 2."""
     n = 0

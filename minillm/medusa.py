@@ -10,8 +10,9 @@ Each head costs one 576x576 matmul plus the shared vocabulary projection. The he
 fill a static tree (`Template`), verified in one forward by tree.py.
 
 Training is self-distillation (Medusa-1 with a frozen backbone): SmolLM2 greedily continues some
-prompts, and head d learns to predict SmolLM2's own token d+2 positions ahead, so it learns the
-model's distribution, not a dataset's. `data/train_medusa.py` runs it (`--smoke` for a quick run).
+prompts (decoding.decode with keep_hidden=True returns the hidden states it computed on the way),
+and head d learns to predict SmolLM2's own token d+2 positions ahead, so it learns the model's
+distribution, not a dataset's. `data/train_medusa.py` runs it (`--smoke` for a quick run).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .kv_cache import StaticCache
 from .tree import Template, Tree
 
 
@@ -95,23 +95,6 @@ class MedusaDrafter:
 
 
 # ----------------------------------------------------------------------------- self-distillation
-@torch.inference_mode()
-def distillation_data(model, prompts, new_tokens: int):
-    """SmolLM2 continues each prompt (B, P) greedily; returns the final hidden states (B, T-1, dim) seen
-    along the way and the tokens (B, T). One pass: the hidden states come from the decoding itself
-    (the decoding loop returns tokens only, hence this short loop of its own)."""
-    B, P = prompts.shape
-    cache = StaticCache(model.config, B, P + new_tokens, dtype=next(model.parameters()).dtype)
-    logits, hidden = model(prompts, cache=cache, return_hidden=True)
-    seqs, states = [prompts], [hidden]
-    for _ in range(new_tokens - 1):
-        seqs.append(logits[:, -1:].argmax(-1))                                   # (B, 1)
-        logits, hidden = model(seqs[-1], cache=cache, return_hidden=True)
-        states.append(hidden)
-    seqs.append(logits[:, -1:].argmax(-1))
-    return torch.cat(states, 1), torch.cat(seqs, 1)
-
-
 def head_targets(hidden, seqs, prompt_len: int, n_heads: int):
     """Pairs (h_t, token t+2+d) over the generated part, for every head d: lists of (X (n, dim), y (n,))."""
     pairs = []

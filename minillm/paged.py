@@ -41,13 +41,18 @@ class BlockAllocator:
         self.refcount[block] = 1
         return block
 
+    def _check(self, block) -> int:
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise ValueError(f"block {block!r} is not a block of this pool (0 to {self.num_blocks - 1})")
+        return block
+
     def share(self, block: int):
-        if self.refcount[block] < 1:
+        if self.refcount[self._check(block)] < 1:
             raise ValueError(f"block {block} is free; only a block in use can be shared")
         self.refcount[block] += 1
 
     def release(self, block: int):
-        if self.refcount[block] < 1:
+        if self.refcount[self._check(block)] < 1:
             raise ValueError(f"block {block} is already free (double release)")
         self.refcount[block] -= 1
         if self.refcount[block] == 0:
@@ -61,8 +66,10 @@ class BlockAllocator:
 class PagedCache:
     """Keys and values of many sequences in one pool of blocks; the model sees the usual cache protocol.
 
-    The batch is the list of sequences, in order: `add_sequence()` and `fork(seq)` append one,
-    `free_sequence(seq)` removes one (later ones move down). A forward's batch row b is sequence b.
+    `add_sequence()` and `fork(seq)` return a handle, an int that names that sequence until it is
+    freed (handles are never reused, so a double free or a stale handle is an error, never another
+    sequence). The batch is the live sequences in the order they were added: a forward's row b is
+    `handles[b]`; freeing one moves the later rows up (`row(handle)` says where a sequence is).
     """
 
     def __init__(self, config, num_blocks: int, block_size: int = 16, dtype=torch.float32, device="cpu"):
@@ -72,49 +79,71 @@ class PagedCache:
         self.k = torch.zeros(config.n_layers, rows, config.n_kv_heads, config.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.slot_positions = torch.full((rows,), PAD_POSITION, dtype=torch.long, device=device)
-        self.block_tables: list[list[int]] = []
-        self.lengths: list[int] = []
+        self.block_tables: list[list[int]] = []   # per row of the batch
+        self.lengths: list[int] = []              # per row of the batch
+        self.handles: list[int] = []              # per row of the batch: the sequence's handle
+        self._next_handle = 0
 
     # -- sequences ---------------------------------------------------------------------------
+    def row(self, seq: int) -> int:
+        """The batch row of the sequence with handle `seq`."""
+        if not isinstance(seq, bool) and isinstance(seq, int) and seq in self.handles:
+            return self.handles.index(seq)
+        raise ValueError(f"sequence {seq!r} is not in this cache (freed already, or never added); "
+                         f"live sequences: {self.handles}")
+
+    def _new_row(self, table: list[int], length: int) -> int:
+        self.block_tables.append(table)
+        self.lengths.append(length)
+        self.handles.append(self._next_handle)
+        self._next_handle += 1
+        return self.handles[-1]
+
     def add_sequence(self) -> int:
-        self.block_tables.append([])
-        self.lengths.append(0)
-        return len(self.lengths) - 1
+        """A new, empty sequence at the end of the batch; returns its handle."""
+        return self._new_row([], 0)
 
     def fork(self, seq: int) -> int:
-        """A new sequence sharing every block of `seq` (prefix sharing); returns its index."""
-        for block in self.block_tables[seq]:
+        """A new sequence sharing every block of `seq` (prefix sharing); returns its handle."""
+        r = self.row(seq)
+        for block in self.block_tables[r]:
             self.allocator.share(block)
-        self.block_tables.append(list(self.block_tables[seq]))
-        self.lengths.append(self.lengths[seq])
-        return len(self.lengths) - 1
+        return self._new_row(list(self.block_tables[r]), self.lengths[r])
 
     def free_sequence(self, seq: int):
-        for block in self.block_tables.pop(seq):
+        """Release the blocks of `seq` and remove it from the batch (later rows move up)."""
+        r = self.row(seq)
+        for block in self.block_tables.pop(r):
             self.allocator.release(block)
-        self.lengths.pop(seq)
+        self.lengths.pop(r)
+        self.handles.pop(r)
 
     def truncate_sequence(self, seq: int, length: int):
-        if not 0 <= length <= self.lengths[seq]:
-            raise ValueError(f"cannot truncate sequence {seq} of {self.lengths[seq]} tokens to {length}")
-        table = self.block_tables[seq]
+        self._truncate_row(self.row(seq), length)
+
+    def _truncate_row(self, r: int, length: int):
+        if not 0 <= length <= self.lengths[r]:
+            raise ValueError(f"cannot truncate sequence {self.handles[r]} of {self.lengths[r]} tokens to {length}")
+        table = self.block_tables[r]
         keep = -(-length // self.block_size)  # blocks still needed (ceil)
         for block in table[keep:]:
             self.allocator.release(block)
         del table[keep:]
-        self.lengths[seq] = length
+        self.lengths[r] = length
 
     def sequence_positions(self, seq: int) -> torch.Tensor:
-        return self.slot_positions[self._rows(seq, 0, self.lengths[seq])]
+        r = self.row(seq)
+        return self.slot_positions[self._rows(r, 0, self.lengths[r])]
 
     # -- slots -------------------------------------------------------------------------------
-    def _rows(self, seq: int, start: int, end: int) -> torch.Tensor:
+    def _rows(self, r: int, start: int, end: int) -> torch.Tensor:
+        """Pool rows of tokens [start, end) of batch row r."""
         j = torch.arange(start, end, device=self.slot_positions.device)
-        table = torch.tensor(self.block_tables[seq], dtype=torch.long, device=j.device)
+        table = torch.tensor(self.block_tables[r], dtype=torch.long, device=j.device)
         return table[j // self.block_size] * self.block_size + j % self.block_size
 
     def _blocks_needed(self, counts) -> int:
-        """Blocks the appends `counts[seq]` would take, copies on write included (exact, so that a
+        """Blocks the appends `counts[row]` would take, copies on write included (exact, so that a
         batch that fits is never refused and one that does not is refused before anything changes)."""
         needed, pending = 0, {}
         for seq, n in enumerate(counts):
@@ -129,11 +158,14 @@ class PagedCache:
 
     def append_slots(self, seq: int, n: int) -> torch.Tensor:
         """Make room for n more tokens of `seq`; return the pool rows they go to (copy on write first)."""
-        needed = self._blocks_needed([n if s == seq else 0 for s in range(len(self.lengths))])
+        return self._append_row(self.row(seq), n)
+
+    def _append_row(self, r: int, n: int) -> torch.Tensor:
+        needed = self._blocks_needed([n if s == r else 0 for s in range(len(self.lengths))])
         if needed > len(self.allocator.free):
             raise ValueError(f"KV cache overflow: the paged cache has {len(self.allocator.free)} free blocks of "
-                             f"{self.block_size} tokens, sequence {seq} needs {needed} for {n} more tokens")
-        length, table, bs = self.lengths[seq], self.block_tables[seq], self.block_size
+                             f"{self.block_size} tokens, sequence {self.handles[r]} needs {needed} for {n} more tokens")
+        length, table, bs = self.lengths[r], self.block_tables[r], self.block_size
         if n and length % bs and self.allocator.refcount[table[-1]] > 1:
             shared, private = table[-1], self.allocator.allocate()
             rows_from, rows_to = slice(shared * bs, (shared + 1) * bs), slice(private * bs, (private + 1) * bs)
@@ -143,8 +175,8 @@ class PagedCache:
             table[-1] = private
         while len(table) * bs < length + n:
             table.append(self.allocator.allocate())
-        self.lengths[seq] = length + n
-        return self._rows(seq, length, length + n)
+        self.lengths[r] = length + n
+        return self._rows(r, length, length + n)
 
     # -- the protocol the model calls --------------------------------------------------------
     @property
@@ -162,7 +194,7 @@ class PagedCache:
         if needed > free:
             raise ValueError(f"KV cache overflow: the paged cache has {free} free blocks of {self.block_size} "
                              f"tokens, this step needs {needed}")
-        rows = [self.append_slots(seq, n) for seq, n in enumerate(counts)]
+        rows = [self._append_row(r, n) for r, n in enumerate(counts)]
         self._write_rows = torch.cat(rows)                                   # (N,) N = valid tokens
         self.slot_positions[self._write_rows] = positions[self._valid]
         S = self.length
@@ -182,69 +214,25 @@ class PagedCache:
 
     def truncate(self, length: int):
         """Roll every sequence back to its first `length` tokens."""
-        for seq in range(len(self.lengths)):
-            self.truncate_sequence(seq, length)
+        for r in range(len(self.lengths)):
+            self._truncate_row(r, length)
 
     @torch.inference_mode()  # caches filled under inference mode can only be edited under it
     def keep(self, start: int, slots):
         """Tree compaction (chapter 6), as StaticCache.keep, for every sequence: of the entries written
         after `start`, keep `slots` (increasing, in [start, length)) at positions start, start + 1, ..."""
         slots = torch.as_tensor(slots, dtype=torch.long)
-        for seq, length in enumerate(list(self.lengths)):
+        for r, length in enumerate(list(self.lengths)):
             if not 0 <= start <= length or (len(slots) and (slots[0] < start or slots[-1] >= length)) \
                     or (slots.diff() <= 0).any():
                 raise ValueError(f"keep expects increasing slots in [{start}, {length}), got {slots.tolist()}")
-            rows = self._rows(seq, 0, length)[slots.to(self.slot_positions.device)]
+            rows = self._rows(r, 0, length)[slots.to(self.slot_positions.device)]
             k, v, positions = self.k[:, rows].clone(), self.v[:, rows].clone(), self.slot_positions[rows].clone()
-            self.truncate_sequence(seq, start)
-            rows = self.append_slots(seq, len(slots))        # copy on write if a block is shared
+            self._truncate_row(r, start)
+            rows = self._append_row(r, len(slots))           # copy on write if a block is shared
             self.k[:, rows], self.v[:, rows], self.slot_positions[rows] = k, v, positions
 
     def nbytes(self, used_only: bool = True) -> int:
         """Bytes of the blocks in use (or of the whole pool), keys and values."""
         per_block = 2 * self.k[:, :self.block_size].numel() * self.k.element_size()
         return per_block * (self.allocator.num_used if used_only else self.allocator.num_blocks)
-
-
-@torch.inference_mode()
-def generate_batch(model, prompts, max_new_tokens: int, block_size: int = 16, cache: PagedCache | None = None,
-                   eos_token_id=None):
-    """Greedy-decode a batch of prompts of different lengths together; returns the new ids of each.
-
-    prompts: a list of 1-D id sequences. With `cache` given (e.g. after prefilling a shared prefix and
-    forking), prompt i continues cache sequence i. Padding is by position (PAD_POSITION), so each
-    row computes what it would alone. Greedy only: sampling a batch draws its random numbers
-    differently from sampling each prompt alone. Stops early once every row has emitted eos_token_id.
-    """
-    prompts = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("give at least one prompt, each of at least one token")
-    config, param = model.config, next(model.parameters())
-    if cache is None:
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        cache = PagedCache(config, len(prompts) * -(-longest // block_size), block_size, param.dtype, param.device)
-        for _ in prompts:
-            cache.add_sequence()
-    if len(prompts) != len(cache.lengths):
-        raise ValueError(f"{len(prompts)} prompts for a cache of {len(cache.lengths)} sequences")
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.full((B, T), PAD_POSITION, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-        positions[b, :len(p)] = torch.arange(cache.lengths[b], cache.lengths[b] + len(p))
-    last = torch.tensor([len(p) - 1 for p in prompts])
-    logits = model(ids.to(param.device), positions.to(param.device), cache=cache)[torch.arange(B), last]  # (B, V)
-    new = []
-    for step in range(max_new_tokens):
-        next_ids = logits.argmax(-1)                                           # (B,)
-        new.append(next_ids)
-        if eos_token_id is not None and (torch.stack(new, 1) == eos_token_id).any(1).all():
-            break
-        if step + 1 < max_new_tokens:
-            positions = torch.tensor(cache.lengths, device=param.device)[:, None]  # (B, 1)
-            logits = model(next_ids[:, None], positions, cache=cache)[:, -1]
-    out = torch.stack(new, 1).tolist()
-    if eos_token_id is not None:
-        out = [row[:row.index(eos_token_id) + 1] if eos_token_id in row else row for row in out]
-    return out

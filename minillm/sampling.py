@@ -19,7 +19,8 @@ import torch
 def check_input_ids(ids, config, max_new_tokens: int = 0) -> torch.Tensor:
     """Validate a prompt where it enters: integer dtype, (B, T) shape, ids in the vocabulary, fits the context."""
     if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"input ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        raise ValueError(f"input ids must be a torch.Tensor of token ids (or a list of prompts), "
+                         f"got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"input ids must be an integer tensor (torch.long), got dtype {ids.dtype}")
     if ids.dim() != 2:

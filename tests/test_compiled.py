@@ -108,3 +108,12 @@ def test_stack_names_what_it_builds():
     assert describe() == "float32"
     assert describe("bfloat16", "int4", 64, "int8", True) == "bfloat16, int4 g64 + int8 head, compiled"
     assert describe(quant="int8") == "float32, int8"
+
+
+def test_prompts_of_different_lengths_run_compiled_as_eager(tiny_model, fast):
+    """Left-padded rows pass explicit positions; the compiled step takes them as the eager one does."""
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 7, 5)]
+    expected = decode(tiny_model, prompts, 6, eos_token_id=None).rows
+    calls = fast.compiled_calls
+    assert decode(fast, prompts, 6, eos_token_id=None).rows == expected
+    assert fast.compiled_calls == calls + 5                   # every step after the (wider) prefill

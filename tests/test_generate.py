@@ -90,7 +90,9 @@ def test_batch_pads_finished_sequences_with_eos(model):
     (torch.tensor([[-1, 2]]), "token id -1 is outside the vocabulary"),
     (torch.zeros(1, 300, dtype=torch.long), "prompt has 300 tokens; the model's context is 256"),
     (torch.zeros(1, 0, dtype=torch.long), "prompt is empty"),
-    ([[1, 2, 3]], "must be a torch.Tensor"),
+    ("1 2 3", "must be a torch.Tensor"),
+    ([[1.5, 2.0]], "integer token ids"),
+    ([[1, 2], []], "each of at least one token"),
 ])
 def test_bad_input_is_a_clear_error(model, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -107,3 +109,124 @@ def test_bad_sampling_settings(model):
         minillm.generate(model, prompt(), max_new_tokens=2, temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in"):
         minillm.generate(model, prompt(), max_new_tokens=2, temperature=1, top_p=1.5)
+
+
+# ----------------------------------------------------------------------------- one loop, more shapes
+@pytest.fixture(scope="module")
+def lively():
+    """A tiny model with larger weights, whose greedy tokens vary (a too-quiet one repeats a token)."""
+    torch.manual_seed(0)
+    m = minillm.Transformer(minillm.tiny()).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return m
+
+
+def ragged_prompts():
+    return [prompt(n, 512)[0] + i for i, n in enumerate((3, 9, 6))]
+
+
+@pytest.mark.parametrize("cache", ["static", "none", "paged"])
+def test_prompts_of_different_lengths_equal_each_alone(lively, cache):
+    prompts = ragged_prompts()
+    run = minillm.decode(lively, prompts, 12, cache=cache, eos_token_id=None, keep_hidden=True)
+    for b, p in enumerate(prompts):
+        alone = minillm.decode(lively, p[None], 12, eos_token_id=None, keep_hidden=True)
+        assert run.rows[b] == alone.tokens
+        T = len(p) + 11                       # every token that entered the cache, after the row's padding
+        torch.testing.assert_close(run.hidden[b, -T:], alone.hidden[0], atol=1e-5, rtol=1e-5)
+    assert len(set(map(tuple, run.rows))) == 3 and len(set(run.rows[1])) > 3  # the rows say different things
+
+
+def test_attention_mask_left_padding_as_transformers_takes_it(lively):
+    prompts = ragged_prompts()
+    T = max(len(p) for p in prompts)
+    ids = torch.full((3, T), 7)                             # any id under the padding
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    out = minillm.generate(lively, ids, 10, attention_mask=mask, eos_token_id=None)
+    assert out.shape == (3, T + 10)
+    listed = minillm.generate(lively, prompts, 10, eos_token_id=None)
+    for b, p in enumerate(prompts):
+        assert out[b, T:].tolist() == listed[b][len(p):].tolist() == \
+            minillm.generate(lively, p[None], 10, eos_token_id=None)[0, len(p):].tolist()
+    one = minillm.generate(lively, ids[:1], 10, attention_mask=mask[:1], eos_token_id=None)  # padding dropped
+    assert one[0, T:].tolist() == out[0, T:].tolist()
+
+
+def test_list_of_prompts_stops_each_at_eos(lively):
+    prompts = ragged_prompts()
+    free = minillm.generate(lively, prompts, 8, eos_token_id=None)
+    eos = free[1][len(prompts[1]) + 2].item()             # the second prompt's third new token
+    out = minillm.generate(lively, prompts, 8, eos_token_id=eos)
+    assert out[1].tolist() == free[1][:len(prompts[1]) + 3].tolist()
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.tensor([[1, 1, 0]]), "padding after a token: pad on the left"),
+    (torch.tensor([[0, 0, 0]]), "row 0 of|row 0 has no tokens"),
+    (torch.tensor([[2, 1, 1]]), "1 for a token and 0 for padding"),
+    (torch.ones(1, 4, dtype=torch.long), "tensor of the ids' shape"),
+])
+def test_bad_attention_mask(model, mask, message):
+    with pytest.raises(ValueError, match=message):
+        minillm.generate(model, prompt(3), 4, attention_mask=mask)
+
+
+@pytest.mark.parametrize("draft", [None, "ngram", "recycling"])
+def test_chunked_prefill_gives_the_same_tokens(lively, draft):
+    ids = prompt(21)
+    whole = minillm.decode(lively, ids, 12, draft, eos_token_id=None)
+    for chunk in (1, 4, 50):
+        run = minillm.decode(lively, ids, 12, draft, eos_token_id=None, prefill_chunk=chunk)
+        assert run.tokens == whole.tokens
+    pieces = minillm.decode(lively, ids, 12, eos_token_id=None, prefill_chunk=4)
+    assert pieces.target_forwards == 12 + 5   # 20 prompt tokens: 4+4+4+4+4, then the last with each new one
+    with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1"):
+        minillm.decode(lively, ids, 4, prefill_chunk=0)
+
+
+def test_keep_hidden_equals_one_forward_over_the_text(lively):
+    ids = prompt(7)
+    run = minillm.decode(lively, ids, 9, eos_token_id=None, keep_hidden=True)
+    text = torch.cat([ids, torch.tensor([run.tokens])], dim=1)
+    with torch.no_grad():
+        _, hidden = lively(text[:, :-1], return_hidden=True)  # the last new token never entered the cache
+    torch.testing.assert_close(run.hidden, hidden, atol=1e-5, rtol=1e-5)
+    spec = minillm.decode(lively, ids, 9, "ngram", eos_token_id=None, keep_hidden=True)
+    torch.testing.assert_close(spec.hidden, hidden, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="keep_hidden=True"):
+        minillm.decode(lively, ids, 2).hidden
+
+
+def test_continue_a_cache_that_holds_a_prefix(lively):
+    ids = prompt(12)
+    whole = minillm.decode(lively, ids, 10, eos_token_id=None)
+    cache = minillm.StaticCache(lively.config, 1, 64)
+    with torch.inference_mode():
+        lively(ids[:, :5], cache=cache)
+    rest = minillm.decode(lively, ids[:, 5:], 10, cache=cache, continue_cache=True, eos_token_id=None)
+    assert rest.tokens == whole.tokens and cache.length == 12 + 9
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda m: dict(cache="static", continue_cache=True), "continue_cache needs a cache object"),
+    (lambda m: dict(cache=minillm.StaticCache(m.config, 2, 32)), "holds 2 sequences, the prompt has 1 rows"),
+    (lambda m: dict(cache=minillm.StaticCache(m.config, 2, 32), continue_cache=True), "holds 2 sequences"),
+    (lambda m: dict(seed=1.5), "seed must be an int"),
+])
+def test_bad_loop_settings(lively, setup, message):
+    with pytest.raises(ValueError, match=message):
+        minillm.decode(lively, prompt(4), 3, **setup(lively))
+
+
+def test_a_generator_seed_is_drawn_from_across_calls(lively):
+    ids = prompt(4)
+    g = torch.Generator().manual_seed(5)
+    first = minillm.decode(lively, ids, 8, temperature=1.0, seed=g).tokens
+    second = minillm.decode(lively, ids, 8, temperature=1.0, seed=g).tokens
+    assert first == minillm.decode(lively, ids, 8, temperature=1.0, seed=5).tokens
+    assert second != first

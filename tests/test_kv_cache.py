@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.decoding import generate, make_cache
+from minillm.decoding import decode, generate, make_cache
 from minillm.kv_cache import ConcatCache, QuantizedCache, StaticCache, dequantize_int8, kv_bytes_per_token, quantize_int8
 from minillm.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from minillm.model import Transformer, attention_ref, smollm2_135m, tiny
-from minillm.paged import PAD_POSITION, BlockAllocator, PagedCache, generate_batch
+from minillm.paged import PAD_POSITION, BlockAllocator, PagedCache
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def test_bad_input_is_a_clear_error(model):
 
 def test_paged_mixed_lengths_equal_each_alone(model):
     prompts = [ids_of(n, seed=n)[0] for n in (3, 11, 6, 17)]
-    batch = generate_batch(model, prompts, 12, block_size=4)
+    cache = paged(model.config, len(prompts), num_blocks=32, block_size=4)
+    batch = decode(model, prompts, 12, cache=cache, eos_token_id=None).rows
     for prompt, got in zip(prompts, batch):
         alone = generate(model, prompt[None], 12, cache="none", eos_token_id=None)[0, len(prompt):]
         assert got == alone.tolist()
@@ -156,7 +157,7 @@ def test_shared_prefix_continuations_equal_independent_runs(model):
     for _ in suffixes[1:]:
         cache.fork(0)
     assert cache.allocator.num_used == 3 and cache.allocator.refcount[:3] == [3, 3, 3]
-    shared = generate_batch(model, suffixes, 8, cache=cache)
+    shared = decode(model, suffixes, 8, cache=cache, continue_cache=True, eos_token_id=None).rows
     # copy on write: the half-full block was copied for the first two writers; the full ones stay shared
     assert cache.allocator.refcount[:2] == [3, 3]
     assert cache.block_tables[0][:2] == cache.block_tables[1][:2] == cache.block_tables[2][:2]
@@ -186,14 +187,13 @@ def check_invariants(cache):
 @given(OPS)
 def test_paged_allocator_never_leaks_or_double_uses(ops):
     cache = PagedCache(tiny(n_layers=1, dim=8, n_heads=2, n_kv_heads=1), num_blocks=12, block_size=3)
-    expected = []  # what each sequence must read back: its own token history
+    expected = {}  # handle -> what that sequence must read back: its own token history
     counter = 0
     for op, seq, n in ops:
         if op == "add" or not expected:
-            cache.add_sequence()
-            expected.append([])
+            expected[cache.add_sequence()] = []
             continue
-        seq %= len(expected)
+        seq = list(expected)[seq % len(expected)]
         if op == "append":
             try:
                 rows = cache.append_slots(seq, n)
@@ -206,22 +206,38 @@ def test_paged_allocator_never_leaks_or_double_uses(ops):
             expected[seq] += list(range(counter, counter + n))
             counter += n
         elif op == "fork":
-            cache.fork(seq)
-            expected.append(list(expected[seq]))
+            expected[cache.fork(seq)] = list(expected[seq])
         elif op == "free":
             cache.free_sequence(seq)
-            expected.pop(seq)
+            del expected[seq]
+            with pytest.raises(ValueError, match="not in this cache"):   # a double free names the problem
+                cache.free_sequence(seq)
         else:
-            keep = min(n, cache.lengths[seq])
+            keep = min(n, cache.lengths[cache.row(seq)])
             cache.truncate_sequence(seq, keep)
             expected[seq] = expected[seq][:keep]
         check_invariants(cache)
-        for s, history in enumerate(expected):
+        assert cache.handles == list(expected)          # rows in the order the sequences were added
+        for s, history in expected.items():
             assert cache.sequence_positions(s).tolist() == history
-    while expected:
-        cache.free_sequence(0)
-        expected.pop(0)
+    for s in list(expected):
+        cache.free_sequence(s)
     assert cache.allocator.refcount == [0] * 12 and len(cache.allocator.free) == 12
+
+
+def test_sequence_handles_are_stable():
+    cache = PagedCache(tiny(n_layers=1, dim=8, n_heads=2, n_kv_heads=1), num_blocks=8, block_size=2)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    cache.append_slots(c, 3)
+    cache.free_sequence(a)
+    assert cache.row(c) == 1 and cache.lengths[cache.row(c)] == 3   # c moved up a row, kept its handle
+    with pytest.raises(ValueError, match="sequence 0 is not in this cache"):
+        cache.free_sequence(a)                                       # freeing a again never frees b
+    assert cache.handles == [b, c] and cache.add_sequence() == 3     # handles are never reused
+    for bad in (-1, 8, 1.0, True):
+        with pytest.raises(ValueError, match="is not a block of this pool"):
+            cache.allocator.release(bad)
+    assert sorted(cache.allocator.free) == [b for b in range(8) if cache.allocator.refcount[b] == 0]
 
 
 def test_allocator_refuses_double_release():
@@ -354,7 +370,7 @@ def test_smollm2_float64_no_cache_equals_cache_to_1e_10(smol):
 @pytest.mark.slow
 def test_smollm2_batch_and_shared_prefix_equal_alone(smol):
     model, prompts = smol
-    batch = generate_batch(model, [p[0] for p in prompts], 24)
+    batch = decode(model, [p[0] for p in prompts], 24, cache="paged", eos_token_id=None).rows
     for ids, got in zip(prompts, batch):
         assert got == generate(model, ids, 24, eos_token_id=None)[0, ids.shape[1]:].tolist()
     prefix = prompts[2][0]
@@ -364,7 +380,7 @@ def test_smollm2_batch_and_shared_prefix_equal_alone(smol):
         model(prefix[None], cache=cache)
     for _ in suffixes[1:]:
         cache.fork(0)
-    shared = generate_batch(model, suffixes, 16, cache=cache)
+    shared = decode(model, suffixes, 16, cache=cache, continue_cache=True, eos_token_id=None).rows
     for suffix, got in zip(suffixes, shared):
         alone = generate(model, torch.cat([prefix, suffix])[None], 16, eos_token_id=None)
         assert got == alone[0, -16:].tolist()

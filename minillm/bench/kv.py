@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
-from ..kv_compress import EvictingCache, greedy_prefix_agreement, greedy_with_cache, teacher_forced
+from ..decoding import decode
+from ..kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from ..loading import load_pretrained
 from .timing import decode_tok_s, machine_line
 
@@ -44,6 +46,19 @@ def bench_memory(config):
           f"without GQA ({config.n_heads} KV heads instead of {config.n_kv_heads}): {mha:,.0f} B float32 "
           f"({mha / per_token:.0f}x)")
     return per_token
+
+
+@torch.inference_mode()
+def greedy_with_cache(model, ids, n: int, cache, chunk: int | None = None) -> list[int]:
+    """n greedy tokens after the prompt ids (1, P) with `cache`, the prompt fed as teacher_forced feeds
+    it (the first `chunk` tokens at once, then one by one, so that an evicting cache evicts as it goes)."""
+    chunk = ids.shape[1] if chunk is None else min(chunk, ids.shape[1])
+    with cache.observe(model) if getattr(cache, "policy", None) == "h2o" else nullcontext():
+        if chunk == ids.shape[1]:
+            return decode(model, ids, n, cache=cache, eos_token_id=None).tokens
+        model(ids[:, :chunk], cache=cache)
+        return decode(model, ids[:, chunk:], n, cache=cache, continue_cache=True, prefill_chunk=1,
+                      eos_token_id=None).tokens
 
 
 def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_tokens=64):

@@ -1,36 +1,15 @@
-"""What every benchmark shares: one timing rule (untimed warm-up, then the median of timed calls),
-decode speed measured through the package's own decoding loop, the machine's memory bandwidth,
+"""What every benchmark shares: one timing rule (minillm/timing.py: untimed warm-up, then the
+median of timed calls), decode speed measured through the package's own decoding loop, the machine's memory bandwidth,
 and the line that says on what machine a figure was measured."""
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 
 import torch
 
 from ..decoding import decode_steps
-
-
-def median_seconds(fn, repeats: int = 5, warmup: int = 1, reset=None) -> float:
-    """Median wall-clock seconds of fn() over `repeats` calls, after `warmup` untimed calls.
-
-    reset(), if given, runs untimed after every call (e.g. truncating a KV cache back to its prefix).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-        if reset is not None:
-            reset()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if reset is not None:
-            reset()
-    return statistics.median(times)
+from ..timing import median_seconds  # noqa: F401  (the one timing rule, re-exported for the benches)
 
 
 def decode_tok_s(model, ids, steps: int, cache="static", **decode_options) -> float:

@@ -38,11 +38,11 @@ lookup reads one row a token, so only its size would shrink).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..timing import median_seconds
 
 DEFAULT_IMPL = "auto"  # measured at load: see QuantLinear
 
@@ -174,7 +174,11 @@ class QuantLinear(nn.Module):
         y = self._packed_mm(x2, self.act_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    matvec_fn = None  # a kernel (module, x) for one-token inputs (chapter 7's int4_matvec); None: below
+
     def forward(self, x):
+        if self.matvec_fn is not None and x.shape[:-1].numel() == 1:
+            return self.matvec_fn(self, x)
         if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
             return self.forward_packed(x)
         return self.forward_ref(x)
@@ -229,13 +233,8 @@ class QuantLinear(nn.Module):
 
 
 def _median_ms(module, x, repeats):
-    module(x)                                                    # warm-up (and the error, if any)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        module(x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Median milliseconds of module(x), after one untimed call (which also raises, if the kernel cannot run)."""
+    return 1e3 * median_seconds(lambda: module(x), repeats)
 
 
 class Int4Linear(QuantLinear):
