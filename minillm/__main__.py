@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+from .loading import ModelFileError
 
 
 def add_sampling_args(p):
@@ -64,7 +67,13 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.draft and args.tree:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
+        from kernels import interpreting
         from kernels.swap import use_kernels
+
+        if interpreting():
+            print("warning: no CUDA GPU: --kernels triton runs Triton's CPU interpreter, one kernel program at a "
+                  "time in numpy (SmolLM2: ~6 s per token on a 2-core AVX2 CPU, ~80x slower than --kernels "
+                  "torch); it checks the kernels, it is not fast", file=sys.stderr, flush=True)
     if args.compile and args.cache != "static":
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
@@ -74,6 +83,9 @@ def cmd_generate(args, chat: bool = False) -> int:
         use_kernels(model, args.kernels)
     if args.compile:
         model = compile_decode(model)
+    if tok.min_tokens(args.prompt) + max(args.max_new_tokens, 0) > model.config.max_seq_len:  # before encoding
+        raise ValueError(f"the prompt is at least {tok.min_tokens(args.prompt)} tokens long: with --max-new-tokens "
+                         f"{args.max_new_tokens} it cannot fit the model's context of {model.config.max_seq_len}")
     if chat:  # the template's markers are the only control tokens: the message is plain text
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     elif args.special == "allow":
@@ -205,7 +217,14 @@ def main(argv=None) -> int:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:  # Linux hands undecodable bytes over as lone surrogates: refuse them here, by name
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return _fail(f"argument {arg!r} is not valid UTF-8", "--json" in argv)
     args = parser.parse_args(argv)
+    json_errors = getattr(args, "json", False)
     try:
         if args.command in ("generate", "chat"):
             return cmd_generate(args, chat=args.command == "chat")
@@ -215,9 +234,24 @@ def main(argv=None) -> int:
             from .train import cmd_train
             return cmd_train(args)
         return cmd_bench(args)
-    except ValueError as e:  # bad input: say what was wrong, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        print("minillm: output closed by the reader; stopped", file=sys.stderr)
+        return 141
+    except KeyboardInterrupt:
+        return _fail("interrupted", json_errors, 130)
+    except (ValueError, OSError, ModelFileError) as e:  # bad input, a file that cannot be read, a bad model file
+        kind = "" if isinstance(e, ModelFileError) or type(e) is ValueError else f"{type(e).__name__}: "
+        return _fail(kind + str(e).splitlines()[0] if str(e) else type(e).__name__, json_errors)
+
+
+def _fail(message: str, as_json: bool, code: int = 2) -> int:
+    """One line, never a traceback: `error: ...` on stderr, or with --json `{"error": ...}` on stdout."""
+    if as_json:
+        print(json.dumps({"error": message}), flush=True)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ Choosing a drafter by name ("ngram", "layerskip:N", a path) is decoding.make_dra
 """
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn as nn
 
-from safetensors import SafetensorError, safe_open
 
 from .kv_cache import StaticCache
-from .model import Config, Transformer
+from .loading import read_checkpoint
+from .model import Transformer
 from .sampling import probs_from_logits
 from .tree import Tree
 
@@ -151,24 +150,7 @@ def load_draft_model(path) -> Transformer:
     """A draft model saved by data/distill_draft.py (float16 safetensors + Config JSON) -> float32 Transformer.
     Names and shapes are checked against the config on the meta device before anything is allocated;
     a file that is not such a checkpoint raises one ValueError naming it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "config" not in meta:
-                raise KeyError("no 'config' in the safetensors metadata")
-            config = Config(**json.loads(meta["config"]))
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a minillm draft checkpoint ({type(e).__name__}: {e})") from None
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("output.weight")
-    if shapes != expected:
-        wrong = sorted(set(shapes) ^ set(expected)) or [n for n in shapes if shapes[n] != expected[n]]
-        raise ValueError(f"{path}: checkpoint does not match its config ({wrong[:3]})")
-    with safe_open(str(path), framework="pt") as f:
-        state = {name: f.get_tensor(name).float() for name in f.keys()}
+    config, state = read_checkpoint(path, "minillm draft checkpoint", error=ValueError)
     model = Transformer(config)
     model.load_state_dict(state, strict=False)                     # a tied output.weight is tok_embeddings'
     return model.eval()

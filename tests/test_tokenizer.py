@@ -208,7 +208,7 @@ presplit_text = st.text(alphabet=st.sampled_from(list("ab Z19²½\t\n\r ,.'s!é�
 @given(no_surrogates)
 @example("")
 def test_roundtrip(tok, text):
-    if not encodable(tok, text):  # SmolLM2 has no token for a few bytes (see Tokenizer._bpe)
+    if not encodable(tok, text):  # SmolLM2 has no token for a few bytes (see Tokenizer._bpe_ref)
         text = "".join(ch for ch in text if encodable(tok, ch))
     assert tok.decode(tok.encode(text, disallowed_special=())) == text
 
@@ -217,3 +217,52 @@ def test_roundtrip(tok, text):
 @given(presplit_text)
 def test_smollm2_pattern_matches_two_step_reference(text):
     assert regex.findall(SMOLLM2_PATTERN, text) == smollm2_presplit_ref(text)
+
+
+# Long runs without a split point, and repeats: where the order of equal-rank merges matters.
+bpe_text = st.text(alphabet=st.sampled_from(list("aaab eéth1 \n你")) | st.characters(exclude_categories=("Cs",)),
+                   max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bpe_text)
+@example("a" * 257)
+@example("aaaa" * 33)
+def test_fast_bpe_equals_the_reference(tok, text):
+    chunk = text.encode("utf-8")
+    assert tok._bpe(chunk) == tok._bpe_ref(chunk)
+
+
+def test_fast_bpe_equals_the_reference_on_long_chunks(tok):
+    """Chunks of thousands of bytes (what was slow): a word, digits, CJK, and Shakespeare squeezed."""
+    from pathlib import Path
+
+    play = (Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt").read_text()[:3000]
+    for chunk in ("x" * 4096, "ab" * 2000, "0123456789" * 300, "你好世界" * 500, "".join(play.split())):
+        data = chunk.encode("utf-8")
+        assert tok._bpe(data) == tok._bpe_ref(data)
+
+
+def test_trained_tokenizer_fast_bpe_equals_the_reference():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt").read_text()[:20000]
+    trained = Tokenizer.train(text, 400)
+    for chunk in ("".join(text[:2000].split()), "the" * 300, text[:500]):
+        data = chunk.encode("utf-8")
+        assert trained._bpe(data) == trained._bpe_ref(data)
+
+
+def test_chunk_cache_is_bounded(tok, monkeypatch):
+    fresh = Tokenizer(tok.vocab, tok.merges, tok.pattern, tok.special_tokens)
+    monkeypatch.setattr(Tokenizer, "CACHE_SIZE", 100)
+    words = ["".join("abcdefghij"[int(d)] for d in str(i)) for i in range(1000)]   # 1000 different chunks
+    fresh.encode(" ".join(words))
+    assert len(fresh._cache) == 100
+    assert fresh.encode(" f jjj") == tok.encode(" f jjj")
+
+
+def test_min_tokens_is_a_lower_bound(tok):
+    for text in CORPUS + ["x" * 5000, "\x04" * 100]:
+        assert tok.min_tokens(text) <= len(tok.encode(text, disallowed_special=()))
+    assert tok.min_tokens("\x04" * 100) == 0 and tok.min_tokens("a" * 10**6) > 8192

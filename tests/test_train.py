@@ -1,5 +1,7 @@
 """train.py on tiny configs: the loss goes down, the schedule has its shape, checkpoints round-trip."""
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -140,3 +142,27 @@ def test_bad_settings_and_outputs_are_refused_before_training(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["train", "--batch-size", "0", "--no-progress"]) == 2
     assert "batch_size must be a positive int" in capsys.readouterr().err
+
+
+def test_a_header_declaring_a_huge_model_is_refused_before_allocating(tmp_path):
+    """A few hundred bytes that declare a 100-GB model: checked on the meta device, nothing allocated."""
+    huge = dict(asdict(tiny()), vocab_size=1 << 20, dim=1 << 15, n_heads=256, n_kv_heads=256, n_layers=1024)
+    path = tmp_path / "huge.safetensors"
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, str(path), metadata={"config": json.dumps(huge)})
+    assert path.stat().st_size < 1000
+    with pytest.raises(ModelFileError, match="huge.safetensors: the minillm checkpoint does not match its config"):
+        load_checkpoint(path)
+    beyond = dict(huge, n_layers=10**6)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"config": json.dumps(beyond)})
+    with pytest.raises(ModelFileError, match=r"config n_layers must be an int in \[1, 1024\], got 1000000"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    model = small_model()
+    with torch.no_grad():
+        model.layers[0].attn.wq.weight[0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_checkpoint(model, path)
+    with pytest.raises(ModelFileError, match=r"NaN or infinite values in \['layers.0.attn.wq.weight'\]"):
+        load_checkpoint(path)

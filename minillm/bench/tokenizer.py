@@ -4,6 +4,9 @@ Training: ours (pure Python, minillm/bpe.py) vs HF `tokenizers`' BpeTrainer, sam
 GPT-4 pre-split regex, same vocabulary size (256 bytes + merges), no special tokens.
 Encoding: MB of UTF-8 per second on the same text, for ours (cold chunk cache), our vocabulary
 exported to tiktoken, tiktoken's own cl100k_base, and ours running cl100k_base's merges.
+Long chunks: one chunk of letters without a space (16 and 64 KB), SmolLM2's merges, the heap BPE
+(`Tokenizer._bpe`) vs the plain reference loop (`_bpe_ref`, quadratic: timed on the 16 KB one only)
+and tiktoken on the same text.
 Wall-clock timings on a shared machine are noisy; `repeat` takes the best of several runs.
 """
 from __future__ import annotations
@@ -76,7 +79,33 @@ def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int 
         print(f"  {name:<26}{mb / seconds:8.2f} MB/s   {len(ids[name]):>8} tokens")
     assert ids["minillm"] == ids["minillm -> tiktoken"], "the tiktoken export must encode identically"
     assert ids["minillm with cl100k_base"] == ids["tiktoken cl100k_base"], "cl100k_base parity"
+    results["long_chunk_s"] = bench_long_chunk(cl100k)
     return results
+
+
+def bench_long_chunk(cl100k=None) -> dict:
+    """Seconds to encode one chunk with no split point: what was quadratic. Ours vs the reference vs tiktoken."""
+    from ..loading import gguf_path
+
+    smol = Tokenizer.from_gguf(gguf_path())
+    letters = "".join(SHAKESPEARE.read_text(encoding="utf-8")[:200_000].split())
+    letters = "".join(ch for ch in letters if ch.isascii() and ch.isalpha())
+    print("one chunk of letters without a space (SmolLM2's merges; tiktoken: cl100k_base)")
+    out = {}
+    for kb in (16, 64):
+        data = letters[:kb * 1024].encode()
+        ids, fast = _best_time(lambda: smol._bpe(data), 1)
+        row = {"heap": fast}
+        if kb <= 16:
+            ref_ids, row["reference"] = _best_time(lambda: smol._bpe_ref(data), 1)
+            assert ref_ids == ids, "heap BPE and the reference must agree"
+        if cl100k is not None:
+            row["tiktoken"] = _best_time(lambda: cl100k.encode_ordinary(data.decode()), 1)[1]
+        out[kb] = row
+        print(f"  {kb:>3} KB  heap {fast:6.3f} s" + (f"   reference {row['reference']:6.2f} s "
+              f"({row['reference'] / fast:.0f}x slower)" if "reference" in row else "")
+              + (f"   tiktoken {row['tiktoken']:6.3f} s" if "tiktoken" in row else "") + f"   {len(ids)} tokens")
+    return out
 
 
 if __name__ == "__main__":
