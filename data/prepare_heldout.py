@@ -1,4 +1,5 @@
-"""Build data/heldout.txt: modern English prose for evaluation, from Flask's documentation.
+"""Build data/heldout.txt (modern English prose, from Flask's documentation) and
+data/heldout_code.txt (Python source, Flask's own modules): two held-out texts of different domains.
 
 Provenance
 ----------
@@ -21,6 +22,10 @@ bodies of note/warning/admonition boxes, which are prose; inline markup reduced 
 (:class:`~flask.Flask` -> Flask, ``g`` -> g, `link <url>`_ -> link). Non-ASCII characters
 are kept as they are (the text is UTF-8).
 
+heldout_code.txt: the Python modules in CODE below, from src/flask/ of the same sdist, as they are
+(a header line `# file: src/flask/NAME` before each). It is the second domain chapter 3's GPTQ and
+AWQ are evaluated on; their calibration text (data/calibration.txt) holds other code (requests).
+
 Usage (a data-making script, never run by tests):
     python data/prepare_heldout.py                        # pip-downloads the sdist to a temp dir
     python data/prepare_heldout.py path/to/flask-3.0.3.tar.gz
@@ -36,6 +41,8 @@ from pathlib import Path
 SDIST = "flask-3.0.3.tar.gz"
 SDIST_SHA256 = "ceb27b0af3823ea2737928a4d99d125a06175b8512c445cbd9a9ce200ef76842"
 OUT = Path(__file__).resolve().parent / "heldout.txt"
+OUT_CODE = Path(__file__).resolve().parent / "heldout_code.txt"
+CODE = ["app.py", "ctx.py", "helpers.py", "blueprints.py", "config.py"]
 DOCS = ["design.rst", "lifecycle.rst", "appcontext.rst", "reqcontext.rst", "web-security.rst",
         "async-await.rst", "extensiondev.rst"]
 PROSE_DIRECTIVES = {"note", "warning", "admonition", "tip", "important", "attention", "caution"}
@@ -88,14 +95,17 @@ def rst_to_text(rst: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-def build(sdist: Path) -> str:
+def build(sdist: Path) -> tuple[str, str]:
+    """-> (prose of the docs pages, source of the modules)."""
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
         raise ValueError(f"{sdist} has sha256 {digest}; expected {SDIST_SHA256} (flask==3.0.3)")
     with tarfile.open(sdist) as tar:
         pages = [rst_to_text(tar.extractfile(f"flask-3.0.3/docs/{name}").read().decode("utf-8"))
                  for name in DOCS]
-    return "\n\n".join(pages)
+        modules = [f"# file: src/flask/{name}\n" + tar.extractfile(f"flask-3.0.3/src/flask/{name}").read().decode("utf-8")
+                   for name in CODE]
+    return "\n\n".join(pages), "\n".join(modules)
 
 
 def download(dest: str) -> Path:
@@ -106,9 +116,11 @@ def download(dest: str) -> Path:
 
 def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        text = build(Path(argv[0]) if argv else download(tmp))
+        text, code = build(Path(argv[0]) if argv else download(tmp))
     OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT} ({len(text.encode()):,d} bytes from {len(DOCS)} pages)")
+    OUT_CODE.write_text(code, encoding="utf-8")
+    print(f"wrote {OUT} ({len(text.encode()):,d} bytes from {len(DOCS)} pages) and {OUT_CODE} "
+          f"({len(code.encode()):,d} bytes from {len(CODE)} modules)")
 
 
 if __name__ == "__main__":

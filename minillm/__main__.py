@@ -48,7 +48,7 @@ def add_sampling_args(p):
 def add_quant_args(p):
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "gptq", "awq"],
                    help="weight-only quantization of the transformer linears (chapter 3); gptq/awq calibrate "
-                        "on data/shakespeare.txt first")
+                        "on data/calibration.txt first (a minute or two)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (must divide 576 and 1536)")
     p.add_argument("--head", default="float", choices=["float", "int8"],
                    help="int8: quantize the output head too (per channel), as llama.cpp does")
@@ -157,7 +157,7 @@ def cmd_bench(args) -> int:
         from .bench.quant import bench_quant
 
         torch.set_num_threads(args.threads)
-        bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens)
+        bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens, quality_only=args.quality_only)
     if args.what == "kv":
         import torch
 
@@ -183,6 +183,10 @@ def cmd_bench(args) -> int:
         from .bench.speculative import bench_speculative
 
         bench_speculative(new_tokens=args.new_tokens, threads=args.threads, stack=stack)
+    if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
+        from .bench.stack import bench_stack
+
+        bench_stack(new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
     if args.what == "tokenizer":
         from .bench.tokenizer import bench_tokenizer
 
@@ -201,10 +205,13 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
-                                                                     "speculative", "tokenizer"])
+                                                                     "speculative", "tokenizer", "stack"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
+    bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
+    bench.add_argument("--quality-only", action="store_true",
+                       help="quant: recompute the perplexities only, keep the committed speed figures")
     bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU)")
     bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
     add_quant_args(bench)  # speculative, tree: the model both sides decode with

@@ -12,11 +12,13 @@ from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
                compile: bool = False):
-    """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on Shakespeare,
-    8 x 128 tokens); head: None (float) | "int8"; compile: wrap in compile_decode."""
+    """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
+    data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
+    a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode."""
     model, tok = load_pretrained("smollm2-135m", dtype=dtype)
-    calibration = calibration_ids(tok, 8, 128) if quant in ("gptq", "awq") else None
-    model = quantize(model, quant, group_size=group_size, calibration=calibration, head=head)
+    calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
+    options = dict(act_order=True) if quant == "gptq" else {}
+    model = quantize(model, quant, group_size=group_size, calibration=calibration, head=head, **options)
     return (compile_decode(model) if compile else model), tok
 
 

@@ -276,14 +276,38 @@ def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
 
 
 @pytest.mark.slow
-def test_calibration_is_disjoint_from_the_evaluation_text():
+@pytest.mark.parametrize("source", ["mixture", "shakespeare"])
+def test_calibration_is_disjoint_from_the_evaluation_texts(source):
     from minillm.quant import DATA, calibration_ids
     from minillm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained("smollm2-135m")
-    calib = calibration_ids(tok, 8, 256)
-    assert calib.shape == (8, 256)
-    held = tok.encode((DATA / "heldout.txt").read_text())
+    calib = calibration_ids(tok, 24, 256, source)
+    assert calib.shape == (24, 256)
     grams = lambda ids, n=8: {tuple(ids[i:i + n]) for i in range(len(ids) - n)}  # noqa: E731
-    shared = set().union(*(grams(row.tolist()) for row in calib)) & grams(held)
-    assert not shared, f"{len(shared)} 8-token sequences appear in both"
+    ours = set().union(*(grams(row.tolist()) for row in calib))
+    for name in ("heldout.txt", "heldout_code.txt"):
+        shared = ours & grams(tok.encode((DATA / name).read_text()))
+        assert not shared, f"{len(shared)} 8-token sequences appear in both the calibration windows and {name}"
+    if source == "mixture":   # an equal share of each part: SmolLM2's answers, Shakespeare, code
+        parts = [tok.decode(row[:12].tolist()) for row in calib[::8]]
+        assert "Shakespeare" in parts[1] and "requests.sessions" in parts[2], parts
+
+
+@pytest.mark.slow
+def test_gptq_and_awq_beat_rtn_on_two_held_out_domains(smollm2):
+    """GPTQ (act-order) and AWQ calibrated on the mixture each beat round-to-nearest at int4 g64 on
+    prose (Flask's docs) and on code (Flask's modules), neither of which they saw."""
+    from minillm.perplexity import perplexity
+    from minillm.quant import DATA, calibration_ids
+
+    model, tok = smollm2
+    calib = calibration_ids(tok, 24, 256)
+    texts = {name: (DATA / name).read_text() for name in ("heldout.txt", "heldout_code.txt")}
+    ppl = lambda m: {k: perplexity(m, tok, t, max_tokens=512) for k, t in texts.items()}  # noqa: E731
+    fp32 = ppl(model)
+    rtn = ppl(quantize(copy.deepcopy(model), "int4", group_size=64, symmetric=True))
+    for method, options in (("gptq", dict(act_order=True, damp=0.01)), ("awq", {})):
+        q = ppl(quantize(copy.deepcopy(model), method, group_size=64, symmetric=True, calibration=calib, **options))
+        for name in texts:
+            assert fp32[name] < q[name] < rtn[name], (method, name, fp32[name], q[name], rtn[name])

@@ -1,11 +1,15 @@
 """Calibration for GPTQ and AWQ: which text they see, and what each block's linears receive.
 
-    calibration_ids(tok, n, T)   n windows of T tokens spread over data/shakespeare.txt (several plays),
-                                 disjoint from the evaluation text data/heldout.txt
+    calibration_ids(tok, n, T)   n windows of T tokens from data/calibration.txt, a mixture made by
+                                 data/make_calibration.py: SmolLM2's own answers to varied prompts,
+                                 Shakespeare and Python code (requests), an equal share of windows
+                                 from each; source="shakespeare": spread over the plays only (the
+                                 narrow set chapter 3 starts from). Both are disjoint from the
+                                 evaluation texts data/heldout.txt and data/heldout_code.txt
     block_inputs(model, ids)     what the first block receives (hidden states, RoPE, causal mask)
     collect_inputs(block, ...)   every Linear's inputs while the block runs (forward hooks)
 
-Not handled: calibration mixtures beyond Shakespeare (a narrow, old domain: see notebook 03).
+Not handled: choosing the mixture for a workload (calibrate on text like what you serve).
 """
 from __future__ import annotations
 
@@ -19,15 +23,44 @@ from ..model import rope_cos_sin
 DATA = Path(__file__).resolve().parents[2] / "data"
 
 
-def calibration_ids(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
-    """n_samples windows of seq_len tokens from n_samples evenly spaced places in Shakespeare (several plays)."""
-    text = (DATA / "shakespeare.txt").read_text()
-    chars = seq_len * 16                                                      # plenty of characters per window
-    starts = [i * (len(text) - chars) // n_samples for i in range(n_samples)]
-    windows = [tokenizer.encode(text[s:s + chars])[:seq_len] for s in starts]
-    if min(map(len, windows)) < seq_len:
-        raise ValueError(f"a calibration window gave {min(map(len, windows))} tokens, need {seq_len}")
-    return torch.tensor(windows)
+SOURCES = ("mixture", "shakespeare")
+
+
+def _windows(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
+    """n windows of seq_len tokens at evenly spaced places in `text`."""
+    ids = tokenizer.encode(text, disallowed_special=())
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration text of {len(ids)} tokens is shorter than one window of {seq_len}")
+    return [ids[i * (len(ids) - seq_len) // max(n - 1, 1):][:seq_len] for i in range(n)]
+
+
+def calibration_parts() -> dict[str, str]:
+    """data/calibration.txt split at its `### part: NAME` lines -> {name: text}."""
+    text = (DATA / "calibration.txt").read_text(encoding="utf-8")
+    parts = {}
+    for chunk in text.split("### part: ")[1:]:
+        name, body = chunk.split("\n", 1)
+        parts[name.strip()] = body
+    return parts
+
+
+def calibration_ids(tokenizer, n_samples: int, seq_len: int, source: str = "mixture") -> torch.Tensor:
+    """(n_samples, seq_len) token ids: from the mixture, an equal share of windows from each part
+    (the first parts take one more when n_samples does not divide); from "shakespeare", windows
+    evenly spaced over the plays."""
+    if source not in SOURCES:
+        raise ValueError(f"calibration source must be one of {SOURCES}, got {source!r}")
+    if source == "shakespeare":
+        text = (DATA / "shakespeare.txt").read_text()
+        chars = seq_len * 16                                                  # plenty of characters per window
+        starts = [i * (len(text) - chars) // n_samples for i in range(n_samples)]
+        windows = [tokenizer.encode(text[s:s + chars])[:seq_len] for s in starts]
+        if min(map(len, windows)) < seq_len:
+            raise ValueError(f"a calibration window gave {min(map(len, windows))} tokens, need {seq_len}")
+        return torch.tensor(windows)
+    parts = list(calibration_parts().values())
+    counts = [n_samples // len(parts) + (i < n_samples % len(parts)) for i in range(len(parts))]
+    return torch.tensor([w for part, n in zip(parts, counts) if n for w in _windows(tokenizer, part, n, seq_len)])
 
 
 def block_inputs(model, ids):

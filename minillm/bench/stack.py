@@ -1,0 +1,200 @@
+"""`python -m minillm bench stack`: every technique stacked, one per step, raced against llama.cpp in one run.
+
+Steps, each adding one technique to the one before (chapter 8):
+    float32, no KV cache -> + static KV cache -> + bfloat16 -> + int8 weights -> int4 g64 weights
+    with an int8 head -> + compiled decode step -> + prompt lookup -> + Token Recycling
+Two prompt sets in SmolLM2's chat template (bench speculative's): input-grounded (rewrite, fix,
+edit a given text) and open-ended (questions, stories); greedy, `new_tokens` each.
+
+For each step and set: decode tok/s (tokens after the first forward / time after it: the prefill is
+timed apart), prefill tok/s (prompt tokens / the first forward), weight bytes read per generated
+token (model bytes / tokens per forward), memory held (weights + KV cache), perplexity on
+data/heldout.txt (first `eval_tokens`), and greedy agreement with the float32 model (leading
+tokens shared, out of new_tokens). A drafter step is lossless when its tokens equal plain greedy
+decoding of the same weights; the table says on how many prompts they did. Every timing is the
+median of `repeats` runs of the whole set.
+
+The peer: llama.cpp through the `xllamacpp` wheel (its in-process server), on the same GGUF file, the
+same prompt token ids, the same thread count, greedy, `new_tokens`; its own timings (prompt and
+predicted per second). Without the wheel the row says so and holds no number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..decoding import decode_steps, make_drafter
+from ..loading import gguf_path
+from ..perplexity import nll_sum
+from ..quant import model_bytes
+from ..stack import describe, load_stack
+from .speculative import GROUNDED, OPEN_ENDED, chat_ids
+from .timing import machine_line, memory_bandwidth_gb_s
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+INT4H = dict(dtype="bfloat16", quant="int4", head="int8")
+# (label, stack, drafter, cache)
+STEPS = [
+    ("float32, no KV cache", {}, None, "none"),
+    ("+ static KV cache", {}, None, "static"),
+    ("+ bfloat16", dict(dtype="bfloat16"), None, "static"),
+    ("+ int8 weights", dict(dtype="bfloat16", quant="int8"), None, "static"),
+    ("+ int4 g64, int8 head", INT4H, None, "static"),
+    ("+ compiled step", dict(INT4H, compile=True), None, "static"),
+    ("+ prompt lookup", dict(INT4H, compile=True), "ngram", "static"),
+    ("+ Token Recycling", dict(INT4H, compile=True), "recycling", "static"),
+]
+
+
+def timed_decode(model, ids, new_tokens: int, drafter, cache: str) -> dict:
+    """One greedy run: prefill seconds, decode seconds (after the first forward), tokens, forwards."""
+    steps = decode_steps(model, ids, new_tokens, drafter, eos_token_id=None, cache=cache)
+    start = time.perf_counter()
+    first = next(steps)
+    prefill = time.perf_counter() - start
+    tokens, forwards = list(first[0]), 1
+    for chunk in steps:
+        tokens += chunk[0]
+        forwards += 1
+    return dict(prefill_s=prefill, decode_s=time.perf_counter() - start - prefill, tokens=tokens,
+                forwards=forwards, prompt_tokens=ids.shape[1])
+
+
+def measure_set(model, prompts, new_tokens: int, drafter_name, cache: str, repeats: int) -> dict:
+    """Median over `repeats` runs of the whole prompt set (a fresh drafter per prompt)."""
+    runs = []
+    for _ in range(repeats):
+        runs.append([timed_decode(model, ids, new_tokens, make_drafter(drafter_name, model) if drafter_name else None,
+                                  cache) for ids in prompts])
+    decode_s = statistics.median(sum(r["decode_s"] for r in run) for run in runs)
+    prefill_s = statistics.median(sum(r["prefill_s"] for r in run) for run in runs)
+    last = runs[-1]
+    after_first = sum(len(r["tokens"]) - 1 for r in last)  # the first forward's token is the prefill's
+    return dict(decode_tok_s=after_first / decode_s, prefill_tok_s=sum(r["prompt_tokens"] for r in last) / prefill_s,
+                tokens_per_forward=sum(len(r["tokens"]) for r in last) / sum(r["forwards"] for r in last),
+                tokens=[r["tokens"] for r in last])
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def llama_cpp(sets: dict, new_tokens: int, threads: int, repeats: int) -> dict:
+    """llama.cpp on the same GGUF and prompt ids, greedy; None values and a reason when it cannot run."""
+    try:
+        import xllamacpp as xlc
+    except ImportError as e:
+        return dict(available=False, reason=f"xllamacpp is not installed ({e}); pip install xllamacpp")
+    params = xlc.CommonParams()
+    params.model.path = str(gguf_path())
+    params.n_ctx = 2048
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    params.sampling.temp = 0.0
+    server = xlc.Server(params)
+    out = dict(available=True, version=getattr(xlc, "__version__", "unknown"))
+    for name, prompts in sets.items():
+        runs = []
+        for _ in range(repeats + 1):  # the first run warms the server up, untimed
+            runs.append([server.handle_completions({"prompt": ids[0].tolist(), "max_tokens": new_tokens,
+                                                    "temperature": 0.0, "ignore_eos": True})
+                         for ids in prompts])
+        runs = runs[1:]
+        timing = lambda run, key: sum(r["timings"][key] for r in run)  # noqa: E731
+        out[name] = dict(
+            decode_tok_s=statistics.median(timing(run, "predicted_n") / timing(run, "predicted_ms") * 1e3 for run in runs),
+            prefill_tok_s=statistics.median(timing(run, "prompt_n") / timing(run, "prompt_ms") * 1e3 for run in runs),
+            texts=[r["choices"][0]["text"] for r in runs[-1]])
+    del server
+    return out
+
+
+def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_tokens: int = 512,
+                out: str | None = str(DATA / "stack_results.json"), steps=None) -> dict:
+    torch.set_num_threads(threads)
+    steps = steps or STEPS
+    bandwidth = memory_bandwidth_gb_s()
+    print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s", flush=True)
+    tok = eval_ids = sets = None
+    rows, models, reference, plain_by_set = [], {}, {}, {}  # plain: the last drafter-free step's tokens
+    for label, stack, drafter, cache in steps:
+        key = json.dumps(stack, sort_keys=True)
+        if key not in models:
+            models.clear()                                       # one model in memory at a time
+            models[key] = load_stack(**stack)
+        model, tok = models[key]
+        if eval_ids is None:
+            eval_ids = torch.tensor(tok.encode((DATA / "heldout.txt").read_text())[:eval_tokens])
+            sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
+        n_new = new_tokens if cache != "none" else min(new_tokens, 32)   # no cache is quadratic: fewer tokens
+        warm = next(iter(sets.values()))[0]
+        for d in ([None, drafter] if drafter else [None]):           # compile every width the step uses
+            timed_decode(model, warm, 8, make_drafter(d, model) if d else None, cache)
+        row = dict(label=label, stack=describe(**stack), drafter=drafter, cache=cache, new_tokens=n_new,
+                   model_bytes=model_bytes(model))
+        inner = getattr(model, "model", model)                        # the compiled wrapper's eager model
+        nll, count = nll_sum(inner, eval_ids, eval_tokens)
+        row["perplexity"] = float(torch.tensor(nll / count).exp())
+        for name, prompts in sets.items():
+            m = measure_set(model, prompts, n_new, drafter, cache, repeats if cache != "none" else 1)
+            tokens = m.pop("tokens")
+            if label.startswith("+ static"):
+                reference[name] = tokens                              # float32 greedy: the reference
+            ref = reference.get(name)
+            m["agree_with_float32"] = (sum(leading_agreement(a, b) for a, b in zip(tokens, ref)) / len(tokens)
+                                       if ref else None)
+            if drafter:                                               # lossless: same tokens as the same weights plain
+                m["same_as_plain"] = sum(a == b for a, b in zip(tokens, plain_by_set[name]))
+            else:
+                plain_by_set[name] = tokens
+            m["bytes_per_token"] = row["model_bytes"] / m["tokens_per_forward"]
+            row[name] = m
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    peer = llama_cpp(sets, new_tokens, threads, repeats)
+    if peer["available"]:
+        for name in sets:
+            peer[name]["agree_with_float32"] = sum(
+                leading_agreement(tok.encode(t, disallowed_special=())[:new_tokens], ref)
+                for t, ref in zip(peer[name].pop("texts"), reference[name])) / len(reference[name])
+    result = dict(settings=dict(new_tokens=new_tokens, threads=threads, repeats=repeats, eval_tokens=eval_tokens,
+                                prompts={"grounded": GROUNDED, "open-ended": OPEN_ENDED}, torch=torch.__version__,
+                                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
+                                date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1)),
+                  memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows, llama_cpp=peer)
+    print_table(result)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def print_table(result: dict):
+    rows, peer = result["rows"], result["llama_cpp"]
+    print(result["settings"]["machine"], f"| memory bandwidth {result['memory_bandwidth_gb_s']} GB/s")
+    for name in ("grounded", "open-ended"):
+        ref = rows[0][name]["decode_tok_s"]
+        llama = peer[name]["decode_tok_s"] if peer.get("available") else None
+        print(f"\n{name} prompts: decode tok/s (x first step{', x llama.cpp' if llama else ''}), prefill tok/s, "
+              f"MB read per token, perplexity, leading tokens shared with float32 greedy")
+        for r in rows:
+            m = r[name]
+            vs = f"{m['decode_tok_s'] / llama:5.2f}x llama.cpp" if llama else ""
+            same = f"  lossless {m['same_as_plain']}/3" if "same_as_plain" in m else ""
+            agree = f"{m['agree_with_float32']:6.1f}" if m["agree_with_float32"] is not None else "     -"
+            print(f"  {r['label']:<24}{m['decode_tok_s']:7.1f} ({m['decode_tok_s'] / ref:5.1f}x) {vs}"
+                  f"{m['prefill_tok_s']:8.0f}{m['bytes_per_token'] / 1e6:8.1f}{r['perplexity']:8.2f}{agree}{same}")
+        if llama:
+            print(f"  {'llama.cpp (Q4_1 GGUF)':<24}{llama:7.1f}  {'':>8}{peer[name]['prefill_tok_s']:8.0f}"
+                  f"{'':>16}{peer[name]['agree_with_float32']:6.1f}")
+        else:
+            print(f"  llama.cpp: {peer.get('reason')}")
