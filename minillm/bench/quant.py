@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ from ..loading import load_pretrained
 from ..perplexity import nll_sum
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
-from .timing import decode_tok_s, machine_line, median_seconds, memory_bandwidth_gb_s
+from .timing import (decode_tok_s, machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s,
+                     write_results)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 # (label, dtype, method, options, speed): speed "full" = eager + compiled + the other kernels, "fast" = eager +
@@ -130,14 +130,10 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
                         f"{previous['settings']['date']}; perplexities recomputed with --quality-only")
     else:
         settings.update(decode_prompt_tokens=16, decode_new_tokens=new_tokens, forward_context=256,
-                        threads=torch.get_num_threads(), torch=torch.__version__,
-                        cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
-                        date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1))
+                        **machine_settings())
     result = dict(settings=settings, memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows)
     print_table(result)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {out}")
+    write_results(result, out, log)
     return result
 
 

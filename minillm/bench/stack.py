@@ -21,7 +21,6 @@ predicted per second). Without the wheel the row says so and holds no number.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,12 +28,13 @@ from pathlib import Path
 import torch
 
 from ..decoding import decode_steps, make_drafter
+from ..kv_compress import greedy_prefix_agreement as leading_agreement
 from ..loading import gguf_path
 from ..perplexity import nll_sum
 from ..quant import model_bytes
 from ..stack import describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
-from .timing import machine_line, memory_bandwidth_gb_s
+from .timing import machine_line, machine_settings, memory_bandwidth_gb_s, write_results
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 INT4H = dict(dtype="bfloat16", quant="int4", head="int8")
@@ -78,15 +78,6 @@ def measure_set(model, prompts, new_tokens: int, drafter_name, cache: str, repea
     return dict(decode_tok_s=after_first / decode_s, prefill_tok_s=sum(r["prompt_tokens"] for r in last) / prefill_s,
                 tokens_per_forward=sum(len(r["tokens"]) for r in last) / sum(r["forwards"] for r in last),
                 tokens=[r["tokens"] for r in last])
-
-
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def llama_cpp(sets: dict, new_tokens: int, threads: int, repeats: int) -> dict:
@@ -166,15 +157,11 @@ def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_
             peer[name]["agree_with_float32"] = sum(
                 leading_agreement(tok.encode(t, disallowed_special=())[:new_tokens], ref)
                 for t, ref in zip(peer[name].pop("texts"), reference[name])) / len(reference[name])
-    result = dict(settings=dict(new_tokens=new_tokens, threads=threads, repeats=repeats, eval_tokens=eval_tokens,
-                                prompts={"grounded": GROUNDED, "open-ended": OPEN_ENDED}, torch=torch.__version__,
-                                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
-                                date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1)),
+    result = dict(settings=dict(new_tokens=new_tokens, repeats=repeats, eval_tokens=eval_tokens,
+                                prompts={"grounded": GROUNDED, "open-ended": OPEN_ENDED}, **machine_settings()),
                   memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows, llama_cpp=peer)
     print_table(result)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
+    write_results(result, out)
     return result
 
 

@@ -3,8 +3,11 @@ median of timed calls), decode speed measured through the package's own decoding
 and the line that says on what machine a figure was measured."""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,3 +43,17 @@ def machine_line() -> str:
     """CPU capability, threads and versions: printed above every table of figures."""
     return (f"CPU {platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}, "
             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+
+
+def machine_settings() -> dict:
+    """What every results file records about where and when it was measured."""
+    return dict(threads=torch.get_num_threads(), torch=torch.__version__,
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
+                date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1))
+
+
+def write_results(result: dict, out, log=print) -> None:
+    """Write a bench's results as indented JSON (committed under data/), if `out` is given."""
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {out}")
