@@ -1,19 +1,46 @@
 """Chapter 8's race, run small: the bench's bookkeeping, the lossless check and the llama.cpp peer."""
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
-from minillm.bench.stack import STEPS, bench_stack, leading_agreement
+from minillm.bench.stack import STEP_TECHNIQUES, STEPS, bench_stack, predict, where_time_goes
+from minillm.model import Transformer, tiny
 
-pytestmark = pytest.mark.slow
-
-
-def test_leading_agreement():
-    assert leading_agreement([5, 6, 7], [5, 6, 9]) == 2 and leading_agreement([], [1]) == 0
+RESULTS = json.loads((Path(__file__).resolve().parents[1] / "data" / "stack_results.json").read_text())
 
 
+def test_predict_reads_the_committed_steps_and_refuses_nonsense():
+    assert [r["label"] for r in RESULTS["rows"]] == [s[0] for s in STEPS] and len(STEPS) == len(STEP_TECHNIQUES)
+    for techniques, row in zip(STEP_TECHNIQUES, RESULTS["rows"]):
+        assert predict(techniques, RESULTS)["measured_tok_s"] == row["grounded"]["decode_tok_s"]
+    plain, spec = predict(STEP_TECHNIQUES[5], RESULTS), predict(STEP_TECHNIQUES[6], RESULTS)
+    assert spec["limit_tok_s"] == pytest.approx(plain["limit_tok_s"] * spec["tokens_per_forward"])
+    assert predict(["kv_cache", "int4"], RESULTS)["measured_tok_s"] is None   # not a step: predicted only
+    assert predict([], RESULTS)["limit_tok_s"] is None                         # no cache: not a bytes-read bound
+    for bad, message in ((["kv_cache", "warp"], "unknown technique"), (["int8", "int4", "kv_cache"], "choose one"),
+                         (["compiled"], "need the KV cache")):
+        with pytest.raises(ValueError, match=message):
+            predict(bad, RESULTS)
+
+
+def test_where_time_goes_adds_up():
+    torch.manual_seed(0)
+    profile = where_time_goes(Transformer(tiny()).eval(), torch.randint(0, 512, (1, 8)), steps=4)
+    assert profile["matmul"] > 0 and profile["wall"] > 0
+    parts = sum(v for k, v in profile.items() if k != "wall")
+    assert parts == pytest.approx(profile["wall"], rel=0.05) or parts >= profile["wall"]
+
+
+@pytest.mark.slow
 def test_a_short_race_reports_every_figure_and_llama_cpp():
     steps = [STEPS[1], ("+ prompt lookup", {}, "ngram", "static")]   # float32: prompt lookup is lossless here
     result = bench_stack(new_tokens=12, threads=2, repeats=1, eval_tokens=64, out=None, steps=steps)
     plain, spec = result["rows"]
+    from minillm.kv_compress import greedy_prefix_agreement as leading_agreement
+
+    assert leading_agreement([5, 6, 7], [5, 6, 9]) == 2
     for name in ("grounded", "open-ended"):
         assert plain[name]["agree_with_float32"] == 12 and plain[name]["tokens_per_forward"] == 1
         assert spec[name]["same_as_plain"] == 3                       # identical tokens on all three prompts

@@ -1,8 +1,10 @@
 """`python -m minillm bench stack`: every technique stacked, one per step, raced against llama.cpp in one run.
 
 Steps, each adding one technique to the one before (chapter 8):
-    float32, no KV cache -> + static KV cache -> + bfloat16 -> + int8 weights -> int4 g64 weights
-    with an int8 head -> + compiled decode step -> + prompt lookup -> + Token Recycling
+    float32, no KV cache -> + static KV cache -> + bfloat16 -> + int8 weights -> int4 weights with
+    an int8 head -> + compiled decode step -> + prompt lookup -> + Token Recycling
+The int4 step is g32 asymmetric: exactly the GGUF's Q4_1 weights, the ones llama.cpp runs (its
+perplexity is float32's), so the race compares two engines on the same weights.
 Two prompt sets in SmolLM2's chat template (bench speculative's): input-grounded (rewrite, fix,
 edit a given text) and open-ended (questions, stories); greedy, `new_tokens` each.
 
@@ -21,6 +23,7 @@ predicted per second). Without the wheel the row says so and holds no number.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -37,18 +40,86 @@ from .speculative import GROUNDED, OPEN_ENDED, chat_ids
 from .timing import machine_line, machine_settings, memory_bandwidth_gb_s, write_results
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-INT4H = dict(dtype="bfloat16", quant="int4", head="int8")
+INT4H = dict(dtype="bfloat16", quant="int4", group_size=32, symmetric=False, head="int8")  # = the GGUF's Q4_1
 # (label, stack, drafter, cache)
 STEPS = [
     ("float32, no KV cache", {}, None, "none"),
     ("+ static KV cache", {}, None, "static"),
     ("+ bfloat16", dict(dtype="bfloat16"), None, "static"),
     ("+ int8 weights", dict(dtype="bfloat16", quant="int8"), None, "static"),
-    ("+ int4 g64, int8 head", INT4H, None, "static"),
+    ("+ int4 (Q4_1), int8 head", INT4H, None, "static"),
     ("+ compiled step", dict(INT4H, compile=True), None, "static"),
     ("+ prompt lookup", dict(INT4H, compile=True), "ngram", "static"),
     ("+ Token Recycling", dict(INT4H, compile=True), "recycling", "static"),
 ]
+
+
+# What each step has switched on (the int4 step replaces int8; Token Recycling replaces prompt lookup)
+TECHNIQUES = ("kv_cache", "bfloat16", "int8", "int4", "compiled", "prompt_lookup", "token_recycling")
+_BASE = ("kv_cache", "bfloat16", "int4", "compiled")
+STEP_TECHNIQUES = [(), ("kv_cache",), ("kv_cache", "bfloat16"), ("kv_cache", "bfloat16", "int8"), _BASE[:3], _BASE,
+                   _BASE + ("prompt_lookup",), _BASE + ("token_recycling",)]
+
+
+def predict(techniques, results: dict, prompts: str = "grounded") -> dict:
+    """For a set of techniques: the committed measurement if that stack was one of the steps, and the
+    bytes-read limit (bandwidth / weight bytes read per generated token) predicted from the committed
+    model sizes and tokens per forward. A name not in TECHNIQUES, or a combination that does not
+    make sense, is a ValueError that says which."""
+    chosen = set(techniques)
+    if unknown := chosen - set(TECHNIQUES):
+        raise ValueError(f"unknown technique(s) {sorted(unknown)}; choose from {list(TECHNIQUES)}")
+    if {"int8", "int4"} <= chosen:
+        raise ValueError("int8 and int4 are two weight formats: choose one")
+    if {"prompt_lookup", "token_recycling"} <= chosen:
+        raise ValueError("prompt_lookup and token_recycling are two drafters: choose one")
+    if chosen & {"prompt_lookup", "token_recycling", "compiled"} and "kv_cache" not in chosen:
+        raise ValueError("drafters and the compiled step need the KV cache: add kv_cache")
+    rows = {tuple(t): r for t, r in zip(STEP_TECHNIQUES, results["rows"])}
+    # weight bytes read per forward: those of the step with that weight format (the float parts' dtype
+    # moves a quantized model's bytes little; not modelled)
+    fmt = (*_BASE[:3],) if "int4" in chosen else ("kv_cache", "bfloat16", "int8") if "int8" in chosen else \
+        ("kv_cache", "bfloat16") if "bfloat16" in chosen else ("kv_cache",)
+    weight_bytes = rows[fmt]["model_bytes"]
+    drafter = "prompt_lookup" if "prompt_lookup" in chosen else "token_recycling" if "token_recycling" in chosen else None
+    tpf = rows[_BASE + (drafter,)][prompts]["tokens_per_forward"] if drafter else 1.0
+    measured = next((r for t, r in rows.items() if set(t) == chosen), None)
+    # without a KV cache a step recomputes the whole sequence: bound by arithmetic, not by the weights' bytes
+    limit = results["memory_bandwidth_gb_s"] * 1e9 * tpf / weight_bytes if "kv_cache" in chosen else None
+    return dict(measured_tok_s=measured[prompts]["decode_tok_s"] if measured else None, limit_tok_s=limit,
+                tokens_per_forward=tpf, weight_bytes=weight_bytes)
+
+
+def where_time_goes(model, ids, steps: int = 8) -> dict:
+    """Milliseconds per decode step by kind, from torch.profiler over `steps` cached greedy steps:
+    matmuls (dense and quantized), attention, other ops, and the rest of the wall clock (Python,
+    dispatch, the loop itself)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kinds = {"matmul": ("mm", "addmm", "linear", "matmul", "bmm", "_weight_int4pack_mm", "_weight_int8pack_mm"),
+             "attention": ("scaled_dot_product", "_flash_attention", "softmax")}
+    steps_iter = decode_steps(model, ids, steps + 1, eos_token_id=None)
+    next(steps_iter)                                                 # the prefill, not profiled
+    saved = os.dup(2)                       # the profiler's C++ side logs its start and stop on stderr
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in steps_iter:
+                pass
+            wall = time.perf_counter() - start
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    out = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        kind = next((k for k, names in kinds.items() if any(name.startswith(n) for n in names)), "other ops")
+        out[kind] += event.self_cpu_time_total / 1e3
+    out = {k: v / steps for k, v in out.items()}
+    out["Python, dispatch, loop"] = max(wall * 1e3 / steps - sum(out.values()), 0.0)
+    out["wall"] = wall * 1e3 / steps
+    return out
 
 
 def timed_decode(model, ids, new_tokens: int, drafter, cache: str) -> dict:
