@@ -251,6 +251,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
     param = next(model.parameters())
     if continue_cache and isinstance(cache, str):
         raise ValueError("continue_cache needs a cache object that holds the tokens to continue")
+    if prefill_chunk is not None and cache == "none":
+        raise ValueError("prefill_chunk needs a KV cache to hold the pieces (cache='static' or 'paged')")
     # T + max_new_tokens is enough: a proposal never has more nodes than tokens still to produce
     size = T + max_new_tokens
     size = max(model.cache_len(size), size) if hasattr(model, "cache_len") else size  # compiled: a few sizes only
@@ -371,7 +373,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
             result.draft_lengths.append(len(tree) - 1)
             chunks, last_hidden = [[tree.tokens[i] for i in path[1:]] + [extra]], hidden[path[-1]]
             flags = [True] * (len(path) - 1) + [False]
-        keep(nodes_hidden[:, path], seq.shape[1] - 1)
+        if keep_hidden:                                              # the accepted nodes entered the cache
+            keep(nodes_hidden[:, path], seq.shape[1] - 1)
 
         left = max_new_tokens - len(result.rows[0])                  # stop
         for b in range(B):          # a finished row of a batch repeats EOS until every row is done

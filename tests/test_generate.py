@@ -217,6 +217,7 @@ def test_continue_a_cache_that_holds_a_prefix(lively):
     (lambda m: dict(cache=minillm.StaticCache(m.config, 2, 32)), "holds 2 sequences, the prompt has 1 rows"),
     (lambda m: dict(cache=minillm.StaticCache(m.config, 2, 32), continue_cache=True), "holds 2 sequences"),
     (lambda m: dict(seed=1.5), "seed must be an int"),
+    (lambda m: dict(cache="none", prefill_chunk=2), "prefill_chunk needs a KV cache"),
 ])
 def test_bad_loop_settings(lively, setup, message):
     with pytest.raises(ValueError, match=message):
