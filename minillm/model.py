@@ -220,7 +220,7 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False):
+    def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False, logits_at=None):
         """idx (B, T) token ids -> logits (B, T, vocab).
 
         positions (B, T): position ids for RoPE; default: continue after what the cache holds.
@@ -230,6 +230,8 @@ class Transformer(nn.Module):
             `update(layer_idx, k, v)` -> all keys and values in view (see kv_cache.py).
         return_hidden: also return the final normed hidden states (B, T, dim), for heads
             that read them (Medusa, early exit).
+        logits_at (n,) token indices along T: compute the head only there -> logits (B, n, vocab)
+            (serving needs each request's last token only; the head is the largest matmul).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -243,7 +245,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         h = self.norm(x)
-        logits = self.output(h)       # (B, T, vocab)
+        logits = self.output(h if logits_at is None else h[:, logits_at])  # (B, T or n, vocab)
         return (logits, h) if return_hidden else logits
 
     def set_attention(self, impl: str):
