@@ -2,6 +2,7 @@
 
     python -m minillm generate --prompt "Once upon a time" --max-new-tokens 64
     python -m minillm chat --prompt "What is the capital of France?"
+    python -m minillm serve --port 8000          # OpenAI-compatible: /v1/chat/completions, ...
     python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree]
 """
 from __future__ import annotations
@@ -150,6 +151,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server (chapter 9) in the foreground, until Ctrl-C."""
+    import torch
+    import uvicorn
+
+    from .serving import Engine
+    from .serving.server import build_app
+    from .stack import describe, load_stack
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_seqs", "max_batch_tokens", "max_waiting", "threads"):
+        if getattr(args, name) < (0 if name == "max_waiting" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_waiting' else 1}, "
+                             f"got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
+    engine = Engine(model, tok, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
+                    max_waiting=args.max_waiting)
+    print(f"minillm: serving SmolLM2-135M-Instruct ({describe(args.dtype, args.quant, args.group_size, stack_head(args))}, "
+          f"continuous batching: {args.max_seqs} sequences, {args.max_batch_tokens} tokens a step, "
+          f"{args.threads} threads) at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "quant":
         import torch
@@ -222,6 +249,15 @@ def main(argv=None) -> int:
     evaluate.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (chapter 9)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--max-seqs", type=int, default=8, help="requests decoded together (default 8)")
+    serve.add_argument("--max-batch-tokens", type=int, default=64,
+                       help="tokens per step: decodes first, prompt chunks fill the rest (default 64)")
+    serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    serve.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    add_quant_args(serve)
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -237,6 +273,8 @@ def main(argv=None) -> int:
             return cmd_generate(args, chat=args.command == "chat")
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "train":
             from .train import cmd_train
             return cmd_train(args)
