@@ -169,15 +169,32 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
     engine = Engine(model, tok, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
-                    max_waiting=args.max_waiting)
+                    max_waiting=args.max_waiting, policy=args.policy)
     print(f"minillm: serving SmolLM2-135M-Instruct ({describe(args.dtype, args.quant, args.group_size, stack_head(args))}, "
-          f"continuous batching: {args.max_seqs} sequences, {args.max_batch_tokens} tokens a step, "
+          f"{args.policy} batching: {engine.scheduler.max_seqs} sequences, {args.max_batch_tokens} tokens a step, "
           f"{args.threads} threads) at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def cmd_bench(args) -> int:
+    if args.what == "serve":
+        from .bench.serve import bench_serve
+
+        rates = []
+        for rate in args.rates.split(","):
+            try:
+                rates.append(rate if rate == "burst" else float(rate))
+            except ValueError:
+                raise ValueError(f"--rates takes numbers or 'burst', comma-separated; got {rate!r}") from None
+            if rate != "burst" and not rates[-1] > 0:
+                raise ValueError(f"--rates must be > 0, got {rate!r}")
+        if min(args.requests, args.clients, args.new_tokens) < 1:
+            raise ValueError("--requests, --clients and --new-tokens must be >= 1")
+        threads = args.threads if "--threads" in sys.argv else 2
+        bench_serve(requests=args.requests, max_tokens=args.new_tokens, rates=rates, clients=args.clients,
+                    threads=threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer)
+        return 0
     if args.what == "quant":
         import torch
 
@@ -232,14 +249,20 @@ def main(argv=None) -> int:
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
-                                                                     "speculative", "tokenizer", "stack"])
+                                                                     "speculative", "tokenizer", "stack", "serve"])
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
     bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
     bench.add_argument("--quality-only", action="store_true",
                        help="quant: recompute the perplexities only, keep the committed speed figures")
-    bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU)")
+    bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU); "
+                       "serve uses 2 unless given")
+    bench.add_argument("--requests", type=int, default=16, help="serve: requests per run")
+    bench.add_argument("--clients", type=int, default=8, help="serve: requests in flight at most")
+    bench.add_argument("--rates", default="0.5,1,burst", help="serve: Poisson arrival rates (requests/s), comma-separated; "
+                       "burst: all at once")
+    bench.add_argument("--no-peer", action="store_true", help="serve: skip llama.cpp's server")
     bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
     add_quant_args(bench)  # speculative, tree: the model both sides decode with
     bench.add_argument("--compile", action="store_true", help="speculative, tree: compile the decode/verify steps")
@@ -256,6 +279,8 @@ def main(argv=None) -> int:
     serve.add_argument("--max-batch-tokens", type=int, default=64,
                        help="tokens per step: decodes first, prompt chunks fill the rest (default 64)")
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    serve.add_argument("--policy", default="continuous", choices=["continuous", "static", "serial"],
+                       help="continuous batching with chunked prefill (default), static batches, or one at a time")
     serve.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     add_quant_args(serve)
     from .train import add_train_args

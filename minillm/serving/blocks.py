@@ -77,12 +77,14 @@ class BlockManager:
         return found
 
     def admission_cost(self, tokens: list[int], n: int) -> int:
-        """At most how many available blocks opening `tokens` and computing n of its tokens takes
-        (cached blocks it shares stop being evictable, so they count too)."""
+        """How many available blocks opening `tokens` and computing n of its tokens takes (the cached
+        blocks it shares stop being evictable, so they count too)."""
         found = self._lookup(tokens)
         start = min(len(found) * self.block_size, len(tokens) - 1)
-        new = -(-(start + min(n, len(tokens) - start)) // self.block_size) - start // self.block_size
-        return new + 1 + sum(self.allocator.refcount[b] == 1 for b in found)
+        kept = -(-start // self.block_size)                      # cached blocks it keeps
+        end = start + min(n, len(tokens) - start)
+        new = -(-end // self.block_size) - kept + (1 if start % self.block_size else 0)  # + a copy on write
+        return new + sum(self.allocator.refcount[b] == 1 for b in found[:kept])
 
     def open(self, tokens: list[int]) -> tuple[int, int]:
         """A sequence for a request whose sequence is `tokens`: (handle, tokens already in the cache).

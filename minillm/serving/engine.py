@@ -40,6 +40,7 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False                              # benchmarks: always make max_tokens tokens
     id: int = 0
     output: list[int] = field(default_factory=list)       # new tokens, EOS included if reached
     finish_reason: str | None = None                      # "stop" (EOS or a stop string), "length", "abort"
@@ -94,7 +95,7 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, prompt, max_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
-            seed: int | None = None, stop=None) -> Request:
+            seed: int | None = None, stop=None, ignore_eos: bool = False) -> Request:
         """Queue a request (prompt: token ids) and return it; its fields fill in as the engine steps."""
         ids = check_input_ids(torch.as_tensor(prompt).reshape(1, -1) if not isinstance(prompt, torch.Tensor)
                               else prompt.reshape(1, -1), self.model.config, max_tokens)
@@ -115,7 +116,7 @@ class Engine:
         if len(self.scheduler.waiting) >= self.max_waiting:
             raise QueueFull(f"the queue is full ({self.max_waiting} requests wait already); try again later")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        request = Request(ids[0].tolist(), max_tokens, temperature, top_k, top_p, seed, stop, next(self.ids),
+        request = Request(ids[0].tolist(), max_tokens, temperature, top_k, top_p, seed, stop, bool(ignore_eos), next(self.ids),
                           arrival=time.perf_counter(), generator=generator)
         self.scheduler.waiting.append(request)
         return request
@@ -168,7 +169,7 @@ class Engine:
 
     def _check_stop(self, request: Request) -> None:
         eos = self.model.config.eos_token_id
-        if eos is not None and request.output[-1] == eos:
+        if eos is not None and request.output[-1] == eos and not request.ignore_eos:
             self._finish(request, "stop")
         elif request.stop and any(s in self.decode(request.output) for s in request.stop):
             self._finish(request, "stop")

@@ -9,9 +9,11 @@ request are the same operation, and one step can mix them.
     continuous  every step: each running decode first (1 token each, stall-free), then chunks of
                 prompts in prefill, then new requests admitted from the queue, all under a budget
                 of max_batch_tokens tokens and max_seqs sequences
-    static      the classic batch: admit up to max_seqs requests only when none is running; the
-                batch runs until its last request finishes (short answers wait for long ones)
-    serial      one request at a time (max_seqs = 1): the baseline every engine is measured against
+    static      the classic batch: admit up to max_seqs requests only when none is running, prefill
+                their whole prompts in one step (no budget, no chunks), decode until the last one
+                finishes (short answers wait for long ones)
+    serial      one request at a time (max_seqs = 1, whole prompt at once, as `generate` does): the
+                baseline every engine is measured against
 
 When the KV pool cannot hold a step, the request that arrived last is preempted: its blocks are
 freed and it goes back to the front of the queue with its tokens so far, to be recomputed later
@@ -45,7 +47,7 @@ class Scheduler:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.blocks, self.policy = blocks, policy
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens if policy == "continuous" else 1 << 62  # only continuous chunks
         self.max_seqs = 1 if policy == "serial" else max_seqs
         self.waiting: list = []   # FIFO; preempted requests go back to the front
         self.running: list = []   # admitted, in arrival order

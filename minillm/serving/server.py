@@ -113,6 +113,7 @@ def sampling_params(body: dict, default_max: int) -> dict:
         top_p=_field(body, "top_p", (int, float), None, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, "an integer >= 1"),
         seed=_field(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+        ignore_eos=_field(body, "ignore_eos", (bool,), False, why="true or false"),  # vLLM's and llama.cpp's extension
         stop=[stop] if isinstance(stop, str) else stop)
 
 
