@@ -79,15 +79,17 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  max_batch_tokens: int = 64, max_seqs: int = 8, policy: str = "continuous",
-                 prefix_caching: bool = True, max_waiting: int = 256):
+                 prefix_caching: bool = True, max_waiting: int = 256, prefill_chunk: int | None = None):
         """num_blocks: KV pool size (default: room for max_seqs full contexts of 1024 tokens).
-        max_batch_tokens: tokens per step (the chunk of a prefill is what the decodes leave of it).
+        max_batch_tokens: tokens per step (a prompt's chunk is what the decodes leave of it, at most
+            prefill_chunk tokens per prompt if given).
         max_waiting: requests queued before add() raises QueueFull."""
         param = next(model.parameters())
-        num_blocks = num_blocks if num_blocks is not None else max_seqs * 1024 // block_size
         self.model, self.tokenizer, self.max_waiting = model, tokenizer, max_waiting
+        self.scheduler = Scheduler(None, policy, max_batch_tokens, max_seqs, prefill_chunk)  # checks its settings
+        num_blocks = num_blocks if num_blocks is not None else max_seqs * 1024 // block_size
         self.blocks = BlockManager(model.config, num_blocks, block_size, param.dtype, param.device, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, policy, max_batch_tokens, max_seqs)
+        self.scheduler.blocks = self.blocks
         self.ids = itertools.count()
         self.trace: list[list[tuple[int, str, int]]] = []  # per step: (request id, "prefill" | "decode", tokens)
         self.stats = {"steps": 0, "tokens_computed": 0, "prefill_tokens": 0, "decode_tokens": 0,
@@ -97,10 +99,16 @@ class Engine:
     def add(self, prompt, max_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
             seed: int | None = None, stop=None, ignore_eos: bool = False) -> Request:
         """Queue a request (prompt: token ids) and return it; its fields fill in as the engine steps."""
-        ids = check_input_ids(torch.as_tensor(prompt).reshape(1, -1) if not isinstance(prompt, torch.Tensor)
-                              else prompt.reshape(1, -1), self.model.config, max_tokens)
+        if not isinstance(prompt, torch.Tensor):
+            try:
+                prompt = torch.as_tensor(prompt)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"a request takes one prompt, a flat list of token ids; got {str(prompt)[:60]}") from None
+        if prompt.dim() > 1 and prompt.shape[0] != 1 or prompt.dim() > 2:
+            raise ValueError(f"a request takes one prompt (token ids of shape (T,)); got shape {tuple(prompt.shape)}")
+        ids = check_input_ids(prompt.reshape(1, -1), self.model.config, max_tokens)
         check_sampling(temperature, top_k, top_p)
-        if max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")

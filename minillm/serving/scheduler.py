@@ -7,8 +7,8 @@ prompt (many tokens, perhaps in chunks), a decode (one token) and the recompute 
 request are the same operation, and one step can mix them.
 
     continuous  every step: each running decode first (1 token each, stall-free), then chunks of
-                prompts in prefill, then new requests admitted from the queue, all under a budget
-                of max_batch_tokens tokens and max_seqs sequences
+                prompts in prefill (at most prefill_chunk tokens each), then new requests admitted
+                from the queue, all under a budget of max_batch_tokens tokens and max_seqs sequences
     static      the classic batch: admit up to max_seqs requests only when none is running, prefill
                 their whole prompts in one step (no budget, no chunks), decode until the last one
                 finishes (short answers wait for long ones)
@@ -40,15 +40,18 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks, policy: str = "continuous", max_batch_tokens: int = 64, max_seqs: int = 8):
+    def __init__(self, blocks, policy: str = "continuous", max_batch_tokens: int = 64, max_seqs: int = 8,
+                 prefill_chunk: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_seqs", max_seqs)):
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_seqs", max_seqs),
+                            ("prefill_chunk", 1 if prefill_chunk is None else prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.blocks, self.policy = blocks, policy
         self.max_batch_tokens = max_batch_tokens if policy == "continuous" else 1 << 62  # only continuous chunks
         self.max_seqs = 1 if policy == "serial" else max_seqs
+        self.prefill_chunk = prefill_chunk if policy == "continuous" and prefill_chunk is not None else 1 << 62
         self.waiting: list = []   # FIFO; preempted requests go back to the front
         self.running: list = []   # admitted, in arrival order
 
@@ -60,11 +63,15 @@ class Scheduler:
         plan.counts.append(n)
         return self.blocks.blocks_needed(request.handle, n)
 
+    def _share(self, request, plan: Plan) -> int:
+        """Tokens `request` gets this step: what is left of the budget, at most prefill_chunk of a prompt."""
+        return min(request.left_to_compute, self.prefill_chunk, self.max_batch_tokens - plan.tokens)
+
     def plan(self) -> Plan:
         plan, reserved = Plan(), 0
         # running requests: decodes first (stall-free), then prompts still in prefill
         for request in sorted(self.running, key=lambda r: r.left_to_compute > 1):
-            n = min(request.left_to_compute, self.max_batch_tokens - plan.tokens)
+            n = self._share(request, plan)
             if n == 0 or request not in self.running:   # no budget left, or preempted for an earlier one
                 continue
             while request in self.running and not self._room(request, n, reserved):
@@ -80,12 +87,12 @@ class Scheduler:
         admit = self.policy != "static" or not self.running
         while admit and self.waiting and plan.tokens < self.max_batch_tokens and len(self.running) < self.max_seqs:
             request = self.waiting[0]
-            n = min(request.left_to_compute, self.max_batch_tokens - plan.tokens)
+            n = self._share(request, plan)
             if self.blocks.admission_cost(request.sequence, n) + reserved > self.blocks.available():
                 break                                    # the pool cannot take it yet: it waits
             self.waiting.pop(0)
             request.handle, request.computed = self.blocks.open(request.sequence)
-            n = min(request.left_to_compute, self.max_batch_tokens - plan.tokens)
+            n = self._share(request, plan)
             self.running.append(request)
             reserved += self._add(plan, request, n)
         return plan
