@@ -64,9 +64,12 @@ def cmd_generate(args, chat: bool = False) -> int:
     from .compiled import compile_decode
     from .decoding import decode_steps, DecodeResult
     from .stack import load_stack
+    from .model import smollm2_135m
+    from .tokenizer import Tokenizer
 
     if args.draft and args.tree:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
+    check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
         from kernels import interpreting
         from kernels.swap import use_kernels
@@ -79,14 +82,11 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
         raise ValueError("--compile and --kernels triton cannot be combined: choose one")
-    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
-    if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
-        use_kernels(model, args.kernels)
-    if args.compile:
-        model = compile_decode(model)
-    if tok.min_tokens(args.prompt) + max(args.max_new_tokens, 0) > model.config.max_seq_len:  # before encoding
+    tok = Tokenizer.from_pretrained("smollm2-135m")   # cached: load_stack returns this same object
+    context = smollm2_135m().max_seq_len
+    if tok.min_tokens(args.prompt) + args.max_new_tokens > context:  # before encoding a prompt that cannot fit
         raise ValueError(f"the prompt is at least {tok.min_tokens(args.prompt)} tokens long: with --max-new-tokens "
-                         f"{args.max_new_tokens} it cannot fit the model's context of {model.config.max_seq_len}")
+                         f"{args.max_new_tokens} it cannot fit the model's context of {context}")
     if chat:  # the template's markers are the only control tokens: the message is plain text
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     elif args.special == "allow":
@@ -99,6 +99,11 @@ def cmd_generate(args, chat: bool = False) -> int:
         except ValueError as e:
             raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
                              f"token or --special text to encode it as plain text") from None
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
+    if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
+        use_kernels(model, args.kernels)
+    if args.compile:
+        model = compile_decode(model)
     ids = torch.tensor([prompt_ids])
     eos = model.config.eos_token_id
     result, shown = DecodeResult(rows=[]), ""
@@ -128,6 +133,20 @@ def cmd_generate(args, chat: bool = False) -> int:
     return 0
 
 
+def check_args_before_loading(args) -> None:
+    """The checks that need no model, done before loading one (the loop repeats them where it starts)."""
+    from .decoding import check_draft_spec
+    from .sampling import check_sampling
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.draft_len is not None and not 0 <= args.draft_len <= 256:
+        raise ValueError(f"draft_len must be an int in [0, 256], got {args.draft_len}")
+    if args.draft:
+        check_draft_spec(args.draft)
+
+
 def stack_head(args):
     return None if args.head == "float" else args.head
 
@@ -141,6 +160,9 @@ def cmd_eval(args) -> int:
 
     if not Path(args.text).is_file():
         raise ValueError(f"--text must be a readable text file, got {args.text!r} (no such file)")
+    for name, value in (("context", args.context), ("max_tokens", args.max_tokens)):
+        if value is not None and value < 2:  # before loading: perplexity() says the same after
+            raise ValueError(f"{name} must be an int >= 2 (a prediction needs two tokens), got {value!r}")
     model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
     ppl, tokens = perplexity(model, tok, Path(args.text).read_text(), context=args.context,
                              max_tokens=args.max_tokens, return_tokens=True)

@@ -64,6 +64,23 @@ def make_cache(kind, config, batch_size: int, max_len: int, dtype=torch.float32,
     return None
 
 
+def check_draft_spec(spec: str):
+    """A chain drafter's name as it stands ("ngram", "layerskip:N") or its checkpoint's path
+    ("distilled", a path; "data/..." resolves from any directory); an error if it is none of them."""
+    if spec == "ngram":
+        return spec
+    if spec.startswith("layerskip:"):
+        if not spec.split(":", 1)[1].isdigit():
+            raise ValueError(f"draft 'layerskip:N' needs an integer N of layers, got {spec!r}")
+        return spec
+    path = DISTILLED_DRAFT if spec == "distilled" else Path(spec)
+    if not path.is_file() and not path.is_absolute() and (DATA_DIR.parent / path).is_file():
+        path = DATA_DIR.parent / path  # "data/..." works from any directory
+    if not path.is_file():
+        raise ValueError(f"draft {spec!r} is not 'ngram', 'layerskip:N', 'distilled' or an existing checkpoint file")
+    return path
+
+
 def make_drafter(spec, model, stop_below: float | None = None):
     """The one drafter factory. Chains: "ngram" (prompt lookup), "layerskip:N" (the model's first N
     layers), "distilled" (data/smollm2_draft.safetensors) or a draft checkpoint path. Trees:
@@ -81,15 +98,8 @@ def make_drafter(spec, model, stop_below: float | None = None):
     if spec == "medusa":
         return default_medusa_drafter(model)
     if spec.startswith("layerskip:"):
-        n = spec.split(":", 1)[1]
-        if not n.isdigit():
-            raise ValueError(f"draft 'layerskip:N' needs an integer N of layers, got {spec!r}")
-        return layer_skip_drafter(model, int(n), stop_below)
-    path = DISTILLED_DRAFT if spec == "distilled" else Path(spec)
-    if not path.is_file() and not path.is_absolute() and (DATA_DIR.parent / path).is_file():
-        path = DATA_DIR.parent / path  # "data/..." works from any directory
-    if not path.is_file():
-        raise ValueError(f"draft {spec!r} is not 'ngram', 'layerskip:N', 'distilled' or an existing checkpoint file")
+        return layer_skip_drafter(model, int(check_draft_spec(spec).split(":", 1)[1]), stop_below)
+    path = check_draft_spec(spec)
     draft = load_draft_model(path)
     if draft.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "

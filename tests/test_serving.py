@@ -53,6 +53,7 @@ def test_packed_forward_equals_each_sequence_alone(model):
 
 
 @pytest.mark.parametrize("settings_", [dict(), dict(max_batch_tokens=5, max_seqs=3), dict(policy="serial"),
+                                       dict(max_batch_tokens=40, prefill_chunk=3),
                                        dict(policy="static", max_seqs=4), dict(block_size=4, num_blocks=16)])
 def test_engine_greedy_equals_generate_alone(model, prompts, alone, settings_):
     engine = Engine(model, **settings_)
@@ -64,15 +65,15 @@ def test_engine_greedy_equals_generate_alone(model, prompts, alone, settings_):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrivals=st.lists(st.integers(0, 30), min_size=10, max_size=10), budget=st.integers(1, 48),
-       max_seqs=st.integers(1, 6), block_size=st.sampled_from([1, 3, 4, 16]), spare=st.integers(0, 40),
+       max_seqs=st.integers(1, 6), chunk=st.one_of(st.none(), st.integers(1, 16)), block_size=st.sampled_from([1, 3, 4, 16]), spare=st.integers(0, 40),
        policy=st.sampled_from(["continuous", "static"]), prefix=st.booleans())
-def test_any_arrival_schedule_leaves_outputs_unchanged(model, prompts, alone, arrivals, budget, max_seqs,
+def test_any_arrival_schedule_leaves_outputs_unchanged(model, prompts, alone, arrivals, budget, max_seqs, chunk,
                                                        block_size, spare, policy, prefix):
     """Requests arrive at random steps into a pool that may be just big enough for the largest one
     (preemptions); budget, chunking, batch size and prefix reuse vary: every output is unchanged."""
     least = max(-(-(len(p) + NEW) // block_size) for p in prompts)
     engine = Engine(model, num_blocks=least + spare, block_size=block_size, max_batch_tokens=budget,
-                    max_seqs=max_seqs, policy=policy, prefix_caching=prefix)
+                    max_seqs=max_seqs, policy=policy, prefix_caching=prefix, prefill_chunk=chunk)
     requests, step = [None] * len(prompts), 0
     while step <= max(arrivals) or engine.has_work:
         for i, at in enumerate(arrivals):
@@ -163,12 +164,20 @@ def test_abort_frees_blocks_and_queue_is_bounded(model, prompts):
     (dict(prompt=[1], max_tokens=4, seed=-3), "seed"),
     (dict(prompt=[1], max_tokens=4, stop=["x"]), "tokenizer"),
     (dict(prompt=[1], max_tokens=4, stop=[""]), "non-empty string"),
+    (dict(prompt=[[1, 2], [3]], max_tokens=4), "one prompt"),
 ])
 def test_bad_requests_get_one_clear_error(model, kwargs, message):
     engine = Engine(model)
     with pytest.raises(ValueError, match=message):
         engine.add(**kwargs)
     assert not engine.has_work
+
+
+def test_engine_settings_are_checked(model):
+    for bad, message in ((dict(policy="fifo"), "policy"), (dict(max_seqs=0), "max_seqs"),
+                         (dict(prefill_chunk=0), "prefill_chunk"), (dict(max_batch_tokens=True), "max_batch_tokens")):
+        with pytest.raises(ValueError, match=message):
+            Engine(model, **bad)
 
 
 def test_request_larger_than_the_pool_is_refused(model):
