@@ -43,6 +43,9 @@ def add_sampling_args(p):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode and verify steps with torch.compile (static cache only; "
                         "the first steps compile for a few seconds)")
+    p.add_argument("--fast", action="store_true",
+                   help="the fastest lossless stack of chapter 8's measured race (data/stack_results.json): "
+                        "it sets the dtype, weights, head, compiled step and drafter itself")
     add_quant_args(p)
 
 
@@ -63,13 +66,17 @@ def cmd_generate(args, chat: bool = False) -> int:
 
     from .compiled import compile_decode
     from .decoding import decode_steps, DecodeResult
-    from .stack import load_stack
     from .model import smollm2_135m
+    from .stack import describe, load_stack
     from .tokenizer import Tokenizer
 
     if args.draft and args.tree:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
     check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
+    stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
+                 compile=args.compile)
+    if args.fast:
+        stack = choose_fast(args)
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
         from kernels import interpreting
         from kernels.swap import use_kernels
@@ -99,10 +106,10 @@ def cmd_generate(args, chat: bool = False) -> int:
         except ValueError as e:
             raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
                              f"token or --special text to encode it as plain text") from None
-    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
+    model, tok = load_stack(**{**stack, "compile": False})
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
-    if args.compile:
+    if stack["compile"]:
         model = compile_decode(model)
     ids = torch.tensor([prompt_ids])
     eos = model.config.eos_token_id
@@ -127,6 +134,7 @@ def cmd_generate(args, chat: bool = False) -> int:
                   "accepted_per_forward": round(result.accepted_per_forward, 4)}
         if args.draft or args.tree:
             report["acceptance_rate"] = round(result.acceptance_rate, 4)
+        report["stack"] = describe(**stack) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
         print(json.dumps(report))
     else:
         print(text[len(shown):], flush=True)
@@ -145,6 +153,27 @@ def check_args_before_loading(args) -> None:
         raise ValueError(f"draft_len must be an int in [0, 256], got {args.draft_len}")
     if args.draft:
         check_draft_spec(args.draft)
+
+
+def choose_fast(args) -> dict:
+    """--fast: load_stack's arguments for the fastest lossless step measured (its drafter set on args)."""
+    import torch
+
+    from .stack import fastest_lossless
+
+    chosen = [flag for flag, on in (("--dtype", args.dtype != "float32"), ("--quant", args.quant != "none"),
+                                    ("--head", args.head != "float"), ("--compile", args.compile),
+                                    ("--draft", bool(args.draft)), ("--tree", bool(args.tree)),
+                                    ("--cache", args.cache != "static"), ("--kernels", args.kernels != "torch")) if on]
+    if chosen:
+        raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
+    best = fastest_lossless()
+    here = torch.backends.cpu.get_cpu_capability()
+    if here != best["cpu_capability"]:
+        print(f"note: --fast follows a race measured on a {best['cpu_capability']} CPU, this one is {here}: "
+              f"`python -m minillm bench stack` measures it here", file=sys.stderr, flush=True)
+    args.draft = best["drafter"]
+    return dict({"quant": "none", "head": None, "compile": False}, **best["stack"])
 
 
 def stack_head(args):

@@ -5,6 +5,9 @@ and a compiled decode step, in that order. The CLI and the benches call it; chap
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .compiled import compile_decode
 from .loading import load_pretrained
 from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
@@ -34,3 +37,35 @@ def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GRO
     elif head:
         parts.append("int8 head")
     return ", ".join(parts + (["compiled"] if compile else []))
+
+
+# Chapter 8's race, one technique added per step; bench stack measures them (data/stack_results.json)
+INT4H = dict(dtype="bfloat16", quant="int4", group_size=32, symmetric=False, head="int8")  # = the GGUF's Q4_1
+# (label, stack, drafter, cache)
+STEPS = [
+    ("float32, no KV cache", {}, None, "none"),
+    ("+ static KV cache", {}, None, "static"),
+    ("+ bfloat16", dict(dtype="bfloat16"), None, "static"),
+    ("+ int8 weights", dict(dtype="bfloat16", quant="int8"), None, "static"),
+    ("+ int4 (Q4_1), int8 head", INT4H, None, "static"),
+    ("+ compiled step", dict(INT4H, compile=True), None, "static"),
+    ("+ prompt lookup", dict(INT4H, compile=True), "ngram", "static"),
+    ("+ Token Recycling", dict(INT4H, compile=True), "recycling", "static"),
+]
+RESULTS = Path(__file__).resolve().parents[1] / "data" / "stack_results.json"
+
+
+def fastest_lossless(results: dict | None = None, prompts: str = "grounded") -> dict:
+    """The fastest step of the committed race whose tokens equal plain greedy decoding of its own
+    weights: a step without a drafter always, a drafter step only if it did on every prompt of both
+    sets (in bfloat16 near-ties can break that). Returns the step's label, stack (load_stack's
+    arguments), drafter, measured decode tok/s and the CPU capability it was measured on."""
+    results = results if results is not None else json.loads(RESULTS.read_text())
+    n_prompts = {name: len(p) for name, p in results["settings"]["prompts"].items()}
+    best = None
+    for (label, stack, drafter, cache), row in zip(STEPS, results["rows"]):
+        lossless = drafter is None or all(row[name].get("same_as_plain") == n for name, n in n_prompts.items())
+        if lossless and cache != "none" and (best is None or row[prompts]["decode_tok_s"] > best["decode_tok_s"]):
+            best = dict(label=label, stack=stack, drafter=drafter, decode_tok_s=row[prompts]["decode_tok_s"],
+                        cpu_capability=results["settings"]["cpu_capability"])
+    return best

@@ -51,3 +51,29 @@ def test_a_short_race_reports_every_figure_and_llama_cpp():
     for name in ("grounded", "open-ended"):
         assert peer[name]["decode_tok_s"] > 0 and peer[name]["prefill_tok_s"] > 0
         assert peer[name]["agree_with_float32"] >= 1   # the same model (its Q4_1 weights), greedy: it starts alike
+
+
+def test_fastest_lossless_skips_drafters_that_changed_tokens():
+    import copy
+    import json
+
+    from minillm.stack import RESULTS, STEPS, fastest_lossless
+
+    results = json.loads(RESULTS.read_text())
+    best = fastest_lossless(results)
+    row = results["rows"][[s[0] for s in STEPS].index(best["label"])]
+    assert best["drafter"] is None or all(row[n]["same_as_plain"] == 3 for n in ("grounded", "open-ended"))
+    faster = copy.deepcopy(results)                      # a drafter that kept every token and is fastest wins
+    lookup = [s[0] for s in STEPS].index("+ prompt lookup")
+    for name in ("grounded", "open-ended"):
+        faster["rows"][lookup][name].update(same_as_plain=3, decode_tok_s=1e6)
+    assert fastest_lossless(faster)["drafter"] == "ngram"
+    faster["rows"][lookup]["open-ended"]["same_as_plain"] = 2   # one prompt changed: not lossless
+    assert fastest_lossless(faster)["label"] == best["label"] != "+ prompt lookup"
+
+
+def test_fast_refuses_options_it_would_override(capsys):
+    from minillm.__main__ import main
+
+    assert main(["generate", "--prompt", "hi", "--fast", "--cache", "none", "--dtype", "bfloat16"]) == 2
+    assert "--fast chooses the stack itself: drop --dtype, --cache" in capsys.readouterr().err

@@ -42,12 +42,16 @@ def test_overlong_request_is_a_clear_error():
     assert "Traceback" not in proc.stderr
 
 
-def test_bfloat16_int4_compiled_generation_runs_and_reports_its_choices():
-    proc = run("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json", "--dtype", "bfloat16",
-               "--quant", "int4", "--head", "int8", "--compile")
+def test_fast_runs_the_fastest_lossless_stack_and_says_which():
+    """--fast: today the bfloat16, int4 (Q4_1) + int8 head, compiled step: the whole fast CPU path."""
+    from minillm.stack import describe, fastest_lossless
+
+    proc = run("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json", "--fast")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["new_token_ids"]) == 8 and out["text"]
+    best = fastest_lossless()
+    assert out["stack"] == describe(**best["stack"]) + (f", drafter {best['drafter']}" if best["drafter"] else "")
 
 
 def test_compile_with_a_cache_it_cannot_compile_is_a_clear_error():

@@ -135,7 +135,8 @@ def test_a_full_queue_answers_429(smollm2):
     with ServerThread(build_app(engine, model_name="tiny")) as running:
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 240, "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda _: httpx.post(running.url + "/completions", json=body, timeout=60), range(4)))
+            post = lambda _: httpx.post(running.url + "/completions", json=body, timeout=60)  # noqa: E731
+            replies = list(pool.map(post, range(4)))
     codes = sorted(r.status_code for r in replies)
     assert codes[0] == 200 and codes[-1] == 429
     assert all(r.json()["error"]["type"] == "rate_limit_error" for r in replies if r.status_code == 429)

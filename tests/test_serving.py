@@ -65,7 +65,8 @@ def test_engine_greedy_equals_generate_alone(model, prompts, alone, settings_):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrivals=st.lists(st.integers(0, 30), min_size=10, max_size=10), budget=st.integers(1, 48),
-       max_seqs=st.integers(1, 6), chunk=st.one_of(st.none(), st.integers(1, 16)), block_size=st.sampled_from([1, 3, 4, 16]), spare=st.integers(0, 40),
+       max_seqs=st.integers(1, 6), chunk=st.one_of(st.none(), st.integers(1, 16)),
+       block_size=st.sampled_from([1, 3, 4, 16]), spare=st.integers(0, 40),
        policy=st.sampled_from(["continuous", "static"]), prefix=st.booleans())
 def test_any_arrival_schedule_leaves_outputs_unchanged(model, prompts, alone, arrivals, budget, max_seqs, chunk,
                                                        block_size, spare, policy, prefix):

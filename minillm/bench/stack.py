@@ -35,25 +35,11 @@ from ..kv_compress import greedy_prefix_agreement as leading_agreement
 from ..loading import gguf_path
 from ..perplexity import nll_sum
 from ..quant import model_bytes
-from ..stack import describe, load_stack
+from ..stack import INT4H, STEPS, describe, load_stack  # noqa: F401  (INT4H: the benches' name)
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
 from .timing import machine_line, machine_settings, memory_bandwidth_gb_s, write_results
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-INT4H = dict(dtype="bfloat16", quant="int4", group_size=32, symmetric=False, head="int8")  # = the GGUF's Q4_1
-# (label, stack, drafter, cache)
-STEPS = [
-    ("float32, no KV cache", {}, None, "none"),
-    ("+ static KV cache", {}, None, "static"),
-    ("+ bfloat16", dict(dtype="bfloat16"), None, "static"),
-    ("+ int8 weights", dict(dtype="bfloat16", quant="int8"), None, "static"),
-    ("+ int4 (Q4_1), int8 head", INT4H, None, "static"),
-    ("+ compiled step", dict(INT4H, compile=True), None, "static"),
-    ("+ prompt lookup", dict(INT4H, compile=True), "ngram", "static"),
-    ("+ Token Recycling", dict(INT4H, compile=True), "recycling", "static"),
-]
-
-
 # What each step has switched on (the int4 step replaces int8; Token Recycling replaces prompt lookup)
 TECHNIQUES = ("kv_cache", "bfloat16", "int8", "int4", "compiled", "prompt_lookup", "token_recycling")
 _BASE = ("kv_cache", "bfloat16", "int4", "compiled")

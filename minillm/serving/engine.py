@@ -103,7 +103,8 @@ class Engine:
             try:
                 prompt = torch.as_tensor(prompt)
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"a request takes one prompt, a flat list of token ids; got {str(prompt)[:60]}") from None
+                raise ValueError(f"a request takes one prompt, a flat list of token ids; "
+                                 f"got {str(prompt)[:60]}") from None
         if prompt.dim() > 1 and prompt.shape[0] != 1 or prompt.dim() > 2:
             raise ValueError(f"a request takes one prompt (token ids of shape (T,)); got shape {tuple(prompt.shape)}")
         ids = check_input_ids(prompt.reshape(1, -1), self.model.config, max_tokens)
@@ -124,8 +125,8 @@ class Engine:
         if len(self.scheduler.waiting) >= self.max_waiting:
             raise QueueFull(f"the queue is full ({self.max_waiting} requests wait already); try again later")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        request = Request(ids[0].tolist(), max_tokens, temperature, top_k, top_p, seed, stop, bool(ignore_eos), next(self.ids),
-                          arrival=time.perf_counter(), generator=generator)
+        request = Request(ids[0].tolist(), max_tokens, temperature, top_k, top_p, seed, stop, bool(ignore_eos),
+                          next(self.ids), arrival=time.perf_counter(), generator=generator)
         self.scheduler.waiting.append(request)
         return request
 
