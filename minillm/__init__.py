@@ -5,7 +5,7 @@
     out = minillm.generate(model, torch.tensor([tok.encode("The capital of France is")]), max_new_tokens=32)
 """
 from .compiled import compile_decode
-from .decoding import decode, generate, stream
+from .decoding import decode, generate, stream, stream_text
 from .kv_cache import StaticCache
 from .loading import ModelFileError, gguf_path, load_pretrained
 from .model import Config, Transformer, smollm2_135m, tiny
@@ -14,5 +14,5 @@ from .quant import quantize
 from .sampling import sample_next
 
 __all__ = ["Config", "Transformer", "tiny", "smollm2_135m", "load_pretrained", "gguf_path", "ModelFileError",
-           "generate", "stream", "decode", "sample_next", "StaticCache",
+           "generate", "stream", "stream_text", "decode", "sample_next", "StaticCache",
            "quantize", "perplexity", "compile_decode"]

@@ -62,10 +62,8 @@ def add_quant_args(p):
 
 def cmd_generate(args, chat: bool = False) -> int:
     """generate / chat: one path through decoding.decode_steps, whatever the drafter (none, a chain, a tree)."""
-    import torch
-
     from .compiled import compile_decode
-    from .decoding import decode_steps, DecodeResult
+    from .decoding import DecodeResult, stream_text
     from .model import smollm2_135m
     from .stack import describe, load_stack
     from .tokenizer import Tokenizer
@@ -111,18 +109,14 @@ def cmd_generate(args, chat: bool = False) -> int:
         use_kernels(model, args.kernels)
     if stack["compile"]:
         model = compile_decode(model)
-    ids = torch.tensor([prompt_ids])
     eos = model.config.eos_token_id
-    result, shown = DecodeResult(rows=[]), ""
+    result = DecodeResult(rows=[])
     start = time.perf_counter()
-    for _ in decode_steps(model, ids, args.max_new_tokens, args.draft or args.tree, args.draft_len,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          cache=args.cache, result=result):
-        if not args.json:  # print what is new; a UTF-8 character split across tokens shows when complete
-            text = tok.decode([t for t in result.tokens if t != eos])
-            if not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+    for piece in stream_text(model, tok, prompt_ids, args.max_new_tokens, drafter=args.draft or args.tree,
+                             draft_len=args.draft_len, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, cache=args.cache, result=result):
+        if not args.json:  # each piece is whole characters: a UTF-8 character split across tokens waits
+            print(piece, end="", flush=True)
     seconds = time.perf_counter() - start
     new_ids = [t for t in result.tokens if t != eos]
     text = tok.decode(new_ids)
@@ -137,7 +131,7 @@ def cmd_generate(args, chat: bool = False) -> int:
         report["stack"] = describe(**stack) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
         print(json.dumps(report))
     else:
-        print(text[len(shown):], flush=True)
+        print(flush=True)
     return 0
 
 

@@ -426,6 +426,35 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None
             yield torch.tensor([c[i] for c in chunks], device=device)
 
 
+def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool = False, **kwargs):
+    """Yield the new text as it is generated, in pieces that never cut a UTF-8 character in two (a
+    character spread over several tokens comes out whole once its last token is in); EOS is not shown.
+
+    prompt: a string, encoded with tokenizer.encode (special-token text is refused, as tiktoken does),
+        or with chat=True wrapped in the chat template as the user's message (tokenizer.encode_chat:
+        the message stays plain text); or a list of token ids, used as is.
+    Keyword arguments are decode_steps' (temperature, seed, draft via drafter=..., result=..., ...).
+        stream_text(model, tok, "Once upon a time", 16) -> ",", " there", " was", ...
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    elif chat:
+        raise ValueError("chat=True takes the user's message as a string, not token ids")
+    else:
+        ids = list(prompt)
+    eos = model.config.eos_token_id if kwargs.get("eos_token_id", "config") == "config" else kwargs["eos_token_id"]
+    new, shown = [], ""
+    for chunks in decode_steps(model, torch.tensor([ids]), max_new_tokens, **kwargs):
+        new += [t for t in chunks[0] if t != eos]
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new)
+    if len(text) > len(shown):            # what an incomplete character left at the very end
+        yield text[len(shown):]
+
+
 def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | None = None, tree=None,
              **kwargs):
     """Prompt ids (B, T) -> prompt + generated ids (B, T + n); greedy unless temperature > 0.

@@ -231,3 +231,41 @@ def test_a_generator_seed_is_drawn_from_across_calls(lively):
     second = minillm.decode(lively, ids, 8, temperature=1.0, seed=g).tokens
     assert first == minillm.decode(lively, ids, 8, temperature=1.0, seed=5).tokens
     assert second != first
+
+
+
+class ByteCycle(torch.nn.Module):
+    """A stand-in model over bytes: after byte b it predicts the byte that follows b in `cycle`."""
+
+    def __init__(self, cycle: bytes):
+        super().__init__()
+        self.config = minillm.tiny(vocab_size=256, eos_token_id=None)
+        self.after = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
+        self.first = cycle[0]
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False):
+        logits = torch.full((*idx.shape, 256), -1e9)
+        for b, t in torch.cartesian_prod(torch.arange(idx.shape[0]), torch.arange(idx.shape[1])).tolist():
+            logits[b, t, self.after.get(int(idx[b, t]), self.first)] = 0.0
+        return (logits, torch.zeros(*idx.shape, 4)) if return_hidden else logits
+
+
+class Bytes:
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def test_stream_text_yields_whole_characters():
+    """"é" is 2 bytes and "😀" 4: one token per byte, and each piece waits for its character's last byte."""
+    from minillm import stream_text
+
+    model = ByteCycle("é😀".encode("utf-8"))
+    pieces = list(stream_text(model, Bytes(), "hi", 12, cache="none"))
+    assert pieces == ["é", "😀", "é", "😀"]
+    assert list(stream_text(model, Bytes(), "hi", 3, cache="none")) == ["é", "\ufffd"]   # cut mid-character: shown at the end
+    with pytest.raises(ValueError, match="chat=True takes the user's message as a string"):
+        list(stream_text(model, Bytes(), [1, 2], 4, chat=True))

@@ -35,7 +35,7 @@ from ..kv_compress import greedy_prefix_agreement as leading_agreement
 from ..loading import gguf_path
 from ..perplexity import nll_sum
 from ..quant import model_bytes
-from ..stack import INT4H, STEPS, describe, load_stack  # noqa: F401  (INT4H: the benches' name)
+from ..stack import STEPS, describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
 from .timing import machine_line, machine_settings, memory_bandwidth_gb_s, write_results
 
