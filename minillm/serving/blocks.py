@@ -19,6 +19,7 @@ Not handled: a fused paged-attention kernel (the step gathers the keys of its se
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -31,7 +32,7 @@ def block_hashes(tokens, block_size: int) -> list[bytes]:
     hashes, parent = [], b""
     for start in range(0, len(tokens) - block_size + 1, block_size):
         digest = hashlib.sha256(parent)
-        digest.update(torch.tensor(tokens[start:start + block_size], dtype=torch.int64).numpy().tobytes())
+        digest.update(array("q", tokens[start:start + block_size]).tobytes())
         parent = digest.digest()
         hashes.append(parent)
     return hashes
@@ -94,10 +95,12 @@ class BlockManager:
             return handle, 0
         r, found = self.cache.row(handle), 0
         self.query_tokens += len(tokens)
-        for block, h in zip(self._lookup(tokens), block_hashes(tokens, self.block_size)):
+        for h in block_hashes(tokens, self.block_size):
+            if h not in self.cached:
+                break
             self.cached.move_to_end(h)
-            self.allocator.share(block)
-            self.cache.block_tables[r].append(block)
+            self.allocator.share(self.cached[h])
+            self.cache.block_tables[r].append(self.cached[h])
             found += self.block_size
         self.cache.lengths[r] = found
         found = min(found, len(tokens) - 1)  # a fully cached prompt recomputes its last token

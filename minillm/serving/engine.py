@@ -168,8 +168,9 @@ class Engine:
             request.token_times.append(now)
             touched.append(request)
             self._check_stop(request)
-        for request in plan.requests:                             # full blocks become shareable prefixes
-            if request.handle is not None:
+        bs = self.blocks.block_size
+        for request, n in zip(plan.requests, plan.counts):       # blocks filled this step become shareable
+            if request.handle is not None and request.computed // bs > (request.computed - n) // bs:
                 self.blocks.register(request.handle, request.sequence)
         self.stats["steps"] += 1
         self.stats["tokens_computed"] += plan.tokens
