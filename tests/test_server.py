@@ -140,3 +140,19 @@ def test_a_full_queue_answers_429(smollm2):
     codes = sorted(r.status_code for r in replies)
     assert codes[0] == 200 and codes[-1] == 429
     assert all(r.json()["error"]["type"] == "rate_limit_error" for r in replies if r.status_code == 429)
+
+
+def test_an_engine_failure_answers_500_instead_of_hanging(smollm2, monkeypatch):
+    _, tok = smollm2
+    torch.manual_seed(0)
+    engine = Engine(Transformer(tiny(eos_token_id=None)).eval(), tok)
+
+    def broken_step():
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    with ServerThread(build_app(engine, model_name="tiny")) as running:
+        reply = httpx.post(running.url + "/completions", json={"model": "tiny", "prompt": [1, 2], "max_tokens": 4},
+                           timeout=30)
+        assert reply.status_code == 500 and "simulated" in reply.json()["error"]["message"]
+        assert not engine.has_work                                    # nothing left holding blocks

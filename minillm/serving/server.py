@@ -39,7 +39,8 @@ class HTTPError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def response(self) -> JSONResponse:
-        kind = {404: "not_found_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        kind = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error"}.get(self.status,
+                                                                                        "invalid_request_error")
         body = {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
@@ -55,7 +56,7 @@ class EngineThread:
         self.thread.start()
 
     def submit(self, prompt: list[int], **params):
-        """Add a request; returns it and the queue of (visible text, finished) updates it will get."""
+        """Add a request; returns it and the queue of (visible text, finished, failure) updates it will get."""
         queue = asyncio.Queue()
         with self.lock:
             request = self.engine.add(prompt, **params)
@@ -71,18 +72,25 @@ class EngineThread:
     def _run(self):
         while not self.closed:
             with self.lock:
-                touched = self.engine.step() if self.engine.has_work else None
-                updates = [(self.queues.get(r.id), self.engine.visible_text(r), r.finished) for r in touched or []]
-                for r in touched or []:
-                    if r.finished:
-                        self.queues.pop(r.id, None)
-            for target, text, finished in updates:
+                try:
+                    touched = self.engine.step() if self.engine.has_work else None
+                    updates = [(self.queues.pop(r.id, None) if r.finished else self.queues.get(r.id),
+                                (self.engine.visible_text(r), r.finished, None)) for r in touched or []]
+                except Exception as e:  # a bug must not hang every client: each request in flight gets a 500
+                    touched, updates = [], self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+            for target, update in updates:
                 if target is not None:
                     loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, (text, finished))
+                    loop.call_soon_threadsafe(queue.put_nowait, update)
             if touched is None:
                 self.wake.wait(0.05)
                 self.wake.clear()
+
+    def _fail_all(self, message: str) -> list:
+        requests = self.engine.scheduler.running + self.engine.scheduler.waiting
+        for request in list(requests):
+            self.engine.abort(request)
+        return [(self.queues.pop(r.id, None), ("", True, message)) for r in requests]
 
     def close(self):
         self.closed = True
@@ -198,12 +206,14 @@ def build_app(engine: Engine, model_name: str = MODEL_NAME) -> Starlette:
 
         if not stream:
             try:
-                text, finished = "", False
+                finished = False
                 while not finished:
-                    text, finished = await queue.get()
+                    _, finished, failure = await queue.get()
             finally:
                 if not request.finished:           # the client went away: give the blocks back
                     runner.abort(request)
+            if failure:
+                return HTTPError(500, failure).response()
             return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
                                  "choices": [choice(request.text, request.finish_reason, False)], "usage": usage()})
 
@@ -218,7 +228,10 @@ def build_app(engine: Engine, model_name: str = MODEL_NAME) -> Starlette:
                 if chat:
                     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 while not finished:
-                    text, finished = await queue.get()
+                    text, finished, failure = await queue.get()
+                    if failure:
+                        yield f"data: {json.dumps({'error': {'message': failure, 'type': 'server_error'}})}\n\n"
+                        return
                     if len(text) > len(sent) or finished:
                         new, sent = text[len(sent):], text
                         yield event([choice(new, request.finish_reason if finished else None, True)])
