@@ -15,6 +15,17 @@ import time
 
 from .loading import ModelFileError
 
+# Half the logical CPUs (about the physical cores where SMT doubles them), at least 1. More threads than
+# free cores makes every matmul wait for a descheduled thread: on the course's 2-core VM, float32 decode
+# measured 18.8 tok/s with 1 thread and 15.3 with 2 (idle machine), and far worse under load.
+DEFAULT_THREADS = max(1, (os.cpu_count() or 2) // 2)
+
+
+def add_threads_arg(p, default=DEFAULT_THREADS):
+    p.add_argument("--threads", type=int, default=default,
+                   help=f"torch threads (default {default}: half this machine's logical CPUs; more threads than "
+                        f"free cores slows every step down)")
+
 
 def add_sampling_args(p):
     p.add_argument("--prompt", required=True, help="the text to continue (chat: the user's message)")
@@ -46,6 +57,7 @@ def add_sampling_args(p):
     p.add_argument("--fast", action="store_true",
                    help="the fastest lossless stack of chapter 8's measured race (data/stack_results.json): "
                         "it sets the dtype, weights, head, compiled step and drafter itself")
+    add_threads_arg(p)
     add_quant_args(p)
 
 
@@ -142,6 +154,7 @@ def check_args_before_loading(args) -> None:
 
     if args.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {args.max_new_tokens}")
+    set_threads(args.threads)
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.draft_len is not None and not 0 <= args.draft_len <= 256:
         raise ValueError(f"draft_len must be an int in [0, 256], got {args.draft_len}")
@@ -170,6 +183,14 @@ def choose_fast(args) -> dict:
     return dict({"quant": "none", "head": None, "compile": False}, **best["stack"])
 
 
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def stack_head(args):
     return None if args.head == "float" else args.head
 
@@ -183,6 +204,7 @@ def cmd_eval(args) -> int:
 
     if not Path(args.text).is_file():
         raise ValueError(f"--text must be a readable text file, got {args.text!r} (no such file)")
+    set_threads(args.threads)
     for name, value in (("context", args.context), ("max_tokens", args.max_tokens)):
         if value is not None and value < 2:  # before loading: perplexity() says the same after
             raise ValueError(f"{name} must be an int >= 2 (a prediction needs two tokens), got {value!r}")
@@ -223,6 +245,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.threads is None:  # the figures committed were measured so: serve with 2, the others with 1
+        args.threads = 2 if args.what == "serve" else 1
     if args.what == "serve":
         from .bench.serve import bench_serve
 
@@ -236,9 +260,8 @@ def cmd_bench(args) -> int:
                 raise ValueError(f"--rates must be > 0, got {rate!r}")
         if min(args.requests, args.clients, args.new_tokens) < 1:
             raise ValueError("--requests, --clients and --new-tokens must be >= 1")
-        threads = args.threads if "--threads" in sys.argv else 2
         bench_serve(requests=args.requests, max_tokens=args.new_tokens, rates=rates, clients=args.clients,
-                    threads=threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer)
+                    threads=args.threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer)
         return 0
     if args.what == "quant":
         import torch
@@ -301,8 +324,8 @@ def main(argv=None) -> int:
     bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
     bench.add_argument("--quality-only", action="store_true",
                        help="quant: recompute the perplexities only, keep the committed speed figures")
-    bench.add_argument("--threads", type=int, default=1, help="quant, kv: torch threads (1: best on a shared CPU); "
-                       "serve uses 2 unless given")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default: 2 for serve, 1 for the others, as their committed figures)")
     bench.add_argument("--requests", type=int, default=16, help="serve: requests per run")
     bench.add_argument("--clients", type=int, default=8, help="serve: requests in flight at most")
     bench.add_argument("--rates", default="0.5,1,burst", help="serve: Poisson arrival rates (requests/s), comma-separated; "
@@ -317,6 +340,7 @@ def main(argv=None) -> int:
     evaluate.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_arg(evaluate)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (chapter 9)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -326,7 +350,7 @@ def main(argv=None) -> int:
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
     serve.add_argument("--policy", default="continuous", choices=["continuous", "static", "serial"],
                        help="continuous batching with chunked prefill (default), static batches, or one at a time")
-    serve.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    add_threads_arg(serve)
     add_quant_args(serve)
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
