@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from ..loading import gguf_path
 from ..serving.server import MODEL_NAME
 from ..stack import describe
 from ..tokenizer import Tokenizer
+from .stack import llama_cpp_params
 from .timing import machine_line, machine_settings, write_results
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -99,19 +99,22 @@ def run_load(url: str, model: str, prompt_ids, max_tokens: int, rate, clients: i
                 cached_tokens=sum(r["cached"] or 0 for r in records))
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now (a server started next takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def llama_cpp_server(threads: int, parallel: int, context: int):
     """llama.cpp's server (xllamacpp wheel) on the same GGUF, continuous batching on; (server, url) or (None, why)."""
     try:
         import xllamacpp as xlc
     except ImportError as e:
         return None, f"xllamacpp is not installed ({e})"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    params = xlc.CommonParams()
-    params.model.path = str(gguf_path())
-    params.n_ctx, params.n_parallel, params.cont_batching, params.port = context * parallel, parallel, True, port
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    port = free_port()
+    params = llama_cpp_params(xlc, threads, context * parallel)
+    params.n_parallel, params.cont_batching, params.port = parallel, True, port
     server = xlc.Server(params)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(200):
@@ -125,9 +128,7 @@ def llama_cpp_server(threads: int, parallel: int, context: int):
 
 def minillm_server(policy: str, threads: int, dtype: str, quant: str, max_seqs: int, max_batch_tokens: int):
     """`python -m minillm serve` in its own process, as it is deployed: (process, url) once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "minillm", "serve", "--port", str(port), "--policy", policy,
                                 "--threads", str(threads), "--dtype", dtype, "--quant", quant, "--max-seqs",
                                 str(max_seqs), "--max-batch-tokens", str(max_batch_tokens)],

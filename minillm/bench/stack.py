@@ -137,16 +137,22 @@ def measure_set(model, prompts, new_tokens: int, drafter_name, cache: str, repea
                 tokens=[r["tokens"] for r in last])
 
 
+def llama_cpp_params(xlc, threads: int, context: int):
+    """llama.cpp's settings for the wheel's GGUF: the context and the thread count, the rest its defaults."""
+    params = xlc.CommonParams()
+    params.model.path = str(gguf_path())
+    params.n_ctx = context
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    return params
+
+
 def llama_cpp(sets: dict, new_tokens: int, threads: int, repeats: int) -> dict:
     """llama.cpp on the same GGUF and prompt ids, greedy; None values and a reason when it cannot run."""
     try:
         import xllamacpp as xlc
     except ImportError as e:
         return dict(available=False, reason=f"xllamacpp is not installed ({e}); pip install xllamacpp")
-    params = xlc.CommonParams()
-    params.model.path = str(gguf_path())
-    params.n_ctx = 2048
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    params = llama_cpp_params(xlc, threads, 2048)
     params.sampling.temp = 0.0
     server = xlc.Server(params)
     out = dict(available=True, version=getattr(xlc, "__version__", "unknown"))

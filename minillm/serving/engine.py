@@ -149,8 +149,7 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:  # add() rules this out; say so if not
                 raise RuntimeError("the scheduler could place no request although the pool is empty")
             return []
-        need = sum(self.blocks.blocks_needed(r.handle, n) for r, n in zip(plan.requests, plan.counts))
-        self.blocks.make_room(need)
+        self.blocks.make_room(plan.blocks)
         chunks = [r.sequence[r.computed:r.computed + n] for r, n in zip(plan.requests, plan.counts)]
         self.trace.append([(r.id, "decode" if r.output and n == 1 and r.computed == len(r.sequence) - 1
                             else "prefill", n) for r, n in zip(plan.requests, plan.counts)])

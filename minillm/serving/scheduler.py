@@ -33,6 +33,7 @@ class Plan:
     requests: list = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     preempted: list = field(default_factory=list)
+    blocks: int = 0                      # free blocks the step takes (new blocks and copies on write)
 
     @property
     def tokens(self) -> int:
@@ -95,6 +96,7 @@ class Scheduler:
             n = self._share(request, plan)
             self.running.append(request)
             reserved += self._add(plan, request, n)
+        plan.blocks = reserved
         return plan
 
     def preempt(self, request, plan: Plan) -> None:
