@@ -1,13 +1,16 @@
-"""The command line: `python -m minillm generate | chat | bench | train ...`.
+"""The command line: `python -m minillm generate | chat | bench | eval | serve | train ...`.
 
-    python -m minillm generate --prompt "Once upon a time" --max-new-tokens 64
+    python -m minillm generate --prompt "Once upon a time" --max-new-tokens 64 --stop "."
     python -m minillm chat --prompt "What is the capital of France?"
+    python -m minillm chat --system "You are terse."       # then one user turn a line on stdin
+    python -m minillm generate --model data/moe/dense.safetensors --prompt "HELENA."   # a model trained here
     python -m minillm serve --port 8000          # OpenAI-compatible: /v1/chat/completions, ...
     python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,6 +24,16 @@ from .loading import ModelFileError
 DEFAULT_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already names it or the flag is a switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_threads_arg(p, default=DEFAULT_THREADS):
     p.add_argument("--threads", type=int, default=default,
                    help=f"torch threads (default {default}: half this machine's logical CPUs; more threads than "
@@ -28,12 +41,21 @@ def add_threads_arg(p, default=DEFAULT_THREADS):
 
 
 def add_sampling_args(p):
-    p.add_argument("--prompt", required=True, help="the text to continue (chat: the user's message)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default=None,
+                   help="the text to continue (chat: the user's message; without it, chat reads one turn a line "
+                        "from stdin and keeps the conversation)")
+    p.add_argument("--system", default=None, help="chat: the system prompt (default: SmolLM2's own)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop where this text appears, and print what came before it (repeatable)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="generate with a byte-level checkpoint made by `python -m minillm train` instead of "
+                        "SmolLM2 (e.g. data/moe/dense.safetensors)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (EOS stops sooner)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p (default: no limit)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for a repeatable run (default: none)")
     p.add_argument("--cache", default="static", choices=["static", "paged", "none"],
                    help="KV cache: static (default), paged, or none (recompute every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -73,16 +95,24 @@ def add_quant_args(p):
 
 
 def cmd_generate(args, chat: bool = False) -> int:
-    """generate / chat: one path through decoding.decode_steps, whatever the drafter (none, a chain, a tree)."""
+    """generate / chat: one path through decoding.decode_steps, whatever the drafter (none, a chain, a tree).
+
+    chat without --prompt reads the user's turns from stdin, one a line, and answers each with the
+    whole conversation so far (multi-turn); --system replaces SmolLM2's default system prompt."""
     from .compiled import compile_decode
-    from .decoding import DecodeResult, stream_text
     from .model import smollm2_135m
     from .stack import describe, load_stack
     from .tokenizer import Tokenizer
 
     if args.draft and args.tree:
         raise ValueError("give --draft (chapter 5) or --tree (chapter 6), not both")
+    if args.prompt is None and not chat:
+        raise ValueError("generate needs --prompt TEXT (chat without --prompt reads its turns from stdin)")
+    if args.system is not None and not chat:
+        raise ValueError("--system belongs to chat: generate continues --prompt as it is")
     check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
+    if args.model is not None:
+        return generate_from_checkpoint(args, chat)
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
                  compile=args.compile)
     if args.fast:
@@ -99,39 +129,84 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
         raise ValueError("--compile and --kernels triton cannot be combined: choose one")
+    if args.tree and args.temperature > 0:
+        print(f"note: --tree {args.tree} with --temperature > 0 accepts by Medusa's typical acceptance: faster, but "
+              f"the text no longer follows the model's own sampling distribution (lossy); --draft stays exact",
+              file=sys.stderr, flush=True)
     tok = Tokenizer.from_pretrained("smollm2-135m")   # cached: load_stack returns this same object
     context = smollm2_135m().max_seq_len
-    if tok.min_tokens(args.prompt) + args.max_new_tokens > context:  # before encoding a prompt that cannot fit
-        raise ValueError(f"the prompt is at least {tok.min_tokens(args.prompt)} tokens long: with --max-new-tokens "
-                         f"{args.max_new_tokens} it cannot fit the model's context of {context}")
-    if chat:  # the template's markers are the only control tokens: the message is plain text
-        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    elif args.special == "allow":
-        prompt_ids = tok.encode(args.prompt, allowed_special="all")
-    elif args.special == "text":
-        prompt_ids = tok.encode(args.prompt, disallowed_special=())
-    else:  # "refuse": special-token text in a prompt is an error that names the two options
-        try:
-            prompt_ids = tok.encode(args.prompt)
-        except ValueError as e:
-            raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
-                             f"token or --special text to encode it as plain text") from None
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    if chat and args.prompt is None:
+        prompt_ids = None
+    elif chat:  # the template's markers are the only control tokens: the message is plain text
+        prompt_ids = fit_context(tok, args, context, lambda: tok.encode_chat(
+            system + [{"role": "user", "content": args.prompt}], add_generation_prompt=True))
+    else:
+        prompt_ids = fit_context(tok, args, context, lambda: encode_prompt(tok, args))
     model, tok = load_stack(**{**stack, "compile": False})
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
         model = compile_decode(model)
-    eos = model.config.eos_token_id
+    label = describe(**stack) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
+    if prompt_ids is not None:
+        run_turn(model, tok, prompt_ids, args, label)
+        return 0
+    messages = list(system)
+    for line in sys.stdin:  # multi-turn: the conversation so far, then this turn
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        if len(ids) + args.max_new_tokens > context:
+            raise ValueError(f"the conversation is {len(ids)} tokens long: with --max-new-tokens "
+                             f"{args.max_new_tokens} it no longer fits the model's context of {context}")
+        messages.append({"role": "assistant", "content": run_turn(model, tok, ids, args, label)})
+    return 0
+
+
+def fit_context(tok, args, context: int, encode):
+    """encode() once the prompt is known to fit (a bound from its length first: no huge encode is wasted)."""
+    if tok.min_tokens(args.prompt) + args.max_new_tokens > context:
+        raise ValueError(f"the prompt is at least {tok.min_tokens(args.prompt)} tokens long: with --max-new-tokens "
+                         f"{args.max_new_tokens} it cannot fit the model's context of {context}")
+    ids = encode()
+    if len(ids) + args.max_new_tokens > context:
+        raise ValueError(f"the prompt is {len(ids)} tokens long: with --max-new-tokens {args.max_new_tokens} "
+                         f"it cannot fit the model's context of {context}")
+    return ids
+
+
+def encode_prompt(tok, args) -> list[int]:
+    """generate's prompt under --special: refused (default), control tokens (allow) or plain text."""
+    if args.special == "allow":
+        return tok.encode(args.prompt, allowed_special="all")
+    if args.special == "text":
+        return tok.encode(args.prompt, disallowed_special=())
+    try:
+        return tok.encode(args.prompt)
+    except ValueError as e:
+        raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
+                         f"token or --special text to encode it as plain text") from None
+
+
+def run_turn(model, tok, prompt_ids, args, label: str) -> str:
+    """Generate from prompt_ids: stream the text (or print one JSON object); returns the text."""
+    from .decoding import DecodeResult, stream_text
+
     result = DecodeResult(rows=[])
     start = time.perf_counter()
+    pieces = []
     for piece in stream_text(model, tok, prompt_ids, args.max_new_tokens, drafter=args.draft or args.tree,
                              draft_len=args.draft_len, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed, cache=args.cache, result=result):
+                             top_p=args.top_p, seed=args.seed, cache=args.cache, result=result, stop=args.stop):
+        pieces.append(piece)
         if not args.json:  # each piece is whole characters: a UTF-8 character split across tokens waits
             print(piece, end="", flush=True)
     seconds = time.perf_counter() - start
+    eos = model.config.eos_token_id
     new_ids = [t for t in result.tokens if t != eos]
-    text = tok.decode(new_ids)
+    text = "".join(pieces)
     if args.json:
         report = {"text": text, "prompt_tokens": len(prompt_ids), "prompt_ids": prompt_ids, "new_token_ids": new_ids,
                   "seconds": round(seconds, 4),
@@ -140,10 +215,34 @@ def cmd_generate(args, chat: bool = False) -> int:
                   "accepted_per_forward": round(result.accepted_per_forward, 4)}
         if args.draft or args.tree:
             report["acceptance_rate"] = round(result.acceptance_rate, 4)
-        report["stack"] = describe(**stack) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
-        print(json.dumps(report))
+        report["stack"] = label
+        print(json.dumps(report), flush=True)
     else:
         print(flush=True)
+    return text
+
+
+def generate_from_checkpoint(args, chat: bool) -> int:
+    """--model PATH: a byte-level checkpoint made by `python -m minillm train`, float32, plain decoding."""
+    from .loading import resolve_data_path
+    from .train import ByteTokenizer, load_checkpoint
+
+    if chat:
+        raise ValueError("--model takes a byte-level checkpoint trained here, which has no chat template: "
+                         "use generate")
+    chosen = [flag for flag, on in (("--fast", args.fast), ("--quant", args.quant != "none"),
+                                    ("--dtype", args.dtype != "float32"), ("--head", args.head != "float"),
+                                    ("--compile", args.compile), ("--draft", bool(args.draft)),
+                                    ("--tree", bool(args.tree)), ("--kernels", args.kernels != "torch"),
+                                    ("--special", args.special != "refuse")) if on]
+    if chosen:
+        raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
+    model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
+    if model.config.vocab_size != tok.vocab_size:
+        raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size}, not a byte-level (256) "
+                         f"checkpoint from `python -m minillm train`")
+    prompt_ids = fit_context(tok, args, model.config.max_seq_len, lambda: tok.encode(args.prompt))
+    run_turn(model, tok, prompt_ids, args, f"checkpoint {args.model}, float32")
     return 0
 
 
@@ -310,16 +409,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minillm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minillm", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     add_sampling_args(sub.add_parser("generate", help="continue a prompt with SmolLM2-135M-Instruct"))
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
-                                                                     "speculative", "tokenizer", "stack", "serve"])
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=64)
+                                                                     "speculative", "tokenizer", "stack", "serve"],
+                       help="which chapter's benchmark (default: model)")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="model: prompt length")
+    bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
     bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
     bench.add_argument("--quality-only", action="store_true",
@@ -343,7 +445,7 @@ def main(argv=None) -> int:
     add_threads_arg(evaluate)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (chapter 9)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
     serve.add_argument("--max-seqs", type=int, default=8, help="requests decoded together (default 8)")
     serve.add_argument("--max-batch-tokens", type=int, default=64,
                        help="tokens per step: decodes first, prompt chunks fill the rest (default 64)")
@@ -354,6 +456,11 @@ def main(argv=None) -> int:
     add_quant_args(serve)
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     for arg in argv:  # Linux hands undecodable bytes over as lone surrogates: refuse them here, by name
         try:

@@ -29,12 +29,12 @@ that arrive and leave while others decode (the serving chapter does that above t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .drafters import ModelDrafter, NgramDrafter, layer_skip_drafter, load_draft_model
 from .kv_cache import StaticCache
+from .loading import DATA_DIR, resolve_data_path
 from .medusa import default_medusa_drafter
 from .paged import PAD_POSITION, PagedCache
 from .sampling import check_input_ids, check_sampling, sample_next
@@ -43,7 +43,6 @@ from .tree import Tree, TokenRecycling, accept_greedy, accept_typical, score
 
 CACHES = ("none", "static", "paged")
 TREES = ("recycling", "medusa")
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DISTILLED_DRAFT = DATA_DIR / "smollm2_draft.safetensors"  # made by data/distill_draft.py
 
 
@@ -73,9 +72,7 @@ def check_draft_spec(spec: str):
         if not spec.split(":", 1)[1].isdigit():
             raise ValueError(f"draft 'layerskip:N' needs an integer N of layers, got {spec!r}")
         return spec
-    path = DISTILLED_DRAFT if spec == "distilled" else Path(spec)
-    if not path.is_file() and not path.is_absolute() and (DATA_DIR.parent / path).is_file():
-        path = DATA_DIR.parent / path  # "data/..." works from any directory
+    path = DISTILLED_DRAFT if spec == "distilled" else resolve_data_path(spec)
     if not path.is_file():
         raise ValueError(f"draft {spec!r} is not 'ngram', 'layerskip:N', 'distilled' or an existing checkpoint file")
     return path
@@ -426,16 +423,42 @@ def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None
             yield torch.tensor([c[i] for c in chunks], device=device)
 
 
-def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool = False, **kwargs):
+def check_stop(stop) -> list[str]:
+    """Stop strings as a list: None, one non-empty string or a list of them."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stop
+
+
+def visible_text(text: str, stop=(), finished: bool = False) -> tuple[str, bool]:
+    """(what a reader may see of generated `text` now, whether a stop string was reached).
+
+    Cut before the first stop string; while generation goes on, also hold back an incomplete UTF-8
+    character (decoded as U+FFFD) and any tail that may still grow into a stop string."""
+    cuts = [text.index(s) for s in stop if s in text]
+    if cuts:
+        return text[:min(cuts)], True
+    if finished:
+        return text, False
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold], False
+
+
+def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool = False, stop=None, **kwargs):
     """Yield the new text as it is generated, in pieces that never cut a UTF-8 character in two (a
     character spread over several tokens comes out whole once its last token is in); EOS is not shown.
 
     prompt: a string, encoded with tokenizer.encode (special-token text is refused, as tiktoken does),
         or with chat=True wrapped in the chat template as the user's message (tokenizer.encode_chat:
         the message stays plain text); or a list of token ids, used as is.
+    stop: a string or a list of them; generation ends where one appears, and the text stops just
+        before it (a tail that might still become a stop string is held back until it cannot).
     Keyword arguments are decode_steps' (temperature, seed, draft via drafter=..., result=..., ...).
         stream_text(model, tok, "Once upon a time", 16) -> ",", " there", " was", ...
     """
+    stop = check_stop(stop)
     if isinstance(prompt, str):
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     elif chat:
@@ -446,12 +469,14 @@ def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool =
     new, shown = [], ""
     for chunks in decode_steps(model, torch.tensor([ids]), max_new_tokens, **kwargs):
         new += [t for t in chunks[0] if t != eos]
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
+        text, stopped = visible_text(tokenizer.decode(new), stop)
+        if len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):            # what an incomplete character left at the very end
+        if stopped:
+            return
+    text, _ = visible_text(tokenizer.decode(new), stop, finished=True)
+    if len(text) > len(shown):            # what an incomplete character or a held-back tail left at the end
         yield text[len(shown):]
 
 

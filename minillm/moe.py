@@ -24,7 +24,9 @@ limits computed across devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -172,6 +174,19 @@ def load_cv(load) -> float:
 # ---------------------------------------------------------------------------------------------
 # The layer
 
+def check_config(c):
+    """The MoE fields of a model Config, checked; returns it."""
+    if not 1 <= c.n_experts_active <= c.n_experts:
+        raise ValueError(f"n_experts_active must be in 1..n_experts={c.n_experts}, got {c.n_experts_active}")
+    if c.moe_balance not in BALANCE_MODES:
+        raise ValueError(f"moe_balance must be one of {BALANCE_MODES}, got {c.moe_balance!r}")
+    if c.moe_capacity_factor is not None and not c.moe_capacity_factor > 0:
+        raise ValueError(f"moe_capacity_factor must be > 0 or None (dropless), got {c.moe_capacity_factor}")
+    if c.n_shared_experts < 0:
+        raise ValueError(f"n_shared_experts must be >= 0, got {c.n_shared_experts}")
+    return c
+
+
 class MoE(nn.Module):
     """Drop-in replacement for the SwiGLU FeedForward: x (B, T, D) -> (B, T, D).
 
@@ -182,15 +197,7 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        c = config
-        if not 1 <= c.n_experts_active <= c.n_experts:
-            raise ValueError(f"n_experts_active must be in 1..n_experts={c.n_experts}, got {c.n_experts_active}")
-        if c.moe_balance not in BALANCE_MODES:
-            raise ValueError(f"moe_balance must be one of {BALANCE_MODES}, got {c.moe_balance!r}")
-        if c.moe_capacity_factor is not None and not c.moe_capacity_factor > 0:
-            raise ValueError(f"moe_capacity_factor must be > 0 or None (dropless), got {c.moe_capacity_factor}")
-        if c.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be >= 0, got {c.n_shared_experts}")
+        c = check_config(config)
         self.config, E, H, D = c, c.n_experts, c.hidden_dim, c.dim
         self.router = nn.Linear(D, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, H, D) * 0.02)  # gate, one (H, D) matrix per expert
@@ -271,6 +278,37 @@ def train_callback(step: int, model) -> dict:
     loads = [layer.last_load.tolist() for layer in layers]
     return {"load": loads, "cv": [load_cv(load) for load in loads],
             "dropped": sum(layer.last_dropped for layer in layers)}
+
+
+@contextmanager
+def routing_override(model, temperature: float = 1.0, k: int | None = None, capacity_factor="unchanged"):
+    """Route a trained MoE differently for a while, to see what the router's knobs do.
+
+    temperature divides the router logits (below 1 sharpens the choice, above 1 flattens it; done by
+    scaling the router weight, since logits are linear in it); k overrides n_experts_active;
+    capacity_factor overrides the capacity (None = dropless). Everything is restored on exit.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("routing_override needs a model with MoE layers (config.n_experts > 0)")
+    changes = {}
+    if k is not None:
+        changes["n_experts_active"] = k
+    if capacity_factor != "unchanged":
+        changes["moe_capacity_factor"] = capacity_factor
+    saved = [(layer.config, layer.router.weight.data) for layer in layers]
+    try:
+        for layer in layers:
+            new = dataclasses.replace(layer.config, **changes)
+            check_config(new)
+            layer.config = new
+            layer.router.weight.data = layer.router.weight.data / temperature
+        yield model
+    finally:
+        for layer, (config, weight) in zip(layers, saved):
+            layer.config, layer.router.weight.data = config, weight
 
 
 def param_counts(model) -> dict:

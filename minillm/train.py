@@ -84,6 +84,24 @@ def bytes_to_text(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+class ByteTokenizer:
+    """The tokenizer of a model trained here: one token per UTF-8 byte (vocab 256), no special tokens."""
+
+    vocab_size = 256
+
+    def encode(self, text: str, **_) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes_to_text(ids)
+
+    def min_tokens(self, text: str) -> int:
+        return len(text.encode("utf-8"))
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True):
+        raise ValueError("a byte-level model trained here has no chat template: use generate, not chat")
+
+
 def split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """The first (1 - val_fraction) of data for training, the rest for validation.
 
@@ -249,6 +267,14 @@ def load_checkpoint(path) -> Transformer:
 # ---------------------------------------------------------------------------------------------
 # Command line: python -m minillm train --config tiny --steps 300 --out data/tiny_shakespeare.safetensors
 
+TRAIN_FLAGS = [("steps", int, "optimizer steps"), ("batch_size", int, "sequences per step"),
+               ("seq_len", int, "bytes per training sequence"), ("warmup", int, "steps of linear learning-rate warmup"),
+               ("eval_every", int, "steps between validation estimates"),
+               ("eval_steps", int, "batches per validation estimate"), ("seed", int, "seed of the weights and batches"),
+               ("lr", float, "peak learning rate (AdamW)"), ("min_lr", float, "learning rate at the end of the cosine"),
+               ("weight_decay", float, "AdamW weight decay"), ("grad_clip", float, "gradient norm clip")]
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     p.add_argument("--config", default="tiny", choices=["tiny", *tiny_moe_presets()],
@@ -256,10 +282,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", default=None, help="also write the training history as JSON here")
     p.add_argument("--data", default="data/shakespeare.txt", help="a UTF-8 text file to train on")
     p.add_argument("--out", default=None, help="where to save the .safetensors checkpoint")
-    for field in ("steps", "batch_size", "seq_len", "warmup", "eval_every", "eval_steps", "seed"):
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
-    for field in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
+    for field, kind, text in TRAIN_FLAGS:
+        p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field), help=text)
     p.add_argument("--threads", type=int, default=1, help="torch threads while training (0: leave torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 

@@ -29,12 +29,6 @@ def test_generate_json_matches_the_library(smollm2):
     assert out["text"] == tok.decode(expected)
 
 
-def test_chat_streams_an_answer():
-    proc = run("chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16")
-    assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout
-
-
 def test_overlong_request_is_a_clear_error():
     proc = run("generate", "--prompt", "hi", "--max-new-tokens", "9000")
     assert proc.returncode == 2
@@ -104,3 +98,62 @@ def test_a_closed_pipe_stops_quietly():
 def test_a_huge_prompt_is_refused_before_encoding():
     proc = run("generate", "--prompt", "a" * 100_000, "--max-new-tokens", "8000")  # >= 1235 tokens: 100 KB / 81
     assert proc.returncode == 2 and "cannot fit the model's context of 8192" in proc.stderr
+
+
+def test_help_lists_every_command_and_every_flag_says_what_and_its_default():
+    import argparse
+
+    from minillm.__main__ import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = parser.format_help()
+    for name, sub in commands.choices.items():
+        assert f"    {name} " in listed, name                        # the top-level help names it
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.default not in (None, False) and action.option_strings:
+                assert "default" in " ".join(action.help.split()).lower() or f"(default: {action.default})" in text, \
+                    f"{name} {action.option_strings[0]} does not show its default"
+
+
+def test_stop_strings_cut_generation_where_they_appear():
+    proc = run("generate", "--prompt", "1, 2, 3,", "--max-new-tokens", "30", "--stop", " 7", "--stop", "x!", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["text"] == " 4, 5, 6,"           # greedy counts on; " 7" stops it and is not shown
+    assert len(out["new_token_ids"]) < 30
+
+
+def test_chat_reads_turns_from_stdin_and_keeps_the_conversation(smollm2):
+    _, tok = smollm2
+    turns = "What is the capital of France?\nAnd of Italy?\n"
+    proc = subprocess.run([sys.executable, "-m", "minillm", "chat", "--system", "You are terse.", "--json",
+                           "--max-new-tokens", "16"], input=turns, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert "Paris" in first["text"] and "Rome" in second["text"]
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And of Italy?"}]
+    assert second["prompt_ids"] == tok.encode_chat(messages, add_generation_prompt=True)
+
+
+def test_model_path_generates_with_a_checkpoint_trained_here_from_any_directory(tmp_path):
+    from minillm.loading import DATA_DIR
+    from minillm.train import load_checkpoint, text_to_bytes
+
+    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", "data/moe/dense.safetensors",
+                           "--prompt", "HELENA.", "--max-new-tokens", "24", "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    model = load_checkpoint(DATA_DIR / "moe" / "dense.safetensors")
+    ids = text_to_bytes("HELENA.")[None]
+    assert out["new_token_ids"] == minillm.generate(model, ids, max_new_tokens=24)[0, ids.shape[1]:].tolist()
+    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", "data/moe/dense.safetensors",
+                           "--prompt", "hi", "--quant", "int4"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and "drop --quant" in proc.stderr

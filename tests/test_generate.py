@@ -269,3 +269,20 @@ def test_stream_text_yields_whole_characters():
     assert list(stream_text(model, Bytes(), "hi", 3, cache="none")) == ["é", "\ufffd"]   # cut mid-character: shown at the end
     with pytest.raises(ValueError, match="chat=True takes the user's message as a string"):
         list(stream_text(model, Bytes(), [1, 2], 4, chat=True))
+
+
+
+def test_stream_text_stops_at_a_stop_string_and_holds_back_what_may_become_one():
+    """After "hi" the cycle "abcabc..." follows; stop "ca" ends it, and "c" is held until "a" decides."""
+    from minillm import stream_text
+    from minillm.decoding import visible_text
+
+    model = ByteCycle(b"abc")
+    assert "".join(stream_text(model, Bytes(), "c", 12, cache="none", stop="ca")) == "ab"
+    assert "".join(stream_text(model, Bytes(), "c", 12, cache="none", stop=["zz", "bc"])) == "a"
+    assert "".join(stream_text(model, Bytes(), "c", 5, cache="none", stop="cb")) == "abcab"   # never met: all of it
+    assert visible_text("abc", ["cd"]) == ("ab", False)          # "c" may still become "cd"
+    assert visible_text("abc", ["cd"], finished=True) == ("abc", False)
+    assert visible_text("abcd e", ["cd", "e"]) == ("ab", True)
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        list(stream_text(model, Bytes(), "c", 4, stop=[""]))

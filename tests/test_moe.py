@@ -234,3 +234,32 @@ def test_train_loop_adds_aux_loss_and_logs_load():
                     progress=False, callback=moe.train_callback)
     assert len(history["aux_loss"]) == 3 and all(a > 0 for a in history["aux_loss"])
     assert [sum(load) for load in history["metrics"][-1]["load"]] == [2 * 16 * 2] * 2  # B*T*K per layer
+
+
+def test_routing_override_matches_a_model_built_that_way_and_restores():
+    """Temperature, k and capacity changed for a while equal a model configured so from the start
+    (temperature by its router weights scaled), and everything comes back on exit."""
+    model, ids = model_pair()
+    before = model(ids)
+    router = model.layers[0].ffn.router.weight.clone()
+    other, _ = model_pair(n_experts_active=1, moe_capacity_factor=1.0)
+    other.load_state_dict(model.state_dict())
+    for layer in moe.moe_layers(other):
+        layer.router.weight.data /= 0.5
+    with moe.routing_override(model, temperature=0.5, k=1, capacity_factor=1.0):
+        torch.testing.assert_close(model(ids), other(ids))
+        assert model.layers[0].ffn.last_dropped == other.layers[0].ffn.last_dropped
+    torch.testing.assert_close(model(ids), before)
+    assert torch.equal(model.layers[0].ffn.router.weight, router)
+    assert model.layers[0].ffn.config.n_experts_active == 2
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"temperature": 0.0}, "temperature"), ({"k": 9}, "n_experts_active"),
+                                            ({"capacity_factor": -1.0}, "moe_capacity_factor")])
+def test_routing_override_bad_values_restore(kwargs, needle):
+    model, ids = model_pair()
+    before = model(ids)
+    with pytest.raises(ValueError, match=needle):
+        with moe.routing_override(model, **kwargs):
+            pass
+    torch.testing.assert_close(model(ids), before)

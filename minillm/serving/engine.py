@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding import check_stop, visible_text
 from ..sampling import check_input_ids, check_sampling, sample_next
 from .blocks import BlockManager, packed_forward
 from .scheduler import Scheduler
@@ -113,9 +114,7 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        stop = check_stop(stop)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer: Engine(model, tokenizer)")
         blocks = -(-(ids.shape[1] + max_tokens) // self.blocks.block_size)
@@ -204,15 +203,7 @@ class Engine:
     def visible_text(self, request: Request) -> str:
         """The output's text as a client may see it now: cut before a stop string; while running,
         without an incomplete UTF-8 character or a tail that may still become a stop string."""
-        text = self.decode(request.output)
-        cuts = [text.index(s) for s in request.stop if s in text]
-        if cuts:
-            return text[:min(cuts)]
-        if request.finished:
-            return text
-        text = text.rstrip("\ufffd")
-        hold = max((k for s in request.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return text[:len(text) - hold]
+        return visible_text(self.decode(request.output), request.stop, request.finished)[0]
 
     @property
     def blocks_in_use(self) -> int:
