@@ -4,6 +4,7 @@
     python -m minillm chat --prompt "What is the capital of France?"
     python -m minillm chat --system "You are terse."       # then one user turn a line on stdin
     python -m minillm generate --model data/moe/dense.safetensors --prompt "HELENA."   # a model trained here
+    python -m minillm quantize --quant gptq --out smollm2-gptq.safetensors   # once; then generate --model it
     python -m minillm serve --port 8000          # OpenAI-compatible: /v1/chat/completions, ...
     python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree]
 """
@@ -48,8 +49,8 @@ def add_sampling_args(p):
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop where this text appears, and print what came before it (repeatable)")
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="generate with a byte-level checkpoint made by `python -m minillm train` instead of "
-                        "SmolLM2 (e.g. data/moe/dense.safetensors)")
+                   help="a SmolLM2 file saved by `python -m minillm quantize`, or a byte-level checkpoint made by "
+                        "`python -m minillm train` (generate only; e.g. data/moe/dense.safetensors)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (EOS stops sooner)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default); > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only (default: all)")
@@ -111,8 +112,15 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.system is not None and not chat:
         raise ValueError("--system belongs to chat: generate continues --prompt as it is")
     check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
-    if args.model is not None:
+    quantized = args.model is not None and is_quantized_file(args.model)
+    if args.model is not None and not quantized:
         return generate_from_checkpoint(args, chat)
+    if quantized:
+        chosen = [flag for flag, on in (("--fast", args.fast), ("--quant", args.quant != "none"),
+                                        ("--dtype", args.dtype != "float32"), ("--head", args.head != "float"))
+                  if on]
+        if chosen:
+            raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
                  compile=args.compile)
     if args.fast:
@@ -143,12 +151,20 @@ def cmd_generate(args, chat: bool = False) -> int:
             system + [{"role": "user", "content": args.prompt}], add_generation_prompt=True))
     else:
         prompt_ids = fit_context(tok, args, context, lambda: encode_prompt(tok, args))
-    model, tok = load_stack(**{**stack, "compile": False})
+    if quantized:
+        from .loading import resolve_data_path
+        from .quant import load_quantized
+
+        model = load_quantized(resolve_data_path(args.model))
+        if model.config.vocab_size != tok.vocab_size:
+            raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
+    else:
+        model, tok = load_stack(**{**stack, "compile": False}, progress=True)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
         model = compile_decode(model)
-    label = describe(**stack) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
+    label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
     if prompt_ids is not None:
         run_turn(model, tok, prompt_ids, args, label)
         return 0
@@ -220,6 +236,39 @@ def run_turn(model, tok, prompt_ids, args, label: str) -> str:
     else:
         print(flush=True)
     return text
+
+
+def is_quantized_file(path) -> bool:
+    """Whether path is a file written by quant.save_quantized (else a checkpoint from train, or an error later)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .loading import resolve_data_path
+    from .quant.storage import FORMAT
+
+    try:
+        with safe_open(str(resolve_data_path(path)), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
+def cmd_quantize(args) -> int:
+    """Quantize SmolLM2 once (GPTQ/AWQ calibrate for a minute) and save it; `generate --model PATH` loads it in seconds."""
+    from pathlib import Path
+
+    from .quant import model_bytes, save_quantized
+    from .stack import describe, load_stack
+
+    if args.quant == "none":
+        raise ValueError("--quant none leaves nothing to save: choose int8, int4, gptq or awq")
+    if Path(args.out).suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    set_threads(args.threads)
+    model, _ = load_stack(args.dtype, args.quant, args.group_size, stack_head(args), progress=True)
+    save_quantized(model, args.out)
+    print(f"{describe(args.dtype, args.quant, args.group_size, stack_head(args))}: {model_bytes(model):,d} bytes of "
+          f"weights in memory, file {Path(args.out).stat().st_size:,d} bytes -> {args.out}")
+    return 0
 
 
 def generate_from_checkpoint(args, chat: bool) -> int:
@@ -307,7 +356,7 @@ def cmd_eval(args) -> int:
     for name, value in (("context", args.context), ("max_tokens", args.max_tokens)):
         if value is not None and value < 2:  # before loading: perplexity() says the same after
             raise ValueError(f"{name} must be an int >= 2 (a prediction needs two tokens), got {value!r}")
-    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args), progress=True)
     ppl, tokens = perplexity(model, tok, Path(args.text).read_text(), context=args.context,
                              max_tokens=args.max_tokens, return_tokens=True)
     result = {"quant": args.quant, "group_size": args.group_size, "head": args.head, "dtype": args.dtype,
@@ -333,7 +382,7 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_waiting' else 1}, "
                              f"got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args))
+    model, tok = load_stack(args.dtype, args.quant, args.group_size, stack_head(args), progress=True)
     engine = Engine(model, tok, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
                     max_waiting=args.max_waiting, policy=args.policy)
     print(f"minillm: serving SmolLM2-135M-Instruct ({describe(args.dtype, args.quant, args.group_size, stack_head(args))}, "
@@ -454,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continuous batching with chunked prefill (default), static batches, or one at a time")
     add_threads_arg(serve)
     add_quant_args(serve)
+    quant = sub.add_parser("quantize", help="quantize SmolLM2 once and save it (generate --model PATH loads it)")
+    add_quant_args(quant)
+    quant.add_argument("--out", required=True, help="the .safetensors file to write")
+    add_threads_arg(quant)
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
     return parser
@@ -474,6 +527,8 @@ def main(argv=None) -> int:
             return cmd_generate(args, chat=args.command == "chat")
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "train":

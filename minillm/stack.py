@@ -6,7 +6,10 @@ and a compiled decode step, in that order. The CLI and the benches call it; chap
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .compiled import compile_decode
 from .loading import load_pretrained
@@ -14,16 +17,21 @@ from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 
 def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
-               compile: bool = False, symmetric: bool | None = None):
+               compile: bool = False, symmetric: bool | None = None, progress: bool = False):
     """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
     data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
-    symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly."""
+    symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly;
+    progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer."""
     model, tok = load_pretrained("smollm2-135m", dtype=dtype)
     calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
     options = dict(act_order=True) if quant == "gptq" else {}
-    model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,
-                     **options)
+    with tqdm(total=model.config.n_layers, desc=f"{quant} calibration, layers", file=sys.stderr,
+              disable=not (progress and calibration is not None)) as bar:
+        if calibration is not None:
+            options["progress"] = lambda layer: bar.update(1)
+        model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,
+                         **options)
     return (compile_decode(model) if compile else model), tok
 
 

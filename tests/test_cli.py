@@ -157,3 +157,23 @@ def test_model_path_generates_with_a_checkpoint_trained_here_from_any_directory(
     proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", "data/moe/dense.safetensors",
                            "--prompt", "hi", "--quant", "int4"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "drop --quant" in proc.stderr
+
+
+def test_quantize_saves_a_model_that_generate_loads(tmp_path, capsys):
+    """`quantize --out` once, then `generate --model` reads the file (in process: two model loads, not four)."""
+    from minillm.__main__ import main
+    from minillm.quant import Int8Linear, load_quantized
+
+    path = tmp_path / "smollm2-int8.safetensors"
+    assert main(["quantize", "--quant", "int8", "--out", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert main(["generate", "--model", str(path), "--prompt", "The capital of France is", "--max-new-tokens", "6",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = load_quantized(path)
+    assert isinstance(model.layers[0].attn.wq, Int8Linear)
+    ids = torch.tensor([out["prompt_ids"]])
+    assert out["new_token_ids"] == minillm.generate(model, ids, max_new_tokens=6)[0, ids.shape[1]:].tolist()
+    assert "Paris" in out["text"]
+    assert main(["quantize", "--quant", "none", "--out", str(path)]) == 2
+    assert "nothing to save" in capsys.readouterr().err

@@ -317,3 +317,19 @@ def test_gptq_and_awq_beat_rtn_on_two_held_out_domains(smollm2):
         q = ppl(quantize(copy.deepcopy(model), method, group_size=64, symmetric=True, calibration=calib, **options))
         for name in texts:
             assert fp32[name] < q[name] < rtn[name], (method, name, fp32[name], q[name], rtn[name])
+
+
+def test_load_stack_shows_calibration_progress_layer_by_layer(monkeypatch, capsys):
+    """GPTQ/AWQ calibrate for a minute on SmolLM2: the CLI's stack shows a bar, one step per layer."""
+    import minillm.stack as stack
+
+    torch.manual_seed(0)
+    tiny_model = Transformer(tiny(hidden_dim=192)).eval()
+    monkeypatch.setattr(stack, "load_pretrained", lambda name, dtype: (tiny_model, None))
+    monkeypatch.setattr(stack, "calibration_ids", lambda tok, n, T: torch.randint(0, 512, (4, 32)))
+    model, _ = stack.load_stack(quant="awq", group_size=32, progress=True)
+    err = capsys.readouterr().err
+    assert "awq calibration, layers" in err and "2/2" in err
+    assert isinstance(model.layers[0].attn.wq, Int4Linear)
+    stack.load_stack(quant="int4", group_size=32, progress=True)      # nothing to calibrate: no bar
+    assert "calibration" not in capsys.readouterr().err

@@ -226,8 +226,8 @@ def test_smollm2_tree_decoding_equals_plain_greedy(smollm2):
     model, tok = smollm2
     for text in PROMPTS:
         prompt = torch.tensor([tok.encode(text)])
-        plain = generate(model, prompt, 96, eos_token_id=None)
+        plain = generate(model, prompt, 64, eos_token_id=None)
         for drafter in (TokenRecycling(model.config.vocab_size), default_medusa_drafter(model)):
-            result = decode(model, prompt, 96, drafter, eos_token_id=None)
+            result = decode(model, prompt, 64, drafter, eos_token_id=None)
             assert result.tokens == plain[0, prompt.shape[1]:].tolist(), (text, type(drafter).__name__)
-            assert result.verify_forwards < 95  # the trees did accept something
+            assert result.verify_forwards < 63  # the trees did accept something

@@ -5,6 +5,7 @@ and `quantize`, the one entry point that dispatches to all three.
     calibration.py  calibration text and the per-block inputs GPTQ and AWQ fit to
     gptq.py         GPTQ: quantize column by column, pushing each rounding error onto later columns
     awq.py          AWQ: scale salient input channels up before rounding
+    storage.py      save_quantized / load_quantized: a quantized model in a safetensors file
 
     from minillm.quant import quantize, calibration_ids
     quantize(model, "int4")                       # RTN, group size 64, symmetric
@@ -21,6 +22,7 @@ from .formats import (DEFAULT_IMPL, Int4Linear, Int8Linear, QuantLinear, check_g
                       fake_quantize, group_params, kernels_used, model_bytes, pack_int4, quantize_groups, quantize_groups_ref,
                       quantize_with, replace_linears, set_impl, unpack_int4)
 from .gptq import gptq_quantize_model
+from .storage import load_quantized, save_quantized
 
 METHODS = ("none", "int8", "int4", "gptq", "awq")
 # SmolLM2's widths are 576 and 1536: 576 = 4.5 x 128, so the usual "g128" cannot be used; 64 divides both.
@@ -73,7 +75,7 @@ def _quantize_body(model, method, group_size, symmetric, calibration, **options)
     return awq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
 
 
-__all__ = ["quantize", "METHODS", "DEFAULT_GROUP_SIZE", "calibration_ids", "DATA", "gptq_quantize_model",
+__all__ = ["quantize", "save_quantized", "load_quantized", "METHODS", "DEFAULT_GROUP_SIZE", "calibration_ids", "DATA", "gptq_quantize_model",
            "awq_quantize_model", "DEFAULT_IMPL", "Int4Linear", "Int8Linear", "QuantLinear", "check_groups",
            "dequantize_groups", "fake_quantize", "group_params", "kernels_used", "model_bytes", "pack_int4", "quantize_groups",
            "quantize_groups_ref", "quantize_with", "replace_linears", "set_impl", "unpack_int4"]
