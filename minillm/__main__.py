@@ -42,9 +42,9 @@ def add_threads_arg(p, default=DEFAULT_THREADS):
 
 
 def add_sampling_args(p):
-    p.add_argument("--prompt", default=None,
+    p.add_argument("--prompt", action="append", default=None,
                    help="the text to continue (chat: the user's message; without it, chat reads one turn a line "
-                        "from stdin and keeps the conversation)")
+                        "from stdin and keeps the conversation); generate takes several, run as one batch")
     p.add_argument("--system", default=None, help="chat: the system prompt (default: SmolLM2's own)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop where this text appears, and print what came before it (repeatable)")
@@ -112,9 +112,20 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.system is not None and not chat:
         raise ValueError("--system belongs to chat: generate continues --prompt as it is")
     check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
+    prompts = args.prompt or []
+    if len(prompts) > 1:
+        if chat:
+            raise ValueError("chat takes one --prompt (for a conversation give none and type the turns on stdin)")
+        chosen = [flag for flag, on in (("--draft", bool(args.draft)), ("--tree", bool(args.tree)),
+                                        ("--compile", args.compile), ("--fast", args.fast),
+                                        ("--kernels", args.kernels != "torch")) if on]
+        if chosen:
+            raise ValueError(f"several --prompt run as one batch, which {', '.join(chosen)} cannot: give one "
+                             f"prompt or drop {', '.join(chosen)}")
+    args.prompt = prompts[0] if prompts else None
     quantized = args.model is not None and is_quantized_file(args.model)
     if args.model is not None and not quantized:
-        return generate_from_checkpoint(args, chat)
+        return generate_from_checkpoint(args, chat, prompts)
     if quantized:
         chosen = [flag for flag, on in (("--fast", args.fast), ("--quant", args.quant != "none"),
                                         ("--dtype", args.dtype != "float32"), ("--head", args.head != "float"))
@@ -147,10 +158,12 @@ def cmd_generate(args, chat: bool = False) -> int:
     if chat and args.prompt is None:
         prompt_ids = None
     elif chat:  # the template's markers are the only control tokens: the message is plain text
-        prompt_ids = fit_context(tok, args, context, lambda: tok.encode_chat(
+        prompt_ids = fit_context(tok, args.prompt, args, context, lambda: tok.encode_chat(
             system + [{"role": "user", "content": args.prompt}], add_generation_prompt=True))
     else:
-        prompt_ids = fit_context(tok, args, context, lambda: encode_prompt(tok, args))
+        prompt_ids = [fit_context(tok, text, args, context, lambda: encode_prompt(tok, text, args))
+                      for text in prompts]
+        prompt_ids = prompt_ids[0] if len(prompts) == 1 else prompt_ids
     if quantized:
         from .loading import resolve_data_path
         from .quant import load_quantized
@@ -165,6 +178,9 @@ def cmd_generate(args, chat: bool = False) -> int:
     if stack["compile"]:
         model = compile_decode(model)
     label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
+    if len(prompts) > 1:
+        run_batch(model, tok, prompt_ids, args, label)
+        return 0
     if prompt_ids is not None:
         run_turn(model, tok, prompt_ids, args, label)
         return 0
@@ -181,10 +197,10 @@ def cmd_generate(args, chat: bool = False) -> int:
     return 0
 
 
-def fit_context(tok, args, context: int, encode):
+def fit_context(tok, text: str, args, context: int, encode):
     """encode() once the prompt is known to fit (a bound from its length first: no huge encode is wasted)."""
-    if tok.min_tokens(args.prompt) + args.max_new_tokens > context:
-        raise ValueError(f"the prompt is at least {tok.min_tokens(args.prompt)} tokens long: with --max-new-tokens "
+    if tok.min_tokens(text) + args.max_new_tokens > context:
+        raise ValueError(f"the prompt is at least {tok.min_tokens(text)} tokens long: with --max-new-tokens "
                          f"{args.max_new_tokens} it cannot fit the model's context of {context}")
     ids = encode()
     if len(ids) + args.max_new_tokens > context:
@@ -193,17 +209,39 @@ def fit_context(tok, args, context: int, encode):
     return ids
 
 
-def encode_prompt(tok, args) -> list[int]:
+def encode_prompt(tok, text: str, args) -> list[int]:
     """generate's prompt under --special: refused (default), control tokens (allow) or plain text."""
     if args.special == "allow":
-        return tok.encode(args.prompt, allowed_special="all")
+        return tok.encode(text, allowed_special="all")
     if args.special == "text":
-        return tok.encode(args.prompt, disallowed_special=())
+        return tok.encode(text, disallowed_special=())
     try:
-        return tok.encode(args.prompt)
+        return tok.encode(text)
     except ValueError as e:
         raise ValueError(f"{str(e).split('. Pass')[0]}; pass --special allow to encode it as a control "
                          f"token or --special text to encode it as plain text") from None
+
+
+def run_batch(model, tok, batch, args, label: str) -> None:
+    """Several prompts decoded together (one batch, left-padded under an attention mask): each completion
+    in turn, separated by a line "---", or one JSON object a line with --json."""
+    from .decoding import check_stop, decode, visible_text
+
+    stop = check_stop(args.stop)
+    start = time.perf_counter()
+    result = decode(model, batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, cache=args.cache)
+    seconds = time.perf_counter() - start
+    eos = model.config.eos_token_id
+    for i, (ids, row) in enumerate(zip(batch, result.rows)):
+        new_ids = row[:row.index(eos)] if eos is not None and eos in row else row
+        text, _ = visible_text(tok.decode(new_ids), stop, finished=True)
+        if args.json:
+            print(json.dumps({"index": i, "text": text, "prompt_tokens": len(ids), "prompt_ids": ids,
+                              "new_token_ids": new_ids, "batch_size": len(batch), "batch_seconds": round(seconds, 4),
+                              "stack": label}), flush=True)
+        else:
+            print(("---\n" if i else "") + text, flush=True)
 
 
 def run_turn(model, tok, prompt_ids, args, label: str) -> str:
@@ -271,7 +309,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def generate_from_checkpoint(args, chat: bool) -> int:
+def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     """--model PATH: a byte-level checkpoint made by `python -m minillm train`, float32, plain decoding."""
     from .loading import resolve_data_path
     from .train import ByteTokenizer, load_checkpoint
@@ -287,11 +325,17 @@ def generate_from_checkpoint(args, chat: bool) -> int:
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
     model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
+    args.prompt = prompts
     if model.config.vocab_size != tok.vocab_size:
         raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size}, not a byte-level (256) "
                          f"checkpoint from `python -m minillm train`")
-    prompt_ids = fit_context(tok, args, model.config.max_seq_len, lambda: tok.encode(args.prompt))
-    run_turn(model, tok, prompt_ids, args, f"checkpoint {args.model}, float32")
+    prompt_ids = [fit_context(tok, text, args, model.config.max_seq_len, lambda: tok.encode(text))
+                  for text in args.prompt]
+    label = f"checkpoint {args.model}, float32"
+    if len(prompt_ids) > 1:
+        run_batch(model, tok, prompt_ids, args, label)
+    else:
+        run_turn(model, tok, prompt_ids[0], args, label)
     return 0
 
 

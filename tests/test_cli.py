@@ -177,3 +177,21 @@ def test_quantize_saves_a_model_that_generate_loads(tmp_path, capsys):
     assert "Paris" in out["text"]
     assert main(["quantize", "--quant", "none", "--out", str(path)]) == 2
     assert "nothing to save" in capsys.readouterr().err
+
+
+def test_several_prompts_run_as_one_batch_and_each_equals_its_own_run(smollm2, capsys):
+    from minillm.__main__ import main
+
+    model, tok = smollm2
+    texts = ["The capital of France is", "1, 2, 3,"]                  # 5 and 8 tokens: the first is left-padded
+    args = ["generate", "--max-new-tokens", "10", "--json"] + [a for t in texts for a in ("--prompt", t)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and rows[0]["batch_size"] == 2
+    for text, row in zip(texts, rows):
+        ids = torch.tensor([tok.encode(text)])
+        alone = minillm.generate(model, ids, max_new_tokens=10)[0, ids.shape[1]:].tolist()
+        assert row["new_token_ids"] == (alone[:alone.index(2)] if 2 in alone else alone)
+        assert row["text"] == tok.decode(row["new_token_ids"])
+    assert main(["generate", "--prompt", "a", "--prompt", "b", "--draft", "ngram"]) == 2
+    assert "several --prompt run as one batch" in capsys.readouterr().err
