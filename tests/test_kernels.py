@@ -343,3 +343,12 @@ def test_gpu_smollm2_64_tokens_identical(smollm2):
     finally:
         use_kernels(model, "torch")
         model.to("cpu")
+
+
+def test_tensor_traffic_counts_reads_and_writes_of_eager_ops_not_views():
+    from kernels.traffic import tensor_traffic
+
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    assert tensor_traffic(lambda: x + y, x.numel()) == (3.0, ["add"])               # two reads, one write
+    # transpose and reshape are views: only mul (read, write) and sum (read, write one of 32 elements) move data
+    assert tensor_traffic(lambda: (x.t().reshape(8, 4) * 2).sum(), x.numel()) == (2 + 1 + 1 / 32, ["mul", "sum"])

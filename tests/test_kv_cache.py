@@ -416,3 +416,18 @@ def test_smollm2_compressed_caches_stay_close(smol):
     for policy in ("streaming", "h2o"):
         ppl, _, cache = teacher_forced(model, ids, lambda: EvictingCache(model.config, 1, L // 2, policy), chunk=L // 2)
         assert ppl < 1.25 * full and cache.nbytes() == (L // 2 + 1) * kv_bytes_per_token(model.config, 4)
+
+
+def test_bench_cache_speed_and_batch_throughput_report_every_row(capsys):
+    """The two speed tables of `bench kv` (chapter 2) run every cache and batch size, on a tiny model."""
+    from minillm.bench.kv import bench_batch_throughput, bench_cache_speed
+
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    ids = torch.randint(0, 512, (1, 400), generator=torch.Generator().manual_seed(0))
+    speeds = bench_cache_speed(model, ids, context=24, steps=4)
+    assert set(speeds) == {"static float32", "paged", "int8", "streaming 24"} and min(speeds.values()) > 0
+    batch = bench_batch_throughput(model, ids, sizes=(1, 2), context=8, steps=3)
+    assert set(batch) == {1, 2} and min(batch.values()) > 0
+    out = capsys.readouterr().out
+    assert "capability" in out and "B = 2" in out

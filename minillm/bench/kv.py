@@ -2,7 +2,9 @@
 
 1. Decode speed with and without a cache at 128 and 1,024 tokens of context, same run: without a
    cache each new token re-runs the whole sequence; with one it runs one token against stored k, v.
-2. Memory per token, and what grouped-query attention saves.
+2. Memory per token, and what grouped-query attention saves. Decode speed with each cache (float32
+   static, paged, int8, StreamingLLM eviction) at one context, and batched throughput at B = 1, 4, 8
+   (paged): what batching buys, and why paging, which lets sequences of any length share one pool, exists.
 3. Quality vs budget: int8 and eviction (StreamingLLM, H2O) against the full cache, on data/heldout.txt:
    cache bytes holding the text, perplexity (teacher-forced, token by token after the first `budget`), top-1
    agreement with the full cache on that text, and free-running greedy agreement (tokens until the
@@ -10,13 +12,14 @@
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
-from ..decoding import decode
+from ..decoding import decode, decode_steps
 from ..kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from ..loading import load_pretrained
 from .timing import decode_tok_s, machine_line
@@ -46,6 +49,39 @@ def bench_memory(config):
           f"without GQA ({config.n_heads} KV heads instead of {config.n_kv_heads}): {mha:,.0f} B float32 "
           f"({mha / per_token:.0f}x)")
     return per_token
+
+
+@torch.inference_mode()
+def bench_cache_speed(model, text_ids, context: int = 128, steps: int = 24) -> dict:
+    """Decode tok/s after `context` tokens with each kind of cache, same run; eviction keeps `context`
+    tokens, so every decode step evicts one."""
+    c = model.config
+    makers = {"static float32": lambda: "static", "paged": lambda: "paged",
+              "int8": lambda: QuantizedCache(c, 1, context + steps + 2),
+              f"streaming {context}": lambda: EvictingCache(c, 1, context)}
+    print(f"decode speed by cache after {context} tokens, {machine_line()}")
+    rows = {}
+    for name, make in makers.items():
+        rows[name] = decode_tok_s(model, text_ids[:, :context], steps, cache=make())
+        print(f"{name:<16}{rows[name]:>8.1f} tok/s {rows[name] / rows['static float32']:>6.2f}x", flush=True)
+    return rows
+
+
+@torch.inference_mode()
+def bench_batch_throughput(model, text_ids, sizes=(1, 4, 8), context: int = 64, steps: int = 16) -> dict:
+    """Generated tokens per second over a batch of B different prompts (paged cache), B = sizes."""
+    print(f"batched decode throughput (paged cache, {context}-token prompts), {machine_line()}")
+    rows = {}
+    for B in sizes:
+        ids = text_ids[0, :B * context].view(B, context)        # B different stretches of the text
+        steps_iter = decode_steps(model, ids, steps + 2, eos_token_id=None, cache="paged")
+        next(steps_iter), next(steps_iter)                      # prefill and one warm-up step, untimed
+        produced, start = 0, time.perf_counter()
+        for chunks in steps_iter:
+            produced += sum(len(row) for row in chunks)
+        rows[B] = produced / (time.perf_counter() - start)
+        print(f"B = {B}: {rows[B]:7.1f} tok/s {rows[B] / rows[sizes[0]]:6.2f}x B = {sizes[0]}", flush=True)
+    return rows
 
 
 @torch.inference_mode()
@@ -91,5 +127,7 @@ def bench_kv(quality: bool = True, text_tokens: int = 384):
     text_ids = torch.tensor([tok.encode(HELDOUT.read_text())])
     bench_speed(model, text_ids)
     bench_memory(model.config)
+    bench_cache_speed(model, text_ids)
+    bench_batch_throughput(model, text_ids)
     if quality:
         bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300])
