@@ -325,12 +325,11 @@ def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
     model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
-    args.prompt = prompts
     if model.config.vocab_size != tok.vocab_size:
         raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size}, not a byte-level (256) "
                          f"checkpoint from `python -m minillm train`")
     prompt_ids = [fit_context(tok, text, args, model.config.max_seq_len, lambda: tok.encode(text))
-                  for text in args.prompt]
+                  for text in prompts]
     label = f"checkpoint {args.model}, float32"
     if len(prompt_ids) > 1:
         run_batch(model, tok, prompt_ids, args, label)
