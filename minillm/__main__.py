@@ -35,6 +35,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Whether each option of generate/chat was given (differs from its default): the commands that cannot
+# honour an option name it in their refusal.
+GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--dtype": lambda a: a.dtype != "float32",
+         "--head": lambda a: a.head != "float", "--compile": lambda a: a.compile, "--draft": lambda a: bool(a.draft),
+         "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
+         "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse"}
+
+
+def flags_given(args, *flags) -> list[str]:
+    return [flag for flag in flags if GIVEN[flag](args)]
+
+
 def add_threads_arg(p, default=DEFAULT_THREADS):
     p.add_argument("--threads", type=int, default=default,
                    help=f"torch threads (default {default}: half this machine's logical CPUs; more threads than "
@@ -116,9 +128,7 @@ def cmd_generate(args, chat: bool = False) -> int:
     if len(prompts) > 1:
         if chat:
             raise ValueError("chat takes one --prompt (for a conversation give none and type the turns on stdin)")
-        chosen = [flag for flag, on in (("--draft", bool(args.draft)), ("--tree", bool(args.tree)),
-                                        ("--compile", args.compile), ("--fast", args.fast),
-                                        ("--kernels", args.kernels != "torch")) if on]
+        chosen = flags_given(args, "--draft", "--tree", "--compile", "--fast", "--kernels")
         if chosen:
             raise ValueError(f"several --prompt run as one batch, which {', '.join(chosen)} cannot: give one "
                              f"prompt or drop {', '.join(chosen)}")
@@ -127,9 +137,7 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.model is not None and not quantized:
         return generate_from_checkpoint(args, chat, prompts)
     if quantized:
-        chosen = [flag for flag, on in (("--fast", args.fast), ("--quant", args.quant != "none"),
-                                        ("--dtype", args.dtype != "float32"), ("--head", args.head != "float"))
-                  if on]
+        chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head")
         if chosen:
             raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
@@ -317,11 +325,8 @@ def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     if chat:
         raise ValueError("--model takes a byte-level checkpoint trained here, which has no chat template: "
                          "use generate")
-    chosen = [flag for flag, on in (("--fast", args.fast), ("--quant", args.quant != "none"),
-                                    ("--dtype", args.dtype != "float32"), ("--head", args.head != "float"),
-                                    ("--compile", args.compile), ("--draft", bool(args.draft)),
-                                    ("--tree", bool(args.tree)), ("--kernels", args.kernels != "torch"),
-                                    ("--special", args.special != "refuse")) if on]
+    chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head", "--compile", "--draft", "--tree",
+                         "--kernels", "--special")
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
     model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
@@ -359,10 +364,8 @@ def choose_fast(args) -> dict:
 
     from .stack import fastest_lossless
 
-    chosen = [flag for flag, on in (("--dtype", args.dtype != "float32"), ("--quant", args.quant != "none"),
-                                    ("--head", args.head != "float"), ("--compile", args.compile),
-                                    ("--draft", bool(args.draft)), ("--tree", bool(args.tree)),
-                                    ("--cache", args.cache != "static"), ("--kernels", args.kernels != "torch")) if on]
+    chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--draft", "--tree", "--cache",
+                         "--kernels")
     if chosen:
         raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
     best = fastest_lossless()

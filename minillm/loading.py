@@ -271,6 +271,18 @@ def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     return load_gguf_model(path, dtype=dtype, reader=reader), Tokenizer.from_gguf(reader)
 
 
+def check_shapes(path, shapes: dict, expected: dict, problem: str, error=None) -> None:
+    """{name: shape} of a file against what its header says it must hold: one error naming the file,
+    the missing, unexpected and wrongly shaped tensors (three of each at most)."""
+    if shapes == expected:
+        return
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{n} {shapes[n]} (expected {expected[n]})" for n in sorted(set(shapes) & set(expected))
+             if shapes[n] != expected[n]]
+    raise (error or ModelFileError)(f"{path}: {problem}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                                    f"wrong shapes {wrong[:3]}")
+
+
 def read_checkpoint(path, what: str = "minillm checkpoint", error=None):
     """A safetensors file with a Config in its metadata (train.save_checkpoint, data/distill_draft.py)
     -> (config, {name: float32 tensor}), every check done before anything the model's size is allocated:
@@ -292,12 +304,7 @@ def read_checkpoint(path, what: str = "minillm checkpoint", error=None):
         expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
     if config.tie_embeddings:
         expected.pop("output.weight")
-    if shapes != expected:
-        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-        wrong = [f"{n} {shapes[n]} (config: {expected[n]})" for n in sorted(set(shapes) & set(expected))
-                 if shapes[n] != expected[n]]
-        raise error(f"{path}: the {what} does not match its config: missing {missing[:3]}, unexpected "
-                    f"{unexpected[:3]}, wrong shapes {wrong[:3]}")
+    check_shapes(path, shapes, expected, f"the {what} does not match its config", error)
     with safe_open(str(path), framework="pt") as f:
         state = {name: f.get_tensor(name).float() for name in f.keys()}
     bad = [name for name, t in state.items() if not torch.isfinite(t).all()]

@@ -89,7 +89,7 @@ class ByteTokenizer:
 
     vocab_size = 256
 
-    def encode(self, text: str, **_) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
@@ -97,9 +97,6 @@ class ByteTokenizer:
 
     def min_tokens(self, text: str) -> int:
         return len(text.encode("utf-8"))
-
-    def encode_chat(self, messages, add_generation_prompt: bool = True):
-        raise ValueError("a byte-level model trained here has no chat template: use generate, not chat")
 
 
 def split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ where Debian's `chromium` and `chromium-driver` are not installed.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from minillm.bench.serve import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -59,12 +60,6 @@ def expected_widgets(path):
     nb = nbformat.read(path, as_version=4)
     return sum(WIDGET_MIME in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

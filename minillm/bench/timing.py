@@ -16,14 +16,14 @@ from ..timing import median_seconds  # noqa: F401  (the one timing rule, re-expo
 
 
 def decode_tok_s(model, ids, steps: int, cache="static", **decode_options) -> float:
-    """Tokens per second of decoding.decode_steps generating `steps` tokens after the context ids (1, T).
-    The prefill and one warm-up forward (lazy layouts, the allocator) are not timed."""
+    """Tokens per second of decoding.decode_steps generating `steps` tokens after the context ids (B, T),
+    counted over all B rows. The prefill and one warm-up forward (lazy layouts, the allocator) are not timed."""
     steps_iter = decode_steps(model, ids, steps + 2, eos_token_id=None, cache=cache, **decode_options)
     next(steps_iter)                                   # the prefill's token
     next(steps_iter)                                   # one warm-up forward
     produced, start = 0, time.perf_counter()
     for chunks in steps_iter:
-        produced += len(chunks[0])
+        produced += sum(len(row) for row in chunks)
     return produced / (time.perf_counter() - start)
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..loading import ModelFileError
+from ..loading import ModelFileError, check_shapes
 from ..model import Config, Transformer
 from .formats import Int4Linear, Int8Linear
 
@@ -105,13 +105,9 @@ def load_quantized(path, impl: str = "auto") -> Transformer:
 
     impl: the quantized linears' kernel choice ("auto" measures and keeps the fastest, as quantize does)."""
     config, layout, tied, found, expected = read_header(path)
-    shapes = {name: shape for name, (shape, _) in found.items()}
-    if shapes != {name: shape for name, (shape, _) in expected.items()}:
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        wrong = [f"{n} {shapes[n]} (expected {expected[n][0]})" for n in sorted(set(found) & set(expected))
-                 if shapes[n] != expected[n][0]]
-        raise ModelFileError(f"{path}: the tensors do not match the file's own config and layout: missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
+    check_shapes(path, {name: shape for name, (shape, _) in found.items()},
+                 {name: shape for name, (shape, _) in expected.items()},
+                 "the tensors do not match the file's own config and layout")
     wrong_types = [f"{n} {found[n][1]} (expected {DTYPE_NAMES[d]})" for n, (_, d) in expected.items()
                    if d is not None and found[n][1] != DTYPE_NAMES[d]]
     float_types = {found[n][1] for n, (_, d) in expected.items() if d is None}
