@@ -3,6 +3,7 @@
     import minillm
     model, tok = minillm.load_pretrained("smollm2-135m")
     out = minillm.generate(model, torch.tensor([tok.encode("The capital of France is")]), max_new_tokens=32)
+    text = minillm.generate(model, "The capital of France is", 32, tokenizer=tok)   # prompt + completion
     minillm.save_quantized(minillm.quantize(model, "int4"), "smollm2-int4.safetensors")   # load_quantized(path)
 """
 from .compiled import compile_decode

@@ -28,6 +28,7 @@ that arrive and leave while others decode (the serving chapter does that above t
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -481,21 +482,44 @@ def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool =
 
 
 def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | None = None, tree=None,
-             **kwargs):
+             tokenizer=None, **kwargs):
     """Prompt ids (B, T) -> prompt + generated ids (B, T + n); greedy unless temperature > 0.
 
+    What comes back has the prompt's form:
+        ids (B, T) tensor                     -> (B, T + n), rows that stop early padded with EOS;
+        one prompt: a 1-D tensor or a list of ints (what tokenizer.encode returns)
+                                              -> a 1-D tensor, the prompt + its new tokens up to EOS;
+        several prompts of different lengths, a list of sequences
+                                              -> a list of 1-D tensors, each up to its EOS (no padding);
+        text, a string or a list of strings (needs tokenizer=, whose encode refuses special-token text)
+                                              -> the prompt + its completion as text, EOS not shown.
     Keyword arguments are those of decode_steps: temperature, top_k, top_p, seed, eos_token_id, cache,
     attention_mask (left padding, HF's convention), prefill_chunk, continue_cache.
-    Sequences that stop early are padded with the EOS token. Prompts of different lengths given as a
-    list of sequences -> a list of 1-D tensors, each prompt + its new tokens up to EOS (no padding).
     draft: speculative decoding (chapter 5), batch size 1: "ngram", "layerskip:N", "distilled", a
         draft checkpoint path or a drafter object, proposing up to draft_len (default 4) tokens a forward.
     tree: "recycling" | "medusa" | a tree drafter, tree-verified decoding (chapter 6), batch size 1.
     At temperature 0 every choice gives the same tokens as plain greedy decoding.
+        generate(model, "The capital of France is", 8, tokenizer=tok) -> "The capital of France is Paris..."
     """
+    eos = model.config.eos_token_id if kwargs.get("eos_token_id", "config") == "config" else kwargs["eos_token_id"]
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(p, str) for p in ids)):
+        texts = [ids] if isinstance(ids, str) else list(ids)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("give prompts as all text or all token ids, not a mix")
+        if tokenizer is None:
+            raise ValueError("a text prompt needs the model's tokenizer: generate(model, text, tokenizer=tok); "
+                             "or give token ids")
+        encoded = [tokenizer.encode(t) for t in texts]
+        rows = generate(model, encoded, max_new_tokens, draft, draft_len, tree, **kwargs)
+        done = [t + tokenizer.decode([i for i in row[len(e):].tolist() if i != eos])
+                for t, e, row in zip(texts, encoded, rows)]
+        return done[0] if isinstance(ids, str) else done
+    one = isinstance(ids, torch.Tensor) and ids.dim() == 1 or (
+        isinstance(ids, (list, tuple)) and len(ids) > 0 and all(isinstance(i, numbers.Integral) for i in ids))
+    if one:                                   # one prompt: not a batch of one-token prompts
+        return generate(model, [ids], max_new_tokens, draft, draft_len, tree, **kwargs)[0]
     rows = decode(model, ids, max_new_tokens, _drafter_from(draft, tree), draft_len, **kwargs).rows
     if isinstance(ids, (list, tuple)):
-        eos = model.config.eos_token_id if kwargs.get("eos_token_id", "config") == "config" else kwargs["eos_token_id"]
         rows = [r[:r.index(eos) + 1] if eos is not None and eos in r else r for r in rows]
         return [torch.cat([torch.as_tensor(p).flatten().long(), torch.tensor(r, dtype=torch.long)])
                 for p, r in zip(ids, rows)]

@@ -165,6 +165,35 @@ def test_list_of_prompts_stops_each_at_eos(lively):
     assert out[1].tolist() == free[1][:len(prompts[1]) + 3].tolist()
 
 
+def test_one_prompt_as_a_list_of_ints_or_a_1d_tensor_is_one_prompt_not_a_batch(lively):
+    """tokenizer.encode gives a list of ints: that is one prompt, not len(list) one-token prompts."""
+    p = prompt(6)[0]
+    want = minillm.generate(lively, p[None], 8, eos_token_id=None)[0]
+    assert minillm.generate(lively, p.tolist(), 8, eos_token_id=None).tolist() == want.tolist()
+    assert minillm.generate(lively, p, 8, eos_token_id=None).tolist() == want.tolist()
+    eos = want[6 + 2].item()                               # stops at its EOS, like a list of prompts
+    assert minillm.generate(lively, p.tolist(), 8, eos_token_id=eos).tolist() == want[:6 + 3].tolist()
+
+
+def test_text_prompts_give_text_back():
+    model = ByteCycle(b"abc")
+    assert minillm.generate(model, "xc", 4, tokenizer=Bytes(), cache="none") == "xcabca"
+    assert minillm.generate(model, ["c", "ab"], 2, tokenizer=Bytes(), cache="none") == ["cab", "abca"]
+    with pytest.raises(ValueError, match="a text prompt needs the model's tokenizer"):
+        minillm.generate(model, "c", 2)
+    with pytest.raises(ValueError, match="all text or all token ids, not a mix"):
+        minillm.generate(model, ["c", [97]], 2, tokenizer=Bytes())
+
+
+def test_text_prompt_on_smollm2_equals_ids_and_refuses_special_tokens(smollm2):
+    model, tok = smollm2
+    text = "The capital of France is"
+    ids = minillm.generate(model, torch.tensor([tok.encode(text)]), 6)[0, len(tok.encode(text)):]
+    assert minillm.generate(model, text, 6, tokenizer=tok) == text + tok.decode(ids.tolist())
+    with pytest.raises(ValueError, match="special"):
+        minillm.generate(model, "<|im_start|>system", 2, tokenizer=tok)
+
+
 @pytest.mark.parametrize("mask, message", [
     (torch.tensor([[1, 1, 0]]), "padding after a token: pad on the left"),
     (torch.tensor([[0, 0, 0]]), "row 0 of|row 0 has no tokens"),
