@@ -85,12 +85,14 @@ def test_batch_pads_finished_sequences_with_eos(model):
 
 @pytest.mark.parametrize("bad, message", [
     (torch.tensor([[1.0, 2.0]]), "integer tensor"),
-    (torch.tensor([1, 2, 3]), r"shape \(batch, tokens\)"),
+    (torch.tensor(3), r"shape \(batch, tokens\)"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), r"shape \(batch, tokens\)"),
     (torch.tensor([[1, 600]]), "token id 600 is outside the vocabulary"),
     (torch.tensor([[-1, 2]]), "token id -1 is outside the vocabulary"),
     (torch.zeros(1, 300, dtype=torch.long), "prompt has 300 tokens; the model's context is 256"),
     (torch.zeros(1, 0, dtype=torch.long), "prompt is empty"),
-    ("1 2 3", "must be a torch.Tensor"),
+    ("1 2 3", "a text prompt needs the model's tokenizer"),
+    ({"ids": [1]}, "must be a torch.Tensor"),
     ([[1.5, 2.0]], "integer token ids"),
     ([[1, 2], []], "each of at least one token"),
 ])
