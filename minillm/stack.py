@@ -6,13 +6,11 @@ and a compiled decode step, in that order. The CLI and the benches call it; chap
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-
-from tqdm import tqdm
 
 from .compiled import compile_decode
 from .loading import load_pretrained
+from .progress import progress as progress_bar
 from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 
@@ -22,12 +20,13 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
     data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
     symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly;
-    progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer."""
-    model, tok = load_pretrained("smollm2-135m", dtype=dtype)
+    progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer (the GGUF's conversion shows its
+    own bar where stderr is a terminal)."""
+    model, tok = load_pretrained("smollm2-135m", dtype=dtype, progress=None if progress else False)
     calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
     options = dict(act_order=True) if quant == "gptq" else {}
-    with tqdm(total=model.config.n_layers, desc=f"{quant} calibration, layers", file=sys.stderr,
-              disable=not (progress and calibration is not None)) as bar:
+    with progress_bar(total=model.config.n_layers, desc=f"{quant} calibration, layers",
+                      show=progress and calibration is not None) as bar:
         if calibration is not None:
             options["progress"] = lambda layer: bar.update(1)
         model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,

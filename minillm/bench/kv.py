@@ -21,6 +21,7 @@ from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
 from ..decoding import decode
 from ..kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from ..loading import load_pretrained
+from ..progress import progress
 from .timing import decode_tok_s, machine_line
 
 HELDOUT = Path(__file__).resolve().parents[2] / "data" / "heldout.txt"
@@ -119,9 +120,9 @@ def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_token
 def bench_kv(quality: bool = True, text_tokens: int = 384):
     model, tok = load_pretrained("smollm2-135m")
     text_ids = torch.tensor([tok.encode(HELDOUT.read_text())])
-    bench_speed(model, text_ids)
-    bench_memory(model.config)
-    bench_cache_speed(model, text_ids)
-    bench_batch_throughput(model, text_ids)
+    stages = [lambda: bench_speed(model, text_ids), lambda: bench_memory(model.config),
+              lambda: bench_cache_speed(model, text_ids), lambda: bench_batch_throughput(model, text_ids)]
     if quality:
-        bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300])
+        stages.append(lambda: bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300]))
+    for stage in progress(stages, desc="bench kv: stages"):
+        stage()

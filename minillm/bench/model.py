@@ -16,6 +16,7 @@ import torch
 
 from ..decoding import decode_steps
 from ..loading import gguf_path, load_pretrained
+from ..progress import progress
 from ..tokenizer import Tokenizer
 from .timing import machine_line
 
@@ -76,7 +77,7 @@ def worker(engine: str, prompt_tokens: int, new_tokens: int):
 
 def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minillm", "hf")) -> dict:
     results = {}
-    for engine in engines:
+    for engine in progress(engines, desc="bench model: engines (one process each)"):
         if engine == "hf":
             try:
                 import transformers  # noqa: F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
+from ..progress import progress
 from .timing import median_seconds
 
 VARIANTS = {
@@ -31,6 +32,7 @@ def bench_dispatch(tokens=(64, 256, 1024, 4096), experts=(4, 8, 16, 32), k: int 
     dense runs every expert on every token; it is skipped (None) when tokens * experts > dense_max_work.
     """
     rows = []
+    bar = progress(total=len(experts) * len(tokens), desc="bench moe: (experts, tokens)")
     for n_experts in experts:
         g = torch.Generator().manual_seed(0)
         router = torch.randn(n_experts, dim, generator=g)
@@ -50,8 +52,10 @@ def bench_dispatch(tokens=(64, 256, 1024, 4096), experts=(4, 8, 16, 32), k: int 
                 ms = row[f"{name}_ms"]
                 row[f"{name}_vs_loop"] = None if ms is None else row["loop_ms"] / ms
             rows.append(row)
+            bar.update(1)
             if verbose:
                 print(f"T={n_tokens:5d} E={n_experts:3d}  " + "  ".join(
                     f"{name} {row[name + '_ms']:8.2f} ms ({row[name + '_vs_loop']:.2f}x)" if row[name + "_ms"]
                     else f"{name} skipped" for name in VARIANTS), flush=True)
+    bar.close()
     return rows

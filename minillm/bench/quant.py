@@ -30,6 +30,7 @@ from ..compiled import compile_decode
 from ..kv_cache import StaticCache
 from ..loading import load_pretrained
 from ..perplexity import nll_sum
+from ..progress import progress
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
 from .timing import (decode_tok_s, machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s,
@@ -94,7 +95,7 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
     bandwidth = previous["memory_bandwidth_gb_s"] if previous else memory_bandwidth_gb_s()
     log(machine_line(), f"memory bandwidth {bandwidth:.1f} GB/s")
     rows = []
-    for label, dtype, method, options, speed in CONFIGS:
+    for label, dtype, method, options, speed in progress(CONFIGS, desc="bench quant: configurations"):
         start = time.perf_counter()
         model = copy.deepcopy(base).to(getattr(torch, dtype))
         model = quantize(model, method, calibration=calib, **options)

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from ..progress import progress
 from ..serving.server import MODEL_NAME
 from ..stack import describe
 from ..tokenizer import Tokenizer
@@ -156,6 +157,7 @@ def bench_serve(requests: int = 16, max_tokens: int = 32, rates=(0.5, 1.0, "burs
     log(machine_line(), f"| SmolLM2 {describe(dtype, quant)} | {requests} requests x {max_tokens} tokens, "
         f"{clients} clients, prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens sharing a system prompt")
     rows = []
+    bar = progress(total=len(rates) * (len(MODES) + peer), desc="bench serve: (rate, server) runs")
     for rate in rates:
         for mode, policy in MODES.items():
             process, url = minillm_server(policy, threads, dtype, quant, max_seqs, max_batch_tokens)
@@ -171,6 +173,7 @@ def bench_serve(requests: int = 16, max_tokens: int = 32, rates=(0.5, 1.0, "burs
             row.update(peak_blocks=stats["peak_blocks"], prefix_hit_rate=stats["prefix_hit_rate"],
                        preemptions=stats["preemptions"] - before["preemptions"])
             rows.append(row)
+            bar.update(1)
             log(format_row(row))
         if peer:
             server, url = llama_cpp_server(threads, max_seqs, 1024)
@@ -181,7 +184,9 @@ def bench_serve(requests: int = 16, max_tokens: int = 32, rates=(0.5, 1.0, "burs
                 rows.append(dict(server="llama.cpp", mode=f"continuous (n_parallel {max_seqs})", rate=rate,
                                  **run_load(url, MODEL_NAME, ids, max_tokens, rate, clients)))
                 del server
+            bar.update(1)
             log(format_row(rows[-1]))
+    bar.close()
     result = dict(settings=machine_settings(), stack=describe(dtype, quant), requests=requests, max_tokens=max_tokens,
                   clients=clients, max_seqs=max_seqs, max_batch_tokens=max_batch_tokens, rows=rows, **summary(rows))
     log(json.dumps({k: v for k, v in result.items() if k not in ("rows", "settings")}))

@@ -19,6 +19,7 @@ import torch
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
 from ..kv_cache import StaticCache
+from ..progress import progress
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
 from .timing import machine_line, median_seconds
@@ -106,7 +107,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
         plain = plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
         plain_s = time.perf_counter() - start
         rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None, same=len(prompts))
-        for name, (make, c) in methods.items():
+        for name, (make, c) in progress(methods.items(), desc=f"bench speculative: {set_name}", total=len(methods)):
             c = cost.get(name, c)
             drafted = accepted = forwards = produced = same = 0
             start = time.perf_counter()

@@ -34,6 +34,7 @@ from ..decoding import decode_steps, make_drafter
 from ..kv_compress import greedy_prefix_agreement as leading_agreement
 from ..loading import gguf_path
 from ..perplexity import nll_sum
+from ..progress import progress
 from ..quant import model_bytes
 from ..stack import STEPS, describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
@@ -180,7 +181,7 @@ def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s", flush=True)
     tok = eval_ids = sets = None
     rows, models, reference, plain_by_set = [], {}, {}, {}  # plain: the last drafter-free step's tokens
-    for label, stack, drafter, cache in steps:
+    for label, stack, drafter, cache in progress(steps, desc="bench stack: steps"):
         key = json.dumps(stack, sort_keys=True)
         if key not in models:
             models.clear()                                       # one model in memory at a time

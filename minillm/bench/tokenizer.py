@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from ..progress import progress
 from ..tokenizer import GPT4_PATTERN, Tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "data" / "shakespeare.txt"
@@ -73,7 +74,7 @@ def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int 
     mb = len(sample.encode()) / 1e6
     print(f"encoding {mb:.1f} MB of the same text (single thread)")
     results["encode_mb_s"], ids = {}, {}
-    for name, fn in encoders.items():
+    for name, fn in progress(encoders.items(), desc="bench tokenizer: encoders", total=len(encoders)):
         ids[name], seconds = _best_time(fn, repeat)
         results["encode_mb_s"][name] = mb / seconds
         print(f"  {name:<26}{mb / seconds:8.2f} MB/s   {len(ids[name]):>8} tokens")

@@ -22,6 +22,7 @@ import torch
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, load_draft_model
 from ..kv_cache import StaticCache
+from ..progress import progress
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
@@ -76,7 +77,8 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
     for make in methods(model).values():  # warm-up: every forward width a method uses (compiled: compiles it)
         run(make(), prompts[0])
     results, reference = {}, None
-    for name, make in methods(model).items():
+    found = methods(model)
+    for name, make in progress(found.items(), desc="bench tree: methods", total=len(found)):
         tokens, forwards, start = [], 0, time.perf_counter()
         for ids in prompts:
             result = run(make(), ids)
