@@ -24,9 +24,7 @@ batches). It writes data/moe/seeds/<name>_s<seed>.json, without a checkpoint. Se
 record scores the committed checkpoint, which is that run.
 """
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from minillm import moe  # noqa: E402
 from minillm.model import Transformer, tiny, tiny_moe_presets  # noqa: E402
 from minillm.perplexity import nll_sum  # noqa: E402
+from minillm.timing import machine_settings  # noqa: E402
 from minillm.train import TrainConfig, load_checkpoint, save_checkpoint, split, text_to_bytes, train  # noqa: E402
 
 PRESETS = tiny_moe_presets()  # also what `python -m minillm train --config tiny-moe...` builds
@@ -79,10 +78,8 @@ def seed_record(name: str, seed: int, out: Path) -> dict:
     record = {"name": name, "seed": seed, "steps": TRAIN.steps, "full_val_loss": full_val_loss(model, val_data),
               "full_val_bytes": len(val_data), "val_step": history["val_step"], "val_loss": history["val_loss"],
               "train_seconds": round(history["seconds"], 1),
-              "settings": {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "machine": platform.machine(), "torch": torch.__version__,
-                           "source": "committed checkpoint" if seed == 0 else "trained by this script"}}
+              "settings": dict(history.get("settings", {}), scored=machine_settings()["date"],
+                               source="the committed checkpoint" if seed == 0 else "trained by this script")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     return record

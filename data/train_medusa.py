@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.loading import load_pretrained  # noqa: E402
 from minillm.decoding import decode  # noqa: E402
 from minillm.medusa import MedusaHeads, head_accuracy, head_targets, save_heads, train_heads  # noqa: E402
+from minillm.timing import machine_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,7 +65,8 @@ def main(argv=None):
     save_heads(heads, out)
     out.with_suffix(".json").write_text(json.dumps({
         "held_out_accuracy": after, "untrained_accuracy": before, "losses": losses[::10],
-        "train_sequences": n_train, "held_out_sequences": n_eval, "new_tokens": new_tokens, "steps": steps}, indent=1))
+        "train_sequences": n_train, "held_out_sequences": n_eval, "new_tokens": new_tokens, "steps": steps,
+        "settings": machine_settings()}, indent=1))
     print(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB)")
 
 

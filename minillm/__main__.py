@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from .loading import ModelFileError
 
@@ -441,6 +442,12 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     if args.threads is None:  # the figures committed were measured so: serve with 2, the others with 1
         args.threads = 2 if args.what == "serve" else 1
+    if args.out is not None:  # checked now, not after minutes of measuring
+        if args.what not in ("tree", "speculative"):
+            raise ValueError(f"--out is for bench tree and bench speculative; bench {args.what} writes its own "
+                             f"results file")
+        if not Path(args.out).resolve().parent.is_dir() or Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: not a file in an existing directory")
     if args.what == "serve":
         from .bench.serve import bench_serve
 
@@ -480,7 +487,7 @@ def cmd_bench(args) -> int:
     if args.what == "tree":
         from .bench.tree import bench_tree
 
-        bench_tree(new_tokens=args.new_tokens, threads=args.threads, stack=stack)
+        bench_tree(new_tokens=args.new_tokens, threads=args.threads, stack=stack, out=args.out)
     if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
         from kernels.bench import main as bench_kernels
 
@@ -488,7 +495,7 @@ def cmd_bench(args) -> int:
     if args.what == "speculative":
         from .bench.speculative import bench_speculative
 
-        bench_speculative(new_tokens=args.new_tokens, threads=args.threads, stack=stack)
+        bench_speculative(new_tokens=args.new_tokens, threads=args.threads, stack=stack, out=args.out)
     if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
         from .bench.stack import bench_stack
 
@@ -527,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, default=8, help="serve: requests in flight at most")
     bench.add_argument("--rates", default="0.5,1,burst", help="serve: Poisson arrival rates (requests/s), comma-separated; "
                        "burst: all at once")
+    bench.add_argument("--out", default=None, help="tree, speculative: also write the results as JSON to this file")
     bench.add_argument("--no-peer", action="store_true", help="serve: skip llama.cpp's server")
     bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
     add_quant_args(bench)  # speculative, tree: the model both sides decode with

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .loading import ModelFileError, read_checkpoint
 from .model import Config, Transformer, tiny, tiny_moe_presets
 from .moe import track_aux_loss, train_callback
+from .timing import machine_settings
 
 
 @dataclass
@@ -176,7 +177,8 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainCon
                "aux_loss": [...],                                       per step, if the model sets one
                "val_step": [...], "val_loss": [...],                    one entry per evaluation
                "metrics": [{"step": s, ...}, ...],                      what callback returned
-               "seconds": wall time of the whole run}
+               "seconds": wall time of the whole run,
+               "settings": date, threads, CPU capability, torch version (timing.machine_settings)}
     train_loss is the language-model loss alone (without aux_loss), so curves compare across models.
     """
     cfg = cfg or TrainConfig()
@@ -228,6 +230,7 @@ def _train_loop(model, train_data, val_data, cfg: TrainConfig, progress: bool, c
             history["val_loss"].append(estimate_loss(model, val_data, cfg))
             bar.set_postfix(loss=f"{lm_loss.item():.3f}", val=f"{history['val_loss'][-1]:.3f}")
     history["seconds"] = time.perf_counter() - start
+    history["settings"] = machine_settings()
     model.eval()
     return history
 

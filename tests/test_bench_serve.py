@@ -1,4 +1,4 @@
-"""bench serve's parts on a tiny model: the load generator, percentiles, the summary, argument checks."""
+"""bench serve's parts on a tiny model: the load generator, percentiles, the summary, argument checks; bench --out."""
 import pytest
 import torch
 
@@ -38,4 +38,12 @@ def test_run_load_over_http_counts_every_token(smollm2):
                                            (["--requests", "0"], ">= 1")])
 def test_bench_serve_arguments_are_checked(capsys, args, message):
     assert main(["bench", "serve", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [(["kv", "--out", "x.json"], "--out is for bench tree and bench speculative"),
+                                           (["tree", "--out", "/no/such/dir/x.json"], "not a file in an existing directory"),
+                                           (["speculative", "--out", "."], "not a file in an existing directory")])
+def test_bench_out_is_checked_before_measuring(capsys, args, message):
+    assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ from ..kv_cache import StaticCache
 from ..progress import progress
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
-from .timing import machine_line, median_seconds
+from .timing import machine_line, machine_settings, median_seconds, write_results
 
 DRAFT_CKPT = DISTILLED_DRAFT
 
@@ -80,7 +80,9 @@ def verify_agreement(model, ids, tokens: list[int], width: int = 5) -> dict:
 
 
 def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20),
-                      stack: dict | None = None) -> dict:
+                      stack: dict | None = None, out=None) -> dict:
+    """Every chain drafter on two prompt sets -> {(set, method): {tpf, a, speedup, formula, c, same}};
+    out: also write them, with the stack and the machine's settings, as JSON there."""
     torch.set_num_threads(threads)
     stack = stack or {}
     model, tok = load_stack(**stack)
@@ -137,4 +139,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")
+    write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, draft_len=draft_len,
+                                     prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
+                                     **machine_settings()),
+                       rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)
     return rows

@@ -4,15 +4,13 @@ and the line that says on what machine a figure was measured."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from ..decoding import decode_steps
-from ..timing import median_seconds  # noqa: F401  (the one timing rule, re-exported for the benches)
+from ..timing import machine_line, machine_settings, median_seconds  # noqa: F401  (re-exported for the benches)
 
 
 def decode_tok_s(model, ids, steps: int, cache="static", **decode_options) -> float:
@@ -37,19 +35,6 @@ def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
-
-
-def machine_line() -> str:
-    """CPU capability, threads and versions: printed above every table of figures."""
-    return (f"CPU {platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
-
-
-def machine_settings() -> dict:
-    """What every results file records about where and when it was measured."""
-    return dict(threads=torch.get_num_threads(), torch=torch.__version__,
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
-                date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1))
 
 
 def write_results(result: dict, out, log=print) -> None:

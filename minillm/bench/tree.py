@@ -26,7 +26,7 @@ from ..progress import progress
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
-from .timing import machine_line, median_seconds
+from .timing import machine_line, machine_settings, median_seconds, write_results
 
 ChainDrafters = (NgramDrafter, ModelDrafter)  # draft 4 tokens a forward; tree drafters use their whole template
 
@@ -67,7 +67,9 @@ def methods(model) -> dict:
     return found
 
 
-def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None) -> dict:
+def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None, out=None) -> dict:
+    """Every method on the same prompts -> {name: {tokens_per_forward, seconds, same_as_plain, speedup}};
+    out: also write them, with the stack and the machine's settings, as JSON there."""
     torch.set_num_threads(threads)  # 1 by default: on a shared CPU a second OpenMP thread mostly waits
     stack = stack or {}
     model, tok = load_stack(**stack)
@@ -98,4 +100,6 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
         r["speedup"] = base / r["seconds"]
         print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
+    write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, prompts=len(prompts),
+                                     **machine_settings()), rows=results), out)
     return results
