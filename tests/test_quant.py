@@ -325,7 +325,7 @@ def test_load_stack_shows_calibration_progress_layer_by_layer(monkeypatch, capsy
 
     torch.manual_seed(0)
     tiny_model = Transformer(tiny(hidden_dim=192)).eval()
-    monkeypatch.setattr(stack, "load_pretrained", lambda name, dtype: (tiny_model, None))
+    monkeypatch.setattr(stack, "load_pretrained", lambda name, dtype, progress=None: (tiny_model, None))
     monkeypatch.setattr(stack, "calibration_ids", lambda tok, n, T: torch.randint(0, 512, (4, 32)))
     model, _ = stack.load_stack(quant="awq", group_size=32, progress=True)
     err = capsys.readouterr().err
