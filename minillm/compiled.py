@@ -15,6 +15,11 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                (so the cache's length is an input, not a shape); caches are sized in multiples of 256
     padding    padded tokens write to slots past the real ones (never shown to a later query) and
                attend to slot 0 only, so nothing in them can turn into NaN
+    attention  inside the graphs the layers attend with the textbook `attention_ref` (matmul, masked
+               softmax, matmul), which inductor fuses, instead of SDPA: PyTorch's CPU flash kernel
+               is built for long query blocks, and one query row over a masked 256-slot cache cost
+               it ~260 us per layer (measured, AVX512, 2 threads), a third of the whole step; the
+               fused math takes a few microseconds. Eager calls keep the layers' own attn_fn.
 
 Anything else (a prefill wider than 16, a paged or int8 cache, no cache, a cache too full for the
 padded width) runs the eager model, so results never depend on what could be compiled. If inductor
@@ -36,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kv_cache import StaticCache
-from .model import rope_cos_sin
+from .model import attention_ref, attention_sdpa, rope_cos_sin
 
 WIDTHS = (1, 2, 4, 8, 16)
 CACHE_BUCKET = 256
@@ -121,11 +126,19 @@ class CompiledDecoder(nn.Module):
         """Transformer.forward's outline (embed -> blocks -> norm -> head) with the blocks and the head
         compiled: regional compilation, so one block graph is compiled once, not thirty."""
         model = self.model
-        x = model.tok_embeddings(idx)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        for i, layer in enumerate(model.layers):
-            x = self._block(layer, x, cos, sin, mask, cache.k[i], cache.v[i], slots)
-        return self._head(model, x)
+        # the graphs attend with the fusable math (module docstring); a kernel the user put in the slot stays
+        swapped = [layer.attn for layer in model.layers if layer.attn.__dict__.get("attn_fn") is attention_sdpa]
+        for attn in swapped:
+            attn.__dict__["attn_fn"] = attention_ref
+        try:
+            x = model.tok_embeddings(idx)
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+            for i, layer in enumerate(model.layers):
+                x = self._block(layer, x, cos, sin, mask, cache.k[i], cache.v[i], slots)
+            return self._head(model, x)
+        finally:
+            for attn in swapped:
+                attn.__dict__["attn_fn"] = attention_sdpa
 
     def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False):
         B, T = idx.shape
