@@ -440,8 +440,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.threads is None:  # the figures committed were measured so: serve with 2, the others with 1
-        args.threads = 2 if args.what == "serve" else 1
+    if args.threads is None:  # the figures committed were measured so: serve, stack and quant with 2, the others 1
+        args.threads = 2 if args.what in ("serve", "stack", "quant") else 1
+    if args.new_tokens is None:
+        args.new_tokens = {"stack": 128, "quant": 32}.get(args.what, 64)
     if args.out is not None:  # checked now, not after minutes of measuring
         if args.what not in ("tree", "speculative"):
             raise ValueError(f"--out is for bench tree and bench speculative; bench {args.what} writes its own "
@@ -523,13 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "speculative", "tokenizer", "stack", "serve"],
                        help="which chapter's benchmark (default: model)")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="model: prompt length")
-    bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
+    bench.add_argument("--new-tokens", type=int, default=None,
+                       help="tokens generated per timed run (default: 128 for stack, 32 for quant, 64 for the others, "
+                            "as their committed figures)")
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
     bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
     bench.add_argument("--quality-only", action="store_true",
                        help="quant: recompute the perplexities only, keep the committed speed figures")
     bench.add_argument("--threads", type=int, default=None,
-                       help="torch threads (default: 2 for serve, 1 for the others, as their committed figures)")
+                       help="torch threads (default: 2 for serve, stack and quant, 1 for the others, as their committed "
+                            "figures)")
     bench.add_argument("--requests", type=int, default=16, help="serve: requests per run")
     bench.add_argument("--clients", type=int, default=8, help="serve: requests in flight at most")
     bench.add_argument("--rates", default="0.5,1,burst", help="serve: Poisson arrival rates (requests/s), comma-separated; "

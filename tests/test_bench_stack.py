@@ -51,6 +51,7 @@ def test_a_short_race_reports_every_figure_and_llama_cpp():
     for name in ("grounded", "open-ended"):
         assert peer[name]["decode_tok_s"] > 0 and peer[name]["prefill_tok_s"] > 0
         assert peer[name]["agree_with_float32"] >= 1   # the same model (its Q4_1 weights), greedy: it starts alike
+        assert peer["by_threads"]["2"][name] == peer[name]["decode_tok_s"] and peer["by_threads"]["1"][name] > 0
 
 
 def test_fastest_lossless_skips_drafters_that_changed_tokens():

@@ -117,3 +117,26 @@ def test_prompts_of_different_lengths_run_compiled_as_eager(tiny_model, fast):
     calls = fast.compiled_calls
     assert decode(fast, prompts, 6, eos_token_id=None).rows == expected
     assert fast.compiled_calls == calls + 5                   # every step after the (wider) prefill
+
+
+@torch.inference_mode()
+def test_the_graphs_attend_with_the_math_and_the_slot_is_left_as_it_was(tiny_model, fast):
+    """Inside the graphs the layers attend with attention_ref (fusable; SDPA's CPU kernel was slow for one query
+    over a masked cache); after each call every layer's attn_fn is the one it had, and a kernel someone put in
+    the slot is kept, not replaced."""
+    from minillm.model import attention_ref, attention_sdpa
+
+    seen = []
+    spy = lambda q, k, v, mask: (seen.append(q.shape[-2]), attention_ref(q, k, v, mask))[1]  # noqa: E731
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(4))
+    cache = StaticCache(tiny_model.config, 1, 64)
+    fast(ids[:, :4], cache=cache)
+    assert all(layer.attn.attn_fn is attention_sdpa for layer in tiny_model.layers)
+    own = compile_decode(tiny_model, widths=(1,))
+    tiny_model.layers[0].attn.attn_fn = spy
+    try:
+        own(ids[:, 4:5], cache=cache)                      # compiled: the spy is traced into the graph
+        assert own.compiled_calls == 1 and seen == [1] and tiny_model.layers[0].attn.attn_fn is spy
+        assert tiny_model.layers[1].attn.attn_fn is attention_sdpa
+    finally:
+        tiny_model.layers[0].attn.attn_fn = attention_sdpa

@@ -148,15 +148,28 @@ def llama_cpp_params(xlc, threads: int, context: int):
 
 
 def llama_cpp(sets: dict, new_tokens: int, threads: int, repeats: int) -> dict:
-    """llama.cpp on the same GGUF and prompt ids, greedy; None values and a reason when it cannot run."""
+    """llama.cpp on the same GGUF and prompt ids, greedy; None values and a reason when it cannot run.
+    Measured at `threads` (the race's setting) and, where that is more than one, at every smaller count too
+    (`by_threads`): on a small VM llama.cpp's spinning workers can share the cores badly, and a race should
+    show the peer at its best, not only at our setting."""
     try:
         import xllamacpp as xlc
     except ImportError as e:
         return dict(available=False, reason=f"xllamacpp is not installed ({e}); pip install xllamacpp")
+    out = dict(available=True, version=getattr(xlc, "__version__", "unknown"), by_threads={})
+    for n in range(threads, 0, -1):
+        measured = _llama_cpp_at(xlc, sets, new_tokens, n, repeats)
+        if n == threads:
+            out.update(measured)
+        out["by_threads"][str(n)] = {name: m["decode_tok_s"] for name, m in measured.items()}
+    return out
+
+
+def _llama_cpp_at(xlc, sets: dict, new_tokens: int, threads: int, repeats: int) -> dict:
     params = llama_cpp_params(xlc, threads, 2048)
     params.sampling.temp = 0.0
     server = xlc.Server(params)
-    out = dict(available=True, version=getattr(xlc, "__version__", "unknown"))
+    out = {}
     for name, prompts in sets.items():
         runs = []
         for _ in range(repeats + 1):  # the first run warms the server up, untimed
@@ -247,5 +260,7 @@ def print_table(result: dict):
         if llama:
             print(f"  {'llama.cpp (Q4_1 GGUF)':<24}{llama:7.1f}  {'':>8}{peer[name]['prefill_tok_s']:8.0f}"
                   f"{'':>16}{peer[name]['agree_with_float32']:6.1f}")
+            for n, by_set in sorted(peer.get("by_threads", {}).items()):
+                print(f"  {'llama.cpp, ' + n + ' thread(s)':<24}{by_set[name]:7.1f}")
         else:
             print(f"  llama.cpp: {peer.get('reason')}")
