@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -444,6 +445,8 @@ def cmd_bench(args) -> int:
         args.threads = 2 if args.what in ("serve", "stack", "quant") else 1
     if args.new_tokens is None:
         args.new_tokens = {"stack": 128, "quant": 32}.get(args.what, 64)
+    if args.json and args.what not in ("stack", "serve", "quant"):
+        raise ValueError(f"--json is for bench stack, serve and quant; bench {args.what} prints tables only")
     if args.out is not None:  # checked now, not after minutes of measuring
         if args.what not in ("tree", "speculative"):
             raise ValueError(f"--out is for bench tree and bench speculative; bench {args.what} writes its own "
@@ -463,16 +466,17 @@ def cmd_bench(args) -> int:
                 raise ValueError(f"--rates must be > 0, got {rate!r}")
         if min(args.requests, args.clients, args.new_tokens) < 1:
             raise ValueError("--requests, --clients and --new-tokens must be >= 1")
-        bench_serve(requests=args.requests, max_tokens=args.new_tokens, rates=rates, clients=args.clients,
-                    threads=args.threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer)
-        return 0
+        return tables_then_json(args, lambda: bench_serve(
+            requests=args.requests, max_tokens=args.new_tokens, rates=rates, clients=args.clients,
+            threads=args.threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer))
     if args.what == "quant":
         import torch
 
         from .bench.quant import bench_quant
 
         torch.set_num_threads(args.threads)
-        bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens, quality_only=args.quality_only)
+        return tables_then_json(args, lambda: bench_quant(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens,
+                                                          quality_only=args.quality_only))
     if args.what == "kv":
         import torch
 
@@ -501,7 +505,8 @@ def cmd_bench(args) -> int:
     if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
         from .bench.stack import bench_stack
 
-        bench_stack(new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
+        return tables_then_json(args, lambda: bench_stack(new_tokens=args.new_tokens, threads=args.threads,
+                                                          repeats=args.repeats))
     if args.what == "tokenizer":
         from .bench.tokenizer import bench_tokenizer
 
@@ -510,6 +515,18 @@ def cmd_bench(args) -> int:
         from .bench.model import bench_model
 
         bench_model(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    return 0
+
+
+def tables_then_json(args, run) -> int:
+    """Run a bench; with --json its tables (and progress lines) go to stderr and its results, one JSON object, to
+    stdout, the same object the bench writes to its results file."""
+    if not args.json:
+        run()
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run()
+    print(json.dumps(result), flush=True)
     return 0
 
 
@@ -525,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "speculative", "tokenizer", "stack", "serve"],
                        help="which chapter's benchmark (default: model)")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="model: prompt length")
+    bench.add_argument("--json", action="store_true",
+                       help="stack, serve, quant: the results as one JSON object on stdout, the tables on stderr")
     bench.add_argument("--new-tokens", type=int, default=None,
                        help="tokens generated per timed run (default: 128 for stack, 32 for quant, 64 for the others, "
                             "as their committed figures)")

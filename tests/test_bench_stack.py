@@ -46,6 +46,7 @@ def test_a_short_race_reports_every_figure_and_llama_cpp():
         assert spec[name]["same_as_plain"] == 3                       # identical tokens on all three prompts
         assert spec[name]["tokens_per_forward"] >= 1 and spec[name]["decode_tok_s"] > 0
         assert spec[name]["bytes_per_token"] <= plain[name]["bytes_per_token"]
+    assert plain["peak_rss_mb"] > plain["model_bytes"] / 2 ** 20       # the weights are resident while it decodes
     peer = result["llama_cpp"]
     assert peer["available"], peer.get("reason")
     for name in ("grounded", "open-ended"):
@@ -78,3 +79,21 @@ def test_fast_refuses_options_it_would_override(capsys):
 
     assert main(["generate", "--prompt", "hi", "--fast", "--cache", "none", "--dtype", "bfloat16"]) == 2
     assert "--fast chooses the stack itself: drop --dtype, --cache" in capsys.readouterr().err
+
+
+def test_bench_json_puts_the_results_on_stdout_and_the_tables_on_stderr(monkeypatch, capsys):
+    import minillm.bench.stack
+    from minillm.__main__ import main
+
+    def fake_bench_stack(new_tokens, threads, repeats):
+        print("the table a person reads")
+        return dict(rows=[], settings=dict(new_tokens=new_tokens, threads=threads, repeats=repeats))
+
+    monkeypatch.setattr(minillm.bench.stack, "bench_stack", fake_bench_stack)
+    assert main(["bench", "stack", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == dict(rows=[], settings=dict(new_tokens=128, threads=2, repeats=3))  # stack's defaults
+    assert "the table a person reads" in err
+    assert main(["bench", "tokenizer", "--json"]) == 2                  # a bench without results to print
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": "--json is for bench stack, serve and quant; bench tokenizer prints tables only"}

@@ -195,3 +195,22 @@ def test_several_prompts_run_as_one_batch_and_each_equals_its_own_run(smollm2, c
         assert row["text"] == tok.decode(row["new_token_ids"])
     assert main(["generate", "--prompt", "a", "--prompt", "b", "--draft", "ngram"]) == 2
     assert "several --prompt run as one batch" in capsys.readouterr().err
+
+
+def test_tree_and_distilled_draft_report_their_forwards_from_any_directory(smollm2, tmp_path):
+    """--tree --json reports target_forwards and accepted_per_forward as --draft does; --draft distilled names the
+    committed draft, found from a directory that is not the repository; greedy, both give plain decoding's tokens."""
+    model, tok = smollm2
+    prompt = "Repeat after me: one two three, one two three, one two three"
+    ids = torch.tensor([tok.encode(prompt)])
+    plain = minillm.generate(model, ids, max_new_tokens=12, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    for how in (["--tree", "recycling"], ["--draft", "distilled"]):
+        proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--prompt", prompt, "--max-new-tokens", "12",
+                               *how, "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        expected = plain[: plain.index(2)] if 2 in plain else plain
+        assert out["new_token_ids"] == expected, how
+        assert 1 <= out["target_forwards"] <= 12 + 1 and 0 <= out["acceptance_rate"] <= 1
+        produced = len(expected) + (2 in plain)                            # an EOS, if it came, was produced too
+        assert out["accepted_per_forward"] == pytest.approx(produced / out["target_forwards"], abs=1e-3)

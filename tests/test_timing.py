@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from minillm.bench.timing import median_seconds
@@ -21,3 +23,18 @@ def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
 def test_median_seconds_needs_a_timed_call():
     with pytest.raises(ValueError, match="repeats"):
         median_seconds(lambda: None, repeats=0)
+
+
+def test_peak_rss_sees_memory_held_inside_the_block_only():
+    import torch
+
+    from minillm.bench.timing import PeakRSS
+
+    with PeakRSS(interval=0.001) as before:
+        pass
+    with PeakRSS(interval=0.001) as held:
+        block = torch.ones(64 * 2 ** 20)                     # 256 MB, touched
+        time.sleep(0.05)
+        del block
+    assert held.peak_mb > before.peak_mb + 200
+    assert held._thread is not None and not held._thread.is_alive()   # the sampler stopped with the block

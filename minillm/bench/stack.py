@@ -38,7 +38,7 @@ from ..progress import progress
 from ..quant import model_bytes
 from ..stack import STEPS, describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
-from .timing import machine_line, machine_settings, memory_bandwidth_gb_s, write_results
+from .timing import PeakRSS, machine_line, machine_settings, memory_bandwidth_gb_s, write_results
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 # What each step has switched on (the int4 step replaces int8; Token Recycling replaces prompt lookup)
@@ -212,20 +212,22 @@ def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_
         inner = getattr(model, "model", model)                        # the compiled wrapper's eager model
         nll, count = nll_sum(inner, eval_ids, eval_tokens)
         row["perplexity"] = float(torch.tensor(nll / count).exp())
-        for name, prompts in sets.items():
-            m = measure_set(model, prompts, n_new, drafter, cache, repeats if cache != "none" else 1)
-            tokens = m.pop("tokens")
-            if label.startswith("+ static"):
-                reference[name] = tokens                              # float32 greedy: the reference
-            ref = reference.get(name)
-            m["agree_with_float32"] = (sum(leading_agreement(a, b) for a, b in zip(tokens, ref)) / len(tokens)
-                                       if ref else None)
-            if drafter:                                               # lossless: same tokens as the same weights plain
-                m["same_as_plain"] = sum(a == b for a, b in zip(tokens, plain_by_set[name]))
-            else:
-                plain_by_set[name] = tokens
-            m["bytes_per_token"] = row["model_bytes"] / m["tokens_per_forward"]
-            row[name] = m
+        with PeakRSS() as memory:                                     # both sets' runs: the step decoding
+            for name, prompts in sets.items():
+                m = measure_set(model, prompts, n_new, drafter, cache, repeats if cache != "none" else 1)
+                tokens = m.pop("tokens")
+                if label.startswith("+ static"):
+                    reference[name] = tokens                          # float32 greedy: the reference
+                ref = reference.get(name)
+                m["agree_with_float32"] = (sum(leading_agreement(a, b) for a, b in zip(tokens, ref)) / len(tokens)
+                                           if ref else None)
+                if drafter:                                   # lossless: same tokens as the same weights plain
+                    m["same_as_plain"] = sum(a == b for a, b in zip(tokens, plain_by_set[name]))
+                else:
+                    plain_by_set[name] = tokens
+                m["bytes_per_token"] = row["model_bytes"] / m["tokens_per_forward"]
+                row[name] = m
+        row["peak_rss_mb"] = round(memory.peak_mb, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     peer = llama_cpp(sets, new_tokens, threads, repeats)
@@ -249,14 +251,15 @@ def print_table(result: dict):
         ref = rows[0][name]["decode_tok_s"]
         llama = peer[name]["decode_tok_s"] if peer.get("available") else None
         print(f"\n{name} prompts: decode tok/s (x first step{', x llama.cpp' if llama else ''}), prefill tok/s, "
-              f"MB read per token, perplexity, leading tokens shared with float32 greedy")
+              f"MB read per token, perplexity, leading tokens shared with float32 greedy, peak RSS MB while decoding")
         for r in rows:
             m = r[name]
             vs = f"{m['decode_tok_s'] / llama:5.2f}x llama.cpp" if llama else ""
             same = f"  lossless {m['same_as_plain']}/3" if "same_as_plain" in m else ""
             agree = f"{m['agree_with_float32']:6.1f}" if m["agree_with_float32"] is not None else "     -"
+            rss = f"{r['peak_rss_mb']:8.0f}" if "peak_rss_mb" in r else ""
             print(f"  {r['label']:<24}{m['decode_tok_s']:7.1f} ({m['decode_tok_s'] / ref:5.1f}x) {vs}"
-                  f"{m['prefill_tok_s']:8.0f}{m['bytes_per_token'] / 1e6:8.1f}{r['perplexity']:8.2f}{agree}{same}")
+                  f"{m['prefill_tok_s']:8.0f}{m['bytes_per_token'] / 1e6:8.1f}{r['perplexity']:8.2f}{agree}{rss}{same}")
         if llama:
             print(f"  {'llama.cpp (Q4_1 GGUF)':<24}{llama:7.1f}  {'':>8}{peer[name]['prefill_tok_s']:8.0f}"
                   f"{'':>16}{peer[name]['agree_with_float32']:6.1f}")

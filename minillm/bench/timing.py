@@ -3,10 +3,15 @@ median of timed calls), decode speed measured through the package's own decoding
 and the line that says on what machine a figure was measured."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from ..decoding import decode_steps
@@ -35,6 +40,48 @@ def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+class PeakRSS:
+    """The largest resident memory of this process while the `with` block runs, sampled by a thread every
+    `interval` seconds (50 a second: a decode's memory is flat, and each sample takes the GIL): what a step costs to hold and run (its weights, caches, compiled code, the runtime),
+    without a process of its own. The load before the block, and its own transient peak, are not counted: on
+    entering, freed memory is handed back to the OS first (glibc's malloc_trim, where there is one), or what an
+    earlier, larger model left in the allocator would be counted as this step's.
+
+        with PeakRSS() as mem:
+            decode(...)
+        mem.peak_mb
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mb = interval, 0.0
+        self._process, self._stop = psutil.Process(), threading.Event()
+
+    def _sample(self):
+        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2 ** 20)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        gc.collect()
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
 
 
 def write_results(result: dict, out, log=print) -> None:
