@@ -47,8 +47,8 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("
 
 class PeakRSS:
     """The largest resident memory of this process while the `with` block runs, sampled by a thread every
-    `interval` seconds (50 a second: a decode's memory is flat, and each sample takes the GIL): what a step costs to hold and run (its weights, caches, compiled code, the runtime),
-    without a process of its own. The load before the block, and its own transient peak, are not counted: on
+    `interval` seconds (50 a second: a decode's memory is flat, and each sample takes the GIL): what a step
+    costs to hold and run (its weights, caches, compiled code, the runtime), without a process of its own. The load before the block, and its own transient peak, are not counted: on
     entering, freed memory is handed back to the OS first (glibc's malloc_trim, where there is one), or what an
     earlier, larger model left in the allocator would be counted as this step's.
 
