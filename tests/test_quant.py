@@ -116,6 +116,23 @@ def test_int8_linear_packed_equals_reference_and_is_close():
     assert ((m.dequantize() - linear.weight).abs() <= step[:, None] / 2 + 1e-6).all()
 
 
+def test_int8_linear_takes_a_weight_that_is_not_64_byte_aligned():
+    """A safetensors file read in place gives 8-byte-aligned tensors; the packed kernel's AVX-512 path crashed the
+    process on them (segmentation fault, torch 2.13). The module keeps an aligned copy of its own."""
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (576, 576), dtype=torch.int8)
+    storage = torch.empty(weight.numel() + 8, dtype=torch.int8)
+    misaligned = storage[8:].view(576, 576)
+    misaligned.copy_(weight)
+    assert misaligned.data_ptr() % 64 == 8
+    m = Int8Linear(misaligned, torch.rand(576) / 100, impl="packed", act_dtype=torch.bfloat16)
+    assert m.weight.data_ptr() % 64 == 0 and torch.equal(m.weight, weight)
+    x = torch.randn(6, 576)
+    assert_bf16_close(m(x), m.forward_ref(x), x, m.dequantize())
+    aligned = weight.clone()
+    assert Int8Linear(aligned, torch.rand(576), impl="ref").weight.data_ptr() == aligned.data_ptr()  # no copy needed
+
+
 def correlated_inputs(n=1024, k=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)

@@ -296,12 +296,20 @@ class Int4Linear(QuantLinear):
                 f"kernel={self.kernel()}")
 
 
+def own_aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`t`, copied into an allocation of its own when its data is not `alignment`-byte aligned. The packed int8
+    kernel's AVX-512 path loads the weight in 64-byte vectors: fed a tensor read in place from a safetensors file
+    (8-byte aligned after the header) it crashed the process (segmentation fault, AVX512 CPU, torch 2.13).
+    PyTorch's own CPU allocations are 64-byte aligned."""
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 class Int8Linear(QuantLinear):
     """Per-output-channel symmetric int8: W[n, k] = scales[n] * weight[n, k], weight int8 in [-127, 127]."""
 
     def __init__(self, weight, scales, impl: str = "auto", act_dtype=None):
         super().__init__()
-        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("weight", own_aligned(weight.to(torch.int8)))
         self.register_buffer("scales", scales.float())
         self.register_buffer("scales_bfloat16", self.scales.bfloat16(), persistent=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
