@@ -344,6 +344,12 @@ def test_load_stack_shows_calibration_progress_layer_by_layer(monkeypatch, capsy
     tiny_model = Transformer(tiny(hidden_dim=192)).eval()
     monkeypatch.setattr(stack, "load_pretrained", lambda name, dtype, progress=None: (tiny_model, None))
     monkeypatch.setattr(stack, "calibration_ids", lambda tok, n, T: torch.randint(0, 512, (4, 32)))
+    # tqdm redraws at most every 0.1 s and this bar is cleared when done: on a fast CPU both tiny layers finished
+    # inside one interval and "2/2" was never drawn. Redraw on every step, so the test does not race the clock.
+    import functools
+
+    import minillm.progress
+    monkeypatch.setattr(minillm.progress, "tqdm", functools.partial(minillm.progress.tqdm, mininterval=0))
     model, _ = stack.load_stack(quant="awq", group_size=32, progress=True)
     err = capsys.readouterr().err
     assert "awq calibration, layers" in err and "2/2" in err
