@@ -148,7 +148,7 @@ def minillm_server(policy: str, threads: int, dtype: str, quant: str, max_seqs: 
 
 
 def bench_serve(requests: int = 16, max_tokens: int = 32, rates=(0.5, 1.0, "burst"), clients: int = 8,
-                max_seqs: int = 8, max_batch_tokens: int = 32, threads: int = 2, dtype: str = "float32",
+                max_seqs: int = 8, max_batch_tokens: int = 32, threads: int = 2, dtype: str = "bfloat16",
                 quant: str = "none", peer: bool = True, out=str(DATA / "serve_results.json"), log=print) -> dict:
     """Each server runs in its own process with `threads` threads; the clients run in this one."""
     torch.set_num_threads(threads)
