@@ -42,7 +42,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--dtype": lambda a: a.dtype != "float32",
          "--head": lambda a: a.head != "float", "--compile": lambda a: a.compile, "--draft": lambda a: bool(a.draft),
          "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
-         "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse"}
+         "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse",
+         "--fixed-width": lambda a: a.fixed_width is not None}
 
 
 def flags_given(args, *flags) -> list[str]:
@@ -91,6 +92,7 @@ def add_sampling_args(p):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode and verify steps with torch.compile (static cache only; "
                         "the first steps compile for a few seconds)")
+    add_fixed_width_arg(p)
     p.add_argument("--fast", action="store_true",
                    help="the fastest lossless stack of chapter 8's measured race (data/stack_results.json): "
                         "it sets the dtype, weights, head, compiled step and drafter itself")
@@ -98,15 +100,33 @@ def add_sampling_args(p):
     add_quant_args(p)
 
 
-def add_quant_args(p):
+def add_fixed_width_arg(p):
+    p.add_argument("--fixed-width", type=int, default=None, metavar="W",
+                   help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
+                        "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
+                        "int4 too) at the price of a W-wide plain step; drafts are cut to W - 1 tokens")
+
+
+def check_fixed_width(args) -> None:
+    if args.fixed_width is None:
+        return
+    if not args.compile:
+        raise ValueError("--fixed-width is the width of the compiled step: add --compile")
+    if not 1 <= args.fixed_width <= 64:
+        raise ValueError(f"--fixed-width must be an int in [1, 64], got {args.fixed_width}")
+
+
+def add_quant_args(p, dtype_default="float32"):
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "gptq", "awq"],
                    help="weight-only quantization of the transformer linears (chapter 3); gptq/awq calibrate "
                         "on data/calibration.txt first (a minute or two)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (must divide 576 and 1536)")
     p.add_argument("--head", default="float", choices=["float", "int8"],
                    help="int8: quantize the output head too (per channel), as llama.cpp does")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and activations of the float parts (float32: the reference)")
+    p.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16"],
+                   help="weights and activations of the float parts (float32: the reference" +
+                        ("; bench: bfloat16 for serve, float32 for the others, as their committed figures)"
+                         if dtype_default is None else ")"))
 
 
 def cmd_generate(args, chat: bool = False) -> int:
@@ -143,7 +163,7 @@ def cmd_generate(args, chat: bool = False) -> int:
         if chosen:
             raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile)
+                 compile=args.compile, fixed_width=args.fixed_width)
     if args.fast:
         stack = choose_fast(args)
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
@@ -182,11 +202,11 @@ def cmd_generate(args, chat: bool = False) -> int:
         if model.config.vocab_size != tok.vocab_size:
             raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
     else:
-        model, tok = load_stack(**{**stack, "compile": False}, progress=True)
+        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None}, progress=True)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
-        model = compile_decode(model)
+        model = compile_decode(model, **({"widths": (stack["fixed_width"],)} if stack.get("fixed_width") else {}))
     label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
     if len(prompts) > 1:
         run_batch(model, tok, prompt_ids, args, label)
@@ -358,6 +378,7 @@ def check_args_before_loading(args) -> None:
         raise ValueError(f"draft_len must be an int in [0, 256], got {args.draft_len}")
     if args.draft:
         check_draft_spec(args.draft)
+    check_fixed_width(args)
 
 
 def choose_fast(args) -> dict:
@@ -367,7 +388,7 @@ def choose_fast(args) -> dict:
     from .stack import fastest_lossless
 
     chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--draft", "--tree", "--cache",
-                         "--kernels")
+                         "--kernels", "--fixed-width")
     if chosen:
         raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
     best = fastest_lossless()
@@ -445,11 +466,17 @@ def cmd_bench(args) -> int:
         args.threads = 2 if args.what in ("serve", "stack", "quant") else 1
     if args.new_tokens is None:
         args.new_tokens = {"stack": 128, "quant": 32}.get(args.what, 64)
+    if args.dtype is None:  # serve: float32's multi-row matmuls would cost the batch its TPOT (chapter 9)
+        args.dtype = "bfloat16" if args.what == "serve" else "float32"
+    check_fixed_width(args)
+    if (args.compile or args.fixed_width is not None) and args.what not in ("speculative", "tree"):
+        raise ValueError(f"--compile and --fixed-width are for bench speculative and tree; bench {args.what} "
+                         f"chooses its own steps")
     if args.json and args.what not in ("stack", "serve", "quant"):
         raise ValueError(f"--json is for bench stack, serve and quant; bench {args.what} prints tables only")
     if args.out is not None:  # checked now, not after minutes of measuring
-        if args.what not in ("tree", "speculative"):
-            raise ValueError(f"--out is for bench tree and bench speculative; bench {args.what} writes its own "
+        if args.what not in ("tree", "speculative", "serve"):
+            raise ValueError(f"--out is for bench tree, speculative and serve; bench {args.what} writes its own "
                              f"results file")
         if not Path(args.out).resolve().parent.is_dir() or Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: not a file in an existing directory")
@@ -468,7 +495,8 @@ def cmd_bench(args) -> int:
             raise ValueError("--requests, --clients and --new-tokens must be >= 1")
         return tables_then_json(args, lambda: bench_serve(
             requests=args.requests, max_tokens=args.new_tokens, rates=rates, clients=args.clients,
-            threads=args.threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer))
+            threads=args.threads, dtype=args.dtype, quant=args.quant, peer=not args.no_peer,
+            **({"out": args.out} if args.out else {})))
     if args.what == "quant":
         import torch
 
@@ -489,7 +517,7 @@ def cmd_bench(args) -> int:
 
         bench_dispatch()
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile)
+                 compile=args.compile, fixed_width=args.fixed_width)
     if args.what == "tree":
         from .bench.tree import bench_tree
 
@@ -501,7 +529,10 @@ def cmd_bench(args) -> int:
     if args.what == "speculative":
         from .bench.speculative import bench_speculative
 
-        bench_speculative(new_tokens=args.new_tokens, threads=args.threads, stack=stack, out=args.out)
+        if not 1 <= args.draft_len <= 16:
+            raise ValueError(f"--draft-len must be an int in [1, 16], got {args.draft_len}")
+        bench_speculative(new_tokens=args.new_tokens, draft_len=args.draft_len, threads=args.threads, stack=stack,
+                          out=args.out)
     if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
         from .bench.stack import bench_stack
 
@@ -558,11 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, default=8, help="serve: requests in flight at most")
     bench.add_argument("--rates", default="0.5,1,burst", help="serve: Poisson arrival rates (requests/s), comma-separated; "
                        "burst: all at once")
-    bench.add_argument("--out", default=None, help="tree, speculative: also write the results as JSON to this file")
+    bench.add_argument("--out", default=None, help="tree, speculative: also write the results as JSON to this file; "
+                       "serve: write them there instead of data/serve_results.json")
     bench.add_argument("--no-peer", action="store_true", help="serve: skip llama.cpp's server")
     bench.add_argument("--no-quality", action="store_true", help="kv: speed and memory only, skip the compression table")
-    add_quant_args(bench)  # speculative, tree: the model both sides decode with
+    add_quant_args(bench, dtype_default=None)  # speculative, tree, serve: the model both sides decode with
     bench.add_argument("--compile", action="store_true", help="speculative, tree: compile the decode/verify steps")
+    add_fixed_width_arg(bench)
+    bench.add_argument("--draft-len", type=int, default=4,
+                       help="speculative: tokens each drafter proposes per forward (default 4; with --fixed-width W "
+                            "up to W - 1 cost the verify nothing more)")
     evaluate = sub.add_parser("eval", help="perplexity of SmolLM2 (optionally quantized) on a text file")
     add_quant_args(evaluate)
     evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. data/heldout.txt")

@@ -23,6 +23,14 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                price: the compiled logits are no longer bit-equal to eager ones (near-ties can flip).
                Eager calls keep the layers' own attn_fn.
 
+One width for everything (`compile_decode(model, widths=(8,))`, `--compile --fixed-width 8`): plain
+decoding then pads each token to 8 rows and a verify step of up to 8 tokens runs the same graph, so a
+token's logits are computed by the same kernels on the same shapes whichever way it was reached: plain
+and speculative/tree decoding give bit-equal logits, hence the same tokens, in bfloat16 and int4 too
+(with several widths a 1-row and an 8-row matmul round near-ties differently). The price: plain decoding
+pays for a width-8 step. decode_steps feeds the prompt in a forward of its own (`prefill_apart`) and cuts
+drafts to the widest graph, so no step falls back to eager.
+
 Anything else (a prefill wider than 16, a paged or int8 cache, no cache, a cache too full for the
 padded width) runs the eager model, so results never depend on what could be compiled. If inductor
 cannot compile on this machine (no C++ compiler, an unsupported op), the first call says why in a
@@ -123,6 +131,12 @@ class CompiledDecoder(nn.Module):
     def cache_len(self, n: int) -> int:
         """The cache size decoding should allocate for n tokens: rounded up so few shapes are compiled."""
         return min(-(-(n + max(self.widths)) // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len)
+
+    def prefill_apart(self, cache) -> bool:
+        """Whether decode_steps should feed a prompt in a forward of its own over `cache`: yes where the steps
+        run compiled, so the first new token comes from a bucket's graph like every later one, with or
+        without a drafter (else its row would sit in a prompt-wide eager forward only in plain decoding)."""
+        return type(cache) is StaticCache and not self.reason_eager
 
     def _forward_static(self, idx, positions, slots, mask, cache):
         """Transformer.forward's outline (embed -> blocks -> norm -> head) with the blocks and the head

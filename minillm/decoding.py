@@ -321,11 +321,19 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
                     drafter.observe(Tree.chain(piece[0, 0], piece[0, 1:]), logits[0], hidden[0])
                 keep(hidden, fed)
                 fed, pending = fed + piece.shape[1], pending[:, prefill_chunk:]
+        if pending.shape[1] and getattr(model, "prefill_apart", lambda kv: False)(kv):  # compiled steps:
+            logits, hidden = forward(pending, fed)  # the prompt alone, so that the first step's width is the
+            if first and drafter is not None:       # same with and without a drafter (plain == speculative)
+                drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), logits[0], hidden[0])
+            keep(hidden, fed)
+            fed, pending = fed + pending.shape[1], pending[:, :0]
         tree = None
         if drafter is not None:                                      # propose
             n = min(k, max_new_tokens - len(result.rows[0]) - 1)     # the forward adds (accepted + 1) tokens
             if kv is not None and hasattr(kv, "max_len"):            # never overflow a cache that was given
                 n = min(n, kv.max_len - kv.length - pending.shape[1] - 1)
+            if hasattr(model, "widths"):                             # compiled: no wider than its widest graph
+                n = min(n, max(model.widths) - pending.shape[1] - 1)
             tree = drafter.propose(seq[0].tolist(), n, last_hidden, temperature=temperature, top_k=top_k,
                                    top_p=top_p, generator=generator) if n > 0 else Tree.chain(roots[0], [])
             tree = tree.prefix(n + 1)

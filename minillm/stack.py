@@ -15,13 +15,17 @@ from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 
 def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
-               compile: bool = False, symmetric: bool | None = None, progress: bool = False):
+               compile: bool = False, symmetric: bool | None = None, progress: bool = False,
+               fixed_width: int | None = None):
     """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
     data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
     symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly;
     progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer (the GGUF's conversion shows its
-    own bar where stderr is a terminal)."""
+    own bar where stderr is a terminal); fixed_width: with compile, every decode and verify step runs the
+    one graph of this width (compiled.py: plain and speculative decoding then make the same tokens)."""
+    if fixed_width is not None and not compile:
+        raise ValueError("fixed_width is a width of the compiled step: give compile=True (--compile) too")
     model, tok = load_pretrained("smollm2-135m", dtype=dtype, progress=None if progress else False)
     calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
     options = dict(act_order=True) if quant == "gptq" else {}
@@ -31,19 +35,23 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
             options["progress"] = lambda layer: bar.update(1)
         model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,
                          **options)
-    return (compile_decode(model) if compile else model), tok
+    if compile:
+        model = compile_decode(model, **({"widths": (fixed_width,)} if fixed_width is not None else {}))
+    return model, tok
 
 
 def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
-             compile: bool = False, symmetric: bool | None = None) -> str:
-    """A short name for a stack: "bfloat16, int4 g64 + int8 head, compiled"."""
+             compile: bool = False, symmetric: bool | None = None, fixed_width: int | None = None) -> str:
+    """A short name for a stack: "bfloat16, int4 g64 + int8 head, compiled (fixed width 8)"."""
     parts = [str(dtype).replace("torch.", "")]
     if quant != "none":
         parts.append(quant + (f" g{group_size}" if quant != "int8" else "") + (" asym" if symmetric is False else "")
                      + (" + int8 head" if head else ""))
     elif head:
         parts.append("int8 head")
-    return ", ".join(parts + (["compiled"] if compile else []))
+    if compile:
+        parts.append("compiled" + (f" (fixed width {fixed_width})" if fixed_width is not None else ""))
+    return ", ".join(parts)
 
 
 # Chapter 8's race, one technique added per step; bench stack measures them (data/stack_results.json)

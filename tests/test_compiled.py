@@ -103,10 +103,13 @@ def test_bad_arguments(tiny_model):
 
 
 def test_stack_names_what_it_builds():
-    from minillm.stack import describe
+    from minillm.stack import describe, load_stack
 
     assert describe() == "float32"
     assert describe("bfloat16", "int4", 64, "int8", True) == "bfloat16, int4 g64 + int8 head, compiled"
+    assert describe("bfloat16", compile=True, fixed_width=8) == "bfloat16, compiled (fixed width 8)"
+    with pytest.raises(ValueError, match="give compile=True"):
+        load_stack(fixed_width=8)
     assert describe(quant="int8") == "float32, int8"
 
 
@@ -116,7 +119,7 @@ def test_prompts_of_different_lengths_run_compiled_as_eager(tiny_model, fast):
     expected = decode(tiny_model, prompts, 6, eos_token_id=None).rows
     calls = fast.compiled_calls
     assert decode(fast, prompts, 6, eos_token_id=None).rows == expected
-    assert fast.compiled_calls == calls + 5                   # every step after the (wider) prefill
+    assert fast.compiled_calls == calls + 6      # every new token: the prompt goes in a forward of its own
 
 
 @torch.inference_mode()
@@ -140,3 +143,22 @@ def test_the_graphs_attend_with_the_math_and_the_slot_is_left_as_it_was(tiny_mod
         assert tiny_model.layers[1].attn.attn_fn is attention_sdpa
     finally:
         tiny_model.layers[0].attn.attn_fn = attention_sdpa
+
+
+def test_one_fixed_width_makes_speculative_and_tree_decoding_bit_equal_to_plain_in_bfloat16(tiny_model):
+    """widths=(8,): a plain step pads its token to the verify's width, so every token's logits come from one
+    graph on one shape, whichever way it was reached: bit-equal in bfloat16 (where a 1-row and an 8-row
+    matmul may round differently), so greedy speculative and tree decoding give plain decoding's tokens."""
+    import copy
+
+    from minillm.bench.speculative import verify_agreement
+
+    fixed = compile_decode(copy.deepcopy(tiny_model).to(torch.bfloat16), widths=(8,))
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(7))
+    plain = decode(fixed, ids, 24, eos_token_id=None).tokens
+    agreement = verify_agreement(fixed, ids, plain, width=5)       # the same tokens, 1 vs 5 per forward
+    assert agreement["positions"] == 24 and agreement["max_logit_gap"] == 0.0
+    eager = fixed.eager_calls
+    for drafter in ("ngram", "recycling"):                          # recycling's 10-node tree: cut to 8
+        assert decode(fixed, ids, 24, drafter=drafter, draft_len=12, eos_token_id=None).tokens == plain
+    assert fixed.eager_calls == eager + 2                            # the two prompts; no step ran eager

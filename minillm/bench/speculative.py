@@ -7,7 +7,10 @@ speedup over plain decoding timed in the same process, and the speedup the formu
 measured acceptance a and the measured cost ratio c of one draft forward to one target forward.
 Every speculative output is compared token for token with the plain greedy output of the same
 model, dtype and kernels: identical in float32; in bfloat16 or int4 a 1-row and a k-row forward
-can round a near-tie differently, and the table says on how many prompts that happened.
+can round a near-tie differently, and the table says on how many prompts that happened, unless every
+step runs one compiled width (`--compile --fixed-width 8`): then plain decoding pads its token to the
+verify's width, the logits are bit-equal and so are the tokens. With a fixed width the table adds
+"plain, 1-row steps" (the same weights on the usual compiled widths): the price of the fixed width.
 `stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
 """
 from __future__ import annotations
@@ -61,6 +64,16 @@ def forward_cost(model, ids, repeats: int = 5) -> float:
                               reset=lambda: cache.truncate(ids.shape[1] - 1))
 
 
+def one_row_plain(model):
+    """For a model compiled at one fixed width: the same weights compiled with the usual widths, whose plain
+    steps run one row (the fastest plain decoding, whose tokens may differ at near-ties); else None."""
+    if getattr(model, "widths", (1,))[0] == 1:
+        return None
+    from ..compiled import compile_decode
+
+    return compile_decode(model.model)
+
+
 def verify_agreement(model, ids, tokens: list[int], width: int = 5) -> dict:
     """How often a verify forward disagrees with plain decoding, free of drift: the logits for the
     same tokens computed one per forward (plain decoding) and `width` per forward (a verify step),
@@ -68,7 +81,8 @@ def verify_agreement(model, ids, tokens: list[int], width: int = 5) -> dict:
     dtype = next(model.parameters()).dtype
     seq = torch.cat([ids, torch.tensor([tokens])], dim=1)
     P, n = ids.shape[1], len(tokens)
-    caches = [StaticCache(model.config, 1, seq.shape[1], dtype=dtype) for _ in range(2)]
+    size = max(model.cache_len(seq.shape[1]), seq.shape[1]) if hasattr(model, "cache_len") else seq.shape[1]
+    caches = [StaticCache(model.config, 1, size, dtype=dtype) for _ in range(2)]  # compiled: room for its widths
     with torch.inference_mode():
         for cache in caches:
             model(seq[:, :P - 1], cache=cache)
@@ -103,12 +117,20 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
         cost["distilled"] = cost["distilled adaptive"] = forward_cost(draft, probe) / target_s
     for make, _ in [(lambda: None, None)] + list(methods.values()):  # warm-up: every width a method uses
         decode(model, probe, new_tokens, make(), draft_len, eos_token_id=None)
+    narrow = one_row_plain(model)
+    if narrow is not None:
+        decode(narrow, probe, new_tokens, eos_token_id=None)
     rows, plains = {}, {}
     for set_name, prompts in sets.items():
         start = time.perf_counter()
         plain = plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
         plain_s = time.perf_counter() - start
         rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None, same=len(prompts))
+        if narrow is not None:  # what a fixed width costs plain decoding, and whether its tokens move
+            start = time.perf_counter()
+            tokens = [plain_greedy(narrow, ids, new_tokens) for ids in prompts]
+            rows[(set_name, "plain, 1-row steps")] = dict(tpf=1.0, a=None, speedup=plain_s / (time.perf_counter() - start),
+                                                         formula=None, same=sum(t == r for t, r in zip(tokens, plain)))
         for name, (make, c) in progress(methods.items(), desc=f"bench speculative: {set_name}", total=len(methods)):
             c = cost.get(name, c)
             drafted = accepted = forwards = produced = same = 0

@@ -4,8 +4,13 @@ Every method decodes the same prompts greedily,
 in one process, one after the other, on the CPU; `stack` chooses the model (dtype, quantization,
 compiled step; see stack.py), the same for every method. "== plain" counts the prompts whose tokens
 equal plain greedy decoding of that same model (always all in float32; bfloat16 and int4 can round a
-near-tie differently in a 1-row and a many-row forward). Reported per method: new tokens per
-target forward (the prefill counted as one forward, so plain decoding is exactly 1.0) and
+near-tie differently in a 1-row and a many-row forward, unless every step runs one compiled width,
+`--compile --fixed-width 16`: then chains are bit-exact and trees nearly so, since a tree node's
+ancestors sit in other cache slots than in plain decoding, and attention adds them in another order).
+With a fixed width, "plain, 1-row steps" is plain decoding on the usual compiled widths: the fastest
+plain decoding, what the fixed width costs it. Reported per method: new tokens per
+target forward (the prefill counted as one forward, so plain decoding is 1.0, a little less on a
+compiled model, which feeds the prompt in a forward of its own) and
 wall-clock speedup over plain decoding measured in the same run.
 
 Chain drafters come from chapter 5 (speculative.py): prompt lookup ("ngram") and, when its
@@ -26,6 +31,7 @@ from ..progress import progress
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
+from .speculative import one_row_plain
 from .timing import machine_line, machine_settings, median_seconds, write_results
 
 ChainDrafters = (NgramDrafter, ModelDrafter)  # draft 4 tokens a forward; tree drafters use their whole template
@@ -67,39 +73,44 @@ def methods(model) -> dict:
     return found
 
 
-def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None, out=None) -> dict:
+def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None, out=None, repeats: int = 3) -> dict:
     """Every method on the same prompts -> {name: {tokens_per_forward, seconds, same_as_plain, speedup}};
-    out: also write them, with the stack and the machine's settings, as JSON there."""
+    seconds: the median of `repeats` rounds, each timing every method once in turn (so a slow spell of a
+    shared machine falls on all of them); out: also write them, with the stack and the machine's settings,
+    as JSON there."""
     torch.set_num_threads(threads)  # 1 by default: on a shared CPU a second OpenMP thread mostly waits
     stack = stack or {}
     model, tok = load_stack(**stack)
     prompts = [torch.tensor([tok.encode(p, allowed_special="all")]) for p in PROMPTS]
-    run = lambda drafter, ids: decode(model, ids, new_tokens, drafter,  # noqa: E731
-                                      4 if isinstance(drafter, ChainDrafters) else None, eos_token_id=None)
-    for make in methods(model).values():  # warm-up: every forward width a method uses (compiled: compiles it)
-        run(make(), prompts[0])
-    results, reference = {}, None
-    found = methods(model)
-    for name, make in progress(found.items(), desc="bench tree: methods", total=len(found)):
-        tokens, forwards, start = [], 0, time.perf_counter()
-        for ids in prompts:
-            result = run(make(), ids)
-            tokens.append(result.tokens)
-            forwards += result.target_forwards
-        seconds = time.perf_counter() - start
-        if reference is None:
-            reference = tokens
-        results[name] = dict(tokens_per_forward=sum(map(len, tokens)) / forwards, seconds=seconds,
-                             same_as_plain=sum(t == r for t, r in zip(tokens, reference)))
+    found = {name: (model, make) for name, make in methods(model).items()}
+    narrow = one_row_plain(model)
+    if narrow is not None:  # a fixed width: what it costs plain decoding, and whether plain's tokens move
+        found["plain, 1-row steps"] = (narrow, lambda: None)
+    run = lambda net, drafter, ids: decode(net, ids, new_tokens, drafter,  # noqa: E731
+                                           4 if isinstance(drafter, ChainDrafters) else None, eos_token_id=None)
+    for net, make in found.values():  # warm-up: every forward width a method uses (compiled: compiles it)
+        run(net, make(), prompts[0])
+    results, times = {}, {name: [] for name in found}
+    for _ in progress(range(repeats), desc="bench tree: rounds of every method", total=repeats):
+        for name, (net, make) in found.items():
+            start = time.perf_counter()
+            runs = [run(net, make(), ids) for ids in prompts]
+            times[name].append(time.perf_counter() - start)
+            results[name] = dict(tokens_per_forward=sum(len(r.tokens) for r in runs) / sum(r.target_forwards for r in runs),
+                                 tokens=[r.tokens for r in runs])
+    reference = results["plain"]["tokens"]
+    for name, r in results.items():
+        r["seconds"] = sorted(times[name])[len(times[name]) // 2]
+        r["same_as_plain"] = sum(t == p for t, p in zip(r.pop("tokens"), reference))
     base = results["plain"]["seconds"]
     print(machine_line())
     print(f"SmolLM2-135M, {describe(**stack)}, greedy, {len(prompts)} prompts x "
-          f"{new_tokens} new tokens, one run (a shared CPU: timings are noisy)")
+          f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"{'method':<30}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
         r["speedup"] = base / r["seconds"]
         print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
     write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, prompts=len(prompts),
-                                     **machine_settings()), rows=results), out)
+                                     repeats=repeats, **machine_settings()), rows=results), out)
     return results
