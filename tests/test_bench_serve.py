@@ -41,8 +41,9 @@ def test_bench_serve_arguments_are_checked(capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [(["kv", "--out", "x.json"], "--out is for bench tree and bench speculative"),
+@pytest.mark.parametrize("args, message", [(["kv", "--out", "x.json"], "--out is for bench tree, speculative and serve"),
                                            (["tree", "--out", "/no/such/dir/x.json"], "not a file in an existing directory"),
+                                           (["serve", "--out", "/no/such/dir/x.json"], "not a file in an existing directory"),
                                            (["speculative", "--out", "."], "not a file in an existing directory")])
 def test_bench_out_is_checked_before_measuring(capsys, args, message):
     assert main(["bench", *args]) == 2

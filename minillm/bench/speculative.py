@@ -21,11 +21,12 @@ import torch
 
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+from ..tree import TokenRecycling
 from ..kv_cache import StaticCache
 from ..progress import progress
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
-from .timing import machine_line, machine_settings, median_seconds, write_results
+from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
 
 DRAFT_CKPT = DISTILLED_DRAFT
 
@@ -95,7 +96,8 @@ def verify_agreement(model, ids, tokens: list[int], width: int = 5) -> dict:
 
 def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20),
                       stack: dict | None = None, out=None) -> dict:
-    """Every chain drafter on two prompt sets -> {(set, method): {tpf, a, speedup, formula, c, same}};
+    """Every chain drafter, and chapter 6's Token Recycling tree (at most draft_len + 1 nodes), on two prompt
+    sets -> {(set, method): {tpf, a, speedup, formula, c, same}};
     out: also write them, with the stack and the machine's settings, as JSON there."""
     torch.set_num_threads(threads)
     stack = stack or {}
@@ -110,6 +112,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
         methods["distilled adaptive"] = (lambda: ModelDrafter(draft, stop_below=0.5), None)
     else:
         print(f"({DRAFT_CKPT.name} not found: run data/distill_draft.py to add the distilled drafter)")
+    methods["recycling tree"] = (lambda: TokenRecycling(model.config.vocab_size), 0.0)  # chapter 6, for comparison
     probe = sets["open-ended"][0]
     target_s = forward_cost(model, probe)
     cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}
@@ -143,9 +146,11 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
             seconds = time.perf_counter() - start
             a = accepted / max(drafted, 1)
             rows[(set_name, name)] = dict(tpf=produced / forwards, a=a, speedup=plain_s / seconds,
-                                          formula=expected_speedup(min(a, 0.999), draft_len, c), c=c, same=same)
+                                          formula=None if "tree" in name else  # the formula is for chains
+                                          expected_speedup(min(a, 0.999), draft_len, c), c=c, same=same)
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
-    print(machine_line())
+    bandwidth = memory_bandwidth_gb_s()
+    print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
     print(f"SmolLM2-135M, {describe(**stack)}, greedy, {new_tokens} new tokens x 3 chat prompts "
           f"per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
     print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
@@ -163,6 +168,6 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
           "is per drafted token. Timings on a shared CPU are noisy.")
     write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, draft_len=draft_len,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
-                                     **machine_settings()),
+                                     memory_bandwidth_gb_s=round(bandwidth, 2), **machine_settings()),
                        rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)
     return rows

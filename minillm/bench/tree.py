@@ -32,7 +32,7 @@ from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
 from .speculative import one_row_plain
-from .timing import machine_line, machine_settings, median_seconds, write_results
+from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
 
 ChainDrafters = (NgramDrafter, ModelDrafter)  # draft 4 tokens a forward; tree drafters use their whole template
 
@@ -103,7 +103,8 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
         r["seconds"] = sorted(times[name])[len(times[name]) // 2]
         r["same_as_plain"] = sum(t == p for t, p in zip(r.pop("tokens"), reference))
     base = results["plain"]["seconds"]
-    print(machine_line())
+    bandwidth = memory_bandwidth_gb_s()
+    print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
     print(f"SmolLM2-135M, {describe(**stack)}, greedy, {len(prompts)} prompts x "
           f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"{'method':<30}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
@@ -112,5 +113,6 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
         print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
     write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, prompts=len(prompts),
-                                     repeats=repeats, **machine_settings()), rows=results), out)
+                                     repeats=repeats, memory_bandwidth_gb_s=round(bandwidth, 2),
+                                     **machine_settings()), rows=results), out)
     return results
