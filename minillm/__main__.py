@@ -134,9 +134,8 @@ def cmd_generate(args, chat: bool = False) -> int:
 
     chat without --prompt reads the user's turns from stdin, one a line, and answers each with the
     whole conversation so far (multi-turn); --system replaces SmolLM2's default system prompt."""
-    from .compiled import compile_decode
     from .model import smollm2_135m
-    from .stack import describe, load_stack
+    from .stack import compile_stack, describe, load_stack
     from .tokenizer import Tokenizer
 
     if args.draft and args.tree:
@@ -206,7 +205,7 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
-        model = compile_decode(model, **({"widths": (stack["fixed_width"],)} if stack.get("fixed_width") else {}))
+        model = compile_stack(model, stack.get("fixed_width"))
     label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
     if len(prompts) > 1:
         run_batch(model, tok, prompt_ids, args, label)

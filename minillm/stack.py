@@ -36,8 +36,13 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
         model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,
                          **options)
     if compile:
-        model = compile_decode(model, **({"widths": (fixed_width,)} if fixed_width is not None else {}))
+        model = compile_stack(model, fixed_width)
     return model, tok
+
+
+def compile_stack(model, fixed_width: int | None = None):
+    """compile_decode with the usual widths, or with the one width `fixed_width` (compiled.py)."""
+    return compile_decode(model, widths=(fixed_width,)) if fixed_width is not None else compile_decode(model)
 
 
 def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
