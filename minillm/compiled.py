@@ -15,13 +15,18 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                (so the cache's length is an input, not a shape); caches are sized in multiples of 256
     padding    padded tokens write to slots past the real ones (never shown to a later query) and
                attend to slot 0 only, so nothing in them can turn into NaN
-    attention  inside the graphs the layers attend with the textbook `attention_ref` (matmul, masked
-               softmax, matmul), which inductor fuses, instead of SDPA: PyTorch's CPU flash kernel
+    attention  inside the graphs the layers attend with the textbook math (matmul, masked softmax,
+               matmul; `attention_grouped`: the query heads sharing a kv head are rows of one matmul,
+               so the cached k and v are never copied per head), which inductor fuses, instead of SDPA: PyTorch's CPU flash kernel
                is built for long query blocks, and one query row over a masked 256-slot cache cost
                it ~260 us per layer (profiled, AVX512, 2 threads), a third of the whole step; with
                the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 + int8 head). The
                price: the compiled logits are no longer bit-equal to eager ones (near-ties can flip).
                Eager calls keep the layers' own attn_fn.
+    weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
+               (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
+               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them.
+               This changes the wrapped model's modules (its weights and state dict stay as they were).
 
 One width for everything (`compile_decode(model, widths=(8,))`, `--compile --fixed-width 8`): plain
 decoding then pads each token to 8 rows and a verify step of up to 8 tokens runs the same graph, so a
@@ -51,7 +56,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kv_cache import StaticCache
-from .model import attention_ref, attention_sdpa, rope_cos_sin
+from .model import attention_grouped, attention_sdpa, rope_cos_sin
+from .prepack import available as prepack_unavailable
+from .prepack import packed_count, prepack_linears
 
 WIDTHS = (1, 2, 4, 8, 16)
 CACHE_BUCKET = 256
@@ -96,7 +103,7 @@ def _compiler_missing() -> str | None:
 class CompiledDecoder(nn.Module):
     """A Transformer whose short forwards over a StaticCache run compiled; see the module docstring."""
 
-    def __init__(self, model, widths=WIDTHS, mode: str | None = None):
+    def __init__(self, model, widths=WIDTHS, mode: str | None = None, prepack: bool = True):
         super().__init__()
         if not hasattr(model, "layers") or not hasattr(model, "config"):
             raise ValueError(f"compile_decode takes a minillm Transformer, got {type(model).__name__}")
@@ -106,6 +113,10 @@ class CompiledDecoder(nn.Module):
         self.model, self.config, self.widths = model, model.config, widths
         self.reason_eager = _compiler_missing()     # None while compiling is possible
         self.compiled_calls = self.eager_calls = 0
+        dtype = next(model.parameters()).dtype
+        if prepack and not prepack_unavailable(dtype):
+            prepack_linears(model, max(widths))
+        self.prepacked = packed_count(model)       # how many linears run prepacked (also those of an earlier wrap)
         if self.reason_eager:
             warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)
         # dynamo files its compiled graphs under the function's code object, checking each one's guards in
@@ -145,7 +156,7 @@ class CompiledDecoder(nn.Module):
         # the graphs attend with the fusable math (module docstring); a kernel the user put in the slot stays
         swapped = [layer.attn for layer in model.layers if layer.attn.__dict__.get("attn_fn") is attention_sdpa]
         for attn in swapped:
-            attn.__dict__["attn_fn"] = attention_ref
+            attn.__dict__["attn_fn"] = attention_grouped
         try:
             x = model.tok_embeddings(idx)
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
@@ -188,6 +199,7 @@ class CompiledDecoder(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
 
-def compile_decode(model, widths=WIDTHS, mode: str | None = None) -> CompiledDecoder:
-    """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above)."""
-    return CompiledDecoder(model, widths, mode)
+def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool = True) -> CompiledDecoder:
+    """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above);
+    prepack: swap its plain linears for oneDNN-prepacked ones where measured faster (prepack.py)."""
+    return CompiledDecoder(model, widths, mode, prepack)

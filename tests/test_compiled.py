@@ -124,7 +124,7 @@ def test_prompts_of_different_lengths_run_compiled_as_eager(tiny_model, fast):
 
 @torch.inference_mode()
 def test_the_graphs_attend_with_the_math_and_the_slot_is_left_as_it_was(tiny_model, fast):
-    """Inside the graphs the layers attend with attention_ref (fusable; SDPA's CPU kernel was slow for one query
+    """Inside the graphs the layers attend with attention_grouped (fusable; SDPA's CPU kernel was slow for one query
     over a masked cache); after each call every layer's attn_fn is the one it had, and a kernel someone put in
     the slot is kept, not replaced."""
     from minillm.model import attention_ref, attention_sdpa
