@@ -16,8 +16,11 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
     padding    padded tokens write to slots past the real ones (never shown to a later query) and
                attend to slot 0 only, so nothing in them can turn into NaN
     attention  inside the graphs the layers attend with the textbook math (matmul, masked softmax,
-               matmul; `attention_grouped`: the query heads sharing a kv head are rows of one matmul,
-               so the cached k and v are never copied per head), which inductor fuses, instead of SDPA: PyTorch's CPU flash kernel
+               matmul), which inductor fuses, instead of SDPA. One row: `attention_ref`, which inductor
+               turns into loops reading the cache in place; wider: `attention_grouped`, the query heads
+               sharing a kv head as rows of one matmul, where attention_ref's batched matmuls need k and v
+               copied per query head (measured, bfloat16, AVX512, 2 threads: 8 rows 26.6 -> 23.9 ms a step;
+               on 1 row grouped was the slower, 18.5 against 17.3 ms). Why not SDPA: PyTorch's CPU flash kernel
                is built for long query blocks, and one query row over a masked 256-slot cache cost
                it ~260 us per layer (profiled, AVX512, 2 threads), a third of the whole step; with
                the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 + int8 head). The
@@ -56,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kv_cache import StaticCache
-from .model import attention_grouped, attention_sdpa, rope_cos_sin
+from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
 from .prepack import available as prepack_unavailable
 from .prepack import packed_count, prepack_linears
 
@@ -155,8 +158,9 @@ class CompiledDecoder(nn.Module):
         model = self.model
         # the graphs attend with the fusable math (module docstring); a kernel the user put in the slot stays
         swapped = [layer.attn for layer in model.layers if layer.attn.__dict__.get("attn_fn") is attention_sdpa]
+        math = attention_ref if idx.shape[1] == 1 else attention_grouped     # module docstring: attention
         for attn in swapped:
-            attn.__dict__["attn_fn"] = attention_grouped
+            attn.__dict__["attn_fn"] = math
         try:
             x = model.tok_embeddings(idx)
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)

@@ -149,7 +149,7 @@ def attention_grouped(q, k, v, mask):
     """attention_ref for grouped-query attention without copying k and v per query head: k/v (B, nkv, S, d) as
     cached, the nh // nkv query heads sharing a kv head stacked as rows of one matmul. Same math as
     attention_ref on repeated k/v; inside a compiled graph the repeat was a copy of the whole cache slice per
-    layer and per step (the compiled 8-row step went from 22.4 to 18.8 ms, bfloat16, AVX512, 2 threads)."""
+    layer and per step (the compiled 8-row step went from 26.6 to 23.9 ms, bfloat16, AVX512, 2 threads)."""
     B, nh, T, d = q.shape
     nkv, S = k.shape[1], k.shape[2]
     g = nh // nkv

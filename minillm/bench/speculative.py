@@ -24,6 +24,7 @@ from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_
 from ..tree import TokenRecycling
 from ..kv_cache import StaticCache
 from ..progress import progress
+from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
@@ -151,8 +152,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)}, greedy, {new_tokens} new tokens x 3 chat prompts "
-          f"per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {new_tokens} new tokens "
+          f"x 3 chat prompts per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
     print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
           f"{'speedup':>9}{'formula':>9}{'== plain':>10}")
     for (set_name, name), r in rows.items():
@@ -166,7 +167,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")
-    write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, draft_len=draft_len,
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+                                     new_tokens=new_tokens, draft_len=draft_len,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
                                      memory_bandwidth_gb_s=round(bandwidth, 2), **machine_settings()),
                        rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)

@@ -28,6 +28,7 @@ from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, load_draft_model
 from ..kv_cache import StaticCache
 from ..progress import progress
+from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import Template, TokenRecycling, Tree, score
@@ -105,14 +106,15 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
     base = results["plain"]["seconds"]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)}, greedy, {len(prompts)} prompts x "
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {len(prompts)} prompts x "
           f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"{'method':<30}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
         r["speedup"] = base / r["seconds"]
         print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
-    write_results(dict(settings=dict(stack=describe(**stack), new_tokens=new_tokens, prompts=len(prompts),
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+                                     new_tokens=new_tokens, prompts=len(prompts),
                                      repeats=repeats, memory_bandwidth_gb_s=round(bandwidth, 2),
                                      **machine_settings()), rows=results), out)
     return results
