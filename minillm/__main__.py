@@ -531,7 +531,7 @@ def cmd_bench(args) -> int:
         if not 1 <= args.draft_len <= 16:
             raise ValueError(f"--draft-len must be an int in [1, 16], got {args.draft_len}")
         bench_speculative(new_tokens=args.new_tokens, draft_len=args.draft_len, threads=args.threads, stack=stack,
-                          out=args.out)
+                          out=args.out, repeats=args.repeats)
     if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
         from .bench.stack import bench_stack
 
@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens generated per timed run (default: 128 for stack, 32 for quant, 64 for the others, "
                             "as their committed figures)")
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
-    bench.add_argument("--repeats", type=int, default=3, help="stack: timed runs of each prompt set (median)")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="stack, speculative: timed runs of each prompt set (median)")
     bench.add_argument("--quality-only", action="store_true",
                        help="quant: recompute the perplexities only, keep the committed speed figures")
     bench.add_argument("--threads", type=int, default=None,

@@ -1,4 +1,4 @@
-"""`python -m minillm bench speculative`: plain cached greedy decoding vs each drafter, one run, SmolLM2.
+"""`python -m minillm bench speculative`: plain cached greedy decoding vs each drafter, SmolLM2, median of rounds.
 
 Two prompt sets in SmolLM2's chat template: input-grounded (rewrite / fix / edit a given text or
 code, where the answer copies much of the prompt and prompt lookup shines) and open-ended (the
@@ -15,6 +15,7 @@ verify's width, the logits are bit-equal and so are the tokens. With a fixed wid
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -96,10 +97,13 @@ def verify_agreement(model, ids, tokens: list[int], width: int = 5) -> dict:
 
 
 def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1, layers=(8, 20),
-                      stack: dict | None = None, out=None) -> dict:
+                      stack: dict | None = None, out=None, repeats: int = 3) -> dict:
     """Every chain drafter, and chapter 6's Token Recycling tree (at most draft_len + 1 nodes), on two prompt
     sets -> {(set, method): {tpf, a, speedup, formula, c, same}};
-    out: also write them, with the stack and the machine's settings, as JSON there."""
+    out: also write them, with the stack and the machine's settings, as JSON there; repeats: rounds of every
+    set and method, interleaved, each speedup a ratio of medians."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     torch.set_num_threads(threads)
     stack = stack or {}
     model, tok = load_stack(**stack)
@@ -124,36 +128,45 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     narrow = one_row_plain(model)
     if narrow is not None:
         decode(narrow, probe, new_tokens, eos_token_id=None)
-    rows, plains = {}, {}
-    for set_name, prompts in sets.items():
-        start = time.perf_counter()
-        plain = plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
-        plain_s = time.perf_counter() - start
-        rows[(set_name, "plain")] = dict(tpf=1.0, a=None, speedup=1.0, formula=None, same=len(prompts))
-        if narrow is not None:  # what a fixed width costs plain decoding, and whether its tokens move
+    # every (set, method) timed once per round, rounds interleaved, the median kept: on a shared VM a slow
+    # minute falls on every method alike instead of on whichever ran then (plain included, the baseline)
+    runs, times, plains = {}, {}, {}
+    for _ in progress(range(repeats), desc="bench speculative: rounds of every set and method", total=repeats):
+        for set_name, prompts in sets.items():
             start = time.perf_counter()
-            tokens = [plain_greedy(narrow, ids, new_tokens) for ids in prompts]
-            rows[(set_name, "plain, 1-row steps")] = dict(tpf=1.0, a=None, speedup=plain_s / (time.perf_counter() - start),
-                                                         formula=None, same=sum(t == r for t, r in zip(tokens, plain)))
-        for name, (make, c) in progress(methods.items(), desc=f"bench speculative: {set_name}", total=len(methods)):
-            c = cost.get(name, c)
-            drafted = accepted = forwards = produced = same = 0
-            start = time.perf_counter()
-            for ids, reference in zip(prompts, plain):
-                r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
-                same += r.tokens == reference
-                drafted, accepted = drafted + r.drafted, accepted + r.accepted
-                forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
-            seconds = time.perf_counter() - start
-            a = accepted / max(drafted, 1)
-            rows[(set_name, name)] = dict(tpf=produced / forwards, a=a, speedup=plain_s / seconds,
-                                          formula=None if "tree" in name else  # the formula is for chains
-                                          expected_speedup(min(a, 0.999), draft_len, c), c=c, same=same)
+            plain = plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
+            times.setdefault((set_name, "plain"), []).append(time.perf_counter() - start)
+            runs[(set_name, "plain")] = dict(tpf=1.0, a=None, formula=None, same=len(prompts))
+            if narrow is not None:  # what a fixed width costs plain decoding, and whether its tokens move
+                start = time.perf_counter()
+                tokens = [plain_greedy(narrow, ids, new_tokens) for ids in prompts]
+                times.setdefault((set_name, "plain, 1-row steps"), []).append(time.perf_counter() - start)
+                runs[(set_name, "plain, 1-row steps")] = dict(tpf=1.0, a=None, formula=None,
+                                                             same=sum(t == r for t, r in zip(tokens, plain)))
+            for name, (make, c) in methods.items():
+                c = cost.get(name, c)
+                drafted = accepted = forwards = produced = same = 0
+                start = time.perf_counter()
+                for ids, reference in zip(prompts, plain):
+                    r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
+                    same += r.tokens == reference
+                    drafted, accepted = drafted + r.drafted, accepted + r.accepted
+                    forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
+                times.setdefault((set_name, name), []).append(time.perf_counter() - start)
+                a = accepted / max(drafted, 1)
+                runs[(set_name, name)] = dict(tpf=produced / forwards, a=a, c=c, same=same,
+                                              formula=None if "tree" in name else  # the formula is for chains
+                                              expected_speedup(min(a, 0.999), draft_len, c))
+    rows = {}
+    for set_name in sets:     # plain first in each set, then the 1-row plain, then the drafters
+        for key in [k for k in runs if k[0] == set_name]:
+            rows[key] = dict(runs[key], speedup=statistics.median(times[(set_name, "plain")])
+                             / statistics.median(times[key]))
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
     print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {new_tokens} new tokens "
-          f"x 3 chat prompts per set, draft_len={draft_len}; one target forward = {1000 * target_s:.0f} ms")
+          f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds; one target forward = {1000 * target_s:.0f} ms")
     print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
           f"{'speedup':>9}{'formula':>9}{'== plain':>10}")
     for (set_name, name), r in rows.items():
@@ -168,7 +181,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")
     write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
-                                     new_tokens=new_tokens, draft_len=draft_len,
+                                     new_tokens=new_tokens, draft_len=draft_len, repeats=repeats,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
                                      memory_bandwidth_gb_s=round(bandwidth, 2), **machine_settings()),
                        rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)

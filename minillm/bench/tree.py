@@ -5,7 +5,7 @@ in one process, one after the other, on the CPU; `stack` chooses the model (dtyp
 compiled step; see stack.py), the same for every method. "== plain" counts the prompts whose tokens
 equal plain greedy decoding of that same model (always all in float32; bfloat16 and int4 can round a
 near-tie differently in a 1-row and a many-row forward, unless every step runs one compiled width,
-`--compile --fixed-width 16`: then chains are bit-exact and trees nearly so, since a tree node's
+`--compile --fixed-width 8`: then chains are bit-exact and trees nearly so, since a tree node's
 ancestors sit in other cache slots than in plain decoding, and attention adds them in another order).
 With a fixed width, "plain, 1-row steps" is plain decoding on the usual compiled widths: the fastest
 plain decoding, what the fixed width costs it. Reported per method: new tokens per
