@@ -471,6 +471,8 @@ def cmd_bench(args) -> int:
     if (args.compile or args.fixed_width is not None) and args.what not in ("speculative", "tree"):
         raise ValueError(f"--compile and --fixed-width are for bench speculative and tree; bench {args.what} "
                          f"chooses its own steps")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.json and args.what not in ("stack", "serve", "quant"):
         raise ValueError(f"--json is for bench stack, serve and quant; bench {args.what} prints tables only")
     if args.out is not None:  # checked now, not after minutes of measuring

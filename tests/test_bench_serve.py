@@ -44,7 +44,9 @@ def test_bench_serve_arguments_are_checked(capsys, args, message):
 @pytest.mark.parametrize("args, message", [(["kv", "--out", "x.json"], "--out is for bench tree, speculative and serve"),
                                            (["tree", "--out", "/no/such/dir/x.json"], "not a file in an existing directory"),
                                            (["serve", "--out", "/no/such/dir/x.json"], "not a file in an existing directory"),
-                                           (["speculative", "--out", "."], "not a file in an existing directory")])
-def test_bench_out_is_checked_before_measuring(capsys, args, message):
+                                           (["speculative", "--out", "."], "not a file in an existing directory"),
+                                           (["speculative", "--repeats", "0"], "--repeats must be at least 1"),
+                                           (["stack", "--repeats", "-1"], "--repeats must be at least 1")])
+def test_bench_out_and_repeats_are_checked_before_measuring(capsys, args, message):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
