@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
-_PACKED: dict = {}          # weight.data_ptr() -> (shape, dtype, version, packed copy)
+_PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
 _lib.define("prepacked_linear(Tensor x, Tensor weight) -> Tensor")
@@ -47,9 +47,9 @@ def _version(t):
 
 def _packed_copy(weight):
     entry = _PACKED.get(weight.data_ptr())
-    if entry is None or entry[:3] != (weight.shape, weight.dtype, _version(weight)):
+    if entry is None or entry[:4] != (weight.shape, weight.stride(), weight.dtype, _version(weight)):
         return None
-    return entry[3]
+    return entry[4]
 
 
 def _prepacked_linear(x, weight):
@@ -94,7 +94,7 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> None:
         return
     ptr = weight.data_ptr()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    _PACKED[ptr] = (weight.shape, weight.dtype, _version(weight), packed)
+    _PACKED[ptr] = (weight.shape, weight.stride(), weight.dtype, _version(weight), packed)
     weakref.finalize(weight, _PACKED.pop, ptr, None)
 
 

@@ -44,6 +44,9 @@ def test_a_weight_changed_after_packing_runs_the_plain_kernel_not_the_stale_copy
     with torch.no_grad():
         packed.weight.mul_(2)                       # in place: the packed copy is stale now
     assert packed.kernel().startswith("plain") and torch.equal(packed(x), F.linear(x, packed.weight))
+    square = PackedLinear.from_linear(_linear(64, 64, torch.bfloat16, seed=4))
+    square.weight = nn.Parameter(square.weight.t(), requires_grad=False)     # same storage and shape, transposed
+    assert square.kernel().startswith("plain") and torch.equal(square(x), F.linear(x, square.weight))
     packed.weight = nn.Parameter(packed.weight.float(), requires_grad=False)   # another tensor altogether
     assert torch.equal(packed(x.float()), F.linear(x.float(), packed.weight))
 
