@@ -60,7 +60,6 @@ import torch.nn.functional as F
 
 from .kv_cache import StaticCache
 from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
-from .prepack import available as prepack_unavailable
 from .prepack import packed_count, prepack_linears
 
 WIDTHS = (1, 2, 4, 8, 16)
@@ -116,8 +115,7 @@ class CompiledDecoder(nn.Module):
         self.model, self.config, self.widths = model, model.config, widths
         self.reason_eager = _compiler_missing()     # None while compiling is possible
         self.compiled_calls = self.eager_calls = 0
-        dtype = next(model.parameters()).dtype
-        if prepack and not prepack_unavailable(dtype):
+        if prepack:                                  # leaves the linears alone where oneDNN cannot take them
             prepack_linears(model, max(widths))
         self.prepacked = packed_count(model)       # how many linears run prepacked (also those of an earlier wrap)
         if self.reason_eager:

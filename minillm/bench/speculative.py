@@ -157,11 +157,9 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
                 runs[(set_name, name)] = dict(tpf=produced / forwards, a=a, c=c, same=same,
                                               formula=None if "tree" in name else  # the formula is for chains
                                               expected_speedup(min(a, 0.999), draft_len, c))
-    rows = {}
-    for set_name in sets:     # plain first in each set, then the 1-row plain, then the drafters
-        for key in [k for k in runs if k[0] == set_name]:
-            rows[key] = dict(runs[key], speedup=statistics.median(times[(set_name, "plain")])
-                             / statistics.median(times[key]))
+    # runs is in table order already: per set plain, the 1-row plain, then the drafters
+    rows = {key: dict(run, speedup=statistics.median(times[(key[0], "plain")]) / statistics.median(times[key]))
+            for key, run in runs.items()}
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
