@@ -229,6 +229,8 @@ class TokenRecycling:
     Rows start at token 0 (a harmless wrong guess) until the model has produced logits after t.
     Every verification writes the top-k of *every* tree node's logits, accepted or not: the
     rejected branches are the "trash" turned into next step's guesses.
+    Warm start: the matrix can outlive one request (the paper keeps it from query to query);
+    `warm_up(model, ids)` fills it from any text first, `copy()` hands each request its own copy.
     """
 
     def __init__(self, vocab_size: int, k: int = 8, template: Template | None = None):
@@ -242,9 +244,35 @@ class TokenRecycling:
         return self.adjacency.numel() * self.adjacency.element_size()
 
     def update(self, tokens, logits):
-        """tokens (N,) each followed by logits (N, V): remember the top-k after each token."""
-        tokens = torch.as_tensor(tokens).reshape(-1)
-        self.adjacency[tokens] = logits.reshape(len(tokens), -1).topk(self.k, dim=-1).indices.to(torch.int32)
+        """tokens (N,) each followed by logits (N, V): remember the top-k after each token. A token that occurs
+        more than once keeps its last occurrence's (as if the rows were written one after another)."""
+        tokens = torch.as_tensor(tokens).reshape(-1).cpu()
+        n = len(tokens)
+        # the last occurrence of every distinct token: reversed, it is the first, found with a min-reduction
+        distinct, where = torch.unique(tokens.flip(0), return_inverse=True)
+        first = torch.full_like(distinct, n).scatter_reduce(0, where, torch.arange(n), "amin")
+        rows = logits.reshape(n, -1)[(n - 1 - first).to(logits.device)]
+        self.adjacency[distinct] = rows.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
+
+    def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
+        """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`
+        tokens at a time (each chunk a context of its own, no cache), and every token's row gets the top-k
+        the model predicted after it, as if decoding had produced that text. One prefill's cost, once."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        if chunk < 1 or len(ids) == 0:
+            raise ValueError(f"warm_up needs token ids and chunk >= 1, got {len(ids)} ids and chunk={chunk}")
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for start in range(0, len(ids), chunk):
+                piece = ids[start:start + chunk]
+                self.update(piece, model(piece[None].to(device))[0])
+        return self
+
+    def copy(self) -> "TokenRecycling":
+        """A drafter with the same template and its own copy of the matrix (a warm start for one request)."""
+        twin = TokenRecycling(len(self.adjacency), self.k, self.template)
+        twin.adjacency.copy_(self.adjacency)
+        return twin
 
     @property
     def default_len(self) -> int:

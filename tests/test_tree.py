@@ -171,6 +171,38 @@ def test_token_recycling_state():
         TokenRecycling(20, k=2, template=Template.budget(1, 2))
 
 
+def test_token_recycling_update_keeps_the_last_occurrence():
+    torch.manual_seed(0)
+    tokens, logits = torch.tensor([4, 7, 4, 9, 7, 4]), torch.randn(6, 30)
+    fast = TokenRecycling(30, k=3)
+    fast.update(tokens, logits)
+    slow = TokenRecycling(30, k=3)
+    for t, row in zip(tokens.tolist(), logits):          # one row at a time: later writes win
+        slow.adjacency[t] = row.topk(3).indices.to(torch.int32)
+    assert torch.equal(fast.adjacency, slow.adjacency)
+    assert torch.equal(fast.adjacency[4], logits[5].topk(3).indices.to(torch.int32))
+
+
+def test_token_recycling_warm_up(tiny_model):
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    warm = TokenRecycling(512, k=4).warm_up(tiny_model, ids, chunk=128)
+    slow = TokenRecycling(512, k=4)
+    with torch.inference_mode():
+        for start in range(0, 300, 128):                  # each chunk a context of its own
+            logits = tiny_model(ids[None, start:start + 128])[0]
+            for t, row in zip(ids[start:start + 128].tolist(), logits):
+                slow.adjacency[t] = row.topk(4).indices.to(torch.int32)
+    assert torch.equal(warm.adjacency, slow.adjacency) and warm.adjacency.any()
+    twin = warm.copy()                                    # a request's own copy: the warm matrix stays as it was
+    twin.update(torch.tensor([ids[0]]), torch.zeros(1, 512))
+    assert not torch.equal(twin.adjacency, warm.adjacency) and twin.template is warm.template
+    prompt = torch.tensor([[5, 17, 33, 2, 9]])
+    plain = generate(tiny_model, prompt, 30, eos_token_id=None)
+    assert decode(tiny_model, prompt, 30, warm.copy(), eos_token_id=None).tokens == plain[0, 5:].tolist()
+    with pytest.raises(ValueError, match="chunk"):
+        TokenRecycling(512).warm_up(tiny_model, ids, chunk=0)
+
+
 def test_bad_input(tiny_model):
     drafter = TokenRecycling(512, k=4, template=Template.budget(2, 1))
     with pytest.raises(ValueError, match="one sequence"):
@@ -231,3 +263,13 @@ def test_smollm2_tree_decoding_equals_plain_greedy(smollm2):
             result = decode(model, prompt, 64, drafter, eos_token_id=None)
             assert result.tokens == plain[0, prompt.shape[1]:].tolist(), (text, type(drafter).__name__)
             assert result.verify_forwards < 63  # the trees did accept something
+
+
+def test_bench_tree_gives_each_warm_run_its_own_copy(tiny_model):
+    from minillm.bench.tree import methods
+
+    warm = TokenRecycling(tiny_model.config.vocab_size, k=4).warm_up(tiny_model, torch.arange(64))
+    found = methods(tiny_model, warm)
+    assert "tree: Token Recycling, warm" in found and "tree: Token Recycling, warm" not in methods(tiny_model)
+    a, b = found["tree: Token Recycling, warm"](), found["tree: Token Recycling, warm"]()
+    assert a is not b and torch.equal(a.adjacency, warm.adjacency) and a.adjacency.data_ptr() != warm.adjacency.data_ptr()
