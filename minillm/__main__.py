@@ -83,8 +83,9 @@ def add_sampling_args(p):
                    help="the same as --special allow")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
-    p.add_argument("--tree", default=None, choices=["recycling", "medusa"],
-                   help="tree-verified decoding (chapter 6): Token Recycling or Medusa heads; batch 1")
+    p.add_argument("--tree", default=None, choices=["recycling", "medusa", "lookup+recycling"],
+                   help="tree-verified decoding (chapter 6): Token Recycling, Medusa heads, or prompt lookup's chain "
+                        "and Token Recycling merged in one tree; batch 1")
     p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | distilled | "
                    "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
     p.add_argument("--draft-len", type=int, default=None,
@@ -522,7 +523,7 @@ def cmd_bench(args) -> int:
     if args.what == "tree":
         from .bench.tree import bench_tree
 
-        bench_tree(new_tokens=args.new_tokens, threads=args.threads, stack=stack, out=args.out)
+        bench_tree(new_tokens=args.new_tokens, threads=args.threads, stack=stack, out=args.out, repeats=args.repeats)
     if args.what == "kernels":  # chapter 7's Triton kernels vs PyTorch; needs a CUDA GPU
         from kernels.bench import main as bench_kernels
 
@@ -581,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "as their committed figures)")
     bench.add_argument("--eval-tokens", type=int, default=1024, help="quant: held-out tokens for perplexity")
     bench.add_argument("--repeats", type=int, default=3,
-                       help="stack, speculative: timed runs of each prompt set (median)")
+                       help="stack, speculative, tree: timed rounds of every method (median)")
     bench.add_argument("--quality-only", action="store_true",
                        help="quant: recompute the perplexities only, keep the committed speed figures")
     bench.add_argument("--threads", type=int, default=None,

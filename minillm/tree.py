@@ -19,6 +19,9 @@ indices leading to it, (0, 1) = "second guess after the first guess"):
     TokenRecycling  choice i at a node = i-th of the top-k tokens the model last produced after
                     that node's token (an adjacency matrix updated from every verification).
     MedusaDrafter   (medusa.py) choice i at depth d = i-th most likely token of Medusa head d.
+Several drafters' guesses fit in one tree (SpecInfer's merged token tree): `merge` lays their root
+paths over one another, sharing a node where two guess the same token after the same path;
+`MergedDrafter(NgramDrafter(), TokenRecycling(V))` drafts prompt lookup's chain and the recycled tree together.
 
 Drafters (here, medusa.py and drafters.py) all answer one call, `propose(context, k, hidden, ...)
 -> Tree`: a chain drafter returns a chain (parents [-1, 0, 1, ...]), a tree drafter a tree. The
@@ -284,3 +287,56 @@ class TokenRecycling:
 
     def observe(self, tree: Tree, logits, hidden=None):
         self.update(tree.tokens, logits)
+
+
+# ----------------------------------------------------------------------------- merged trees
+def merge(trees, size: int) -> Tree:
+    """One tree from several rooted at the same token: every tree's root paths laid over one another, a node
+    shared where two trees guess the same token after the same path. Trees are taken in the order given,
+    each in its own node order, until `size` nodes (a node whose parent did not fit is dropped too).
+    [r, a, b] (a chain) with [r, a, c] -> tokens [r, a, b, c], parents [-1, 0, 1, 1]."""
+    if not trees or size < 1:
+        raise ValueError(f"merge needs at least one tree and size >= 1, got {len(trees)} trees and size={size}")
+    root = trees[0].tokens[0]
+    if any(t.tokens[0] != root for t in trees):
+        raise ValueError(f"merge needs trees with one root, got roots {[t.tokens[0] for t in trees]}")
+    tokens, parents, node_of = [root], [-1], {}             # node_of[(parent node, token)] = merged node
+    for tree in trees:
+        mine = {0: 0}                                          # this tree's node -> merged node
+        for i in range(1, len(tree)):
+            parent = mine.get(tree.parents[i])
+            if parent is None:                                 # its parent did not fit
+                continue
+            key = (parent, tree.tokens[i])
+            if key not in node_of:
+                if len(tokens) == size:
+                    continue
+                node_of[key] = len(tokens)
+                tokens.append(tree.tokens[i])
+                parents.append(parent)
+            mine[i] = node_of[key]
+    return Tree(tokens, parents)
+
+
+class MergedDrafter:
+    """Several drafters as one: each proposes, `merge` joins their trees (the first drafter's nodes first)
+    within the k + 1 nodes a forward verifies, and every drafter observes the verified tree. Only drafts
+    that are not sampled can be merged (a sampled chain's acceptance needs its own distribution)."""
+
+    def __init__(self, *drafters):
+        if not drafters:
+            raise ValueError("MergedDrafter needs at least one drafter")
+        self.drafters = drafters
+        self.default_len = max(getattr(d, "default_len", 0) or 0 for d in drafters) or 4
+
+    def propose(self, context, k, hidden=None, **sampling) -> Tree:
+        trees = [d.propose(context, k, hidden, **sampling) for d in self.drafters]
+        for d, tree in zip(self.drafters, trees):
+            if tree.q is not None:
+                raise ValueError(f"MergedDrafter merges drafts that are not sampled; {type(d).__name__} sampled "
+                                 f"its chain (temperature > 0): use it alone")
+        return merge(trees, k + 1)
+
+    def observe(self, tree: Tree, logits, hidden=None):
+        for d in self.drafters:
+            d.observe(tree, logits, hidden)

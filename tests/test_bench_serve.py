@@ -50,3 +50,13 @@ def test_bench_serve_arguments_are_checked(capsys, args, message):
 def test_bench_out_and_repeats_are_checked_before_measuring(capsys, args, message):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what, module", [("tree", "minillm.bench.tree"), ("speculative", "minillm.bench.speculative")])
+def test_bench_repeats_reach_the_bench(monkeypatch, what, module):
+    import importlib
+
+    seen = {}
+    monkeypatch.setattr(importlib.import_module(module), f"bench_{what}", lambda **kw: seen.update(kw))
+    assert main(["bench", what, "--repeats", "5"]) in (0, None)
+    assert seen["repeats"] == 5

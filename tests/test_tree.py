@@ -12,8 +12,9 @@ from minillm.kv_cache import StaticCache
 from minillm.medusa import MedusaDrafter, MedusaHeads, template_from_accuracy
 from minillm.model import Transformer
 from minillm.decoding import decode
-from minillm.tree import (Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths, path_to,
-                          score as verify, tree_mask, tree_mask_ref, verification_inputs)
+from minillm.drafters import ModelDrafter, NgramDrafter
+from minillm.tree import (MergedDrafter, Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths,
+                          merge, path_to, score as verify, tree_mask, tree_mask_ref, verification_inputs)
 
 
 def random_tree(rng, n, vocab):
@@ -273,3 +274,38 @@ def test_bench_tree_gives_each_warm_run_its_own_copy(tiny_model):
     assert "tree: Token Recycling, warm" in found and "tree: Token Recycling, warm" not in methods(tiny_model)
     a, b = found["tree: Token Recycling, warm"](), found["tree: Token Recycling, warm"]()
     assert a is not b and torch.equal(a.adjacency, warm.adjacency) and a.adjacency.data_ptr() != warm.adjacency.data_ptr()
+
+
+def root_paths(tree):
+    return {tuple(tree.tokens[j] for j in path_to(tree.parents, i)) for i in range(len(tree))}
+
+
+def test_merge_lays_root_paths_over_one_another():
+    chain, other = Tree.chain(7, [1, 2]), Tree([7, 1, 3, 4], [-1, 0, 1, 0])
+    merged = merge([chain, other], 10)
+    assert (merged.tokens, merged.parents) == ([7, 1, 2, 3, 4], [-1, 0, 1, 1, 0])
+    assert root_paths(merged) == root_paths(chain) | root_paths(other)       # nothing lost, nothing twice
+    assert len(merged) == len(root_paths(merged))
+    small = merge([chain, other], 3)                                         # the first tree's nodes come first
+    assert (small.tokens, small.parents) == ([7, 1, 2], [-1, 0, 1])
+    rng = random.Random(0)
+    for _ in range(50):                                                       # random trees: the same paths
+        trees = []
+        for _ in range(3):
+            parents = [-1] + [rng.randrange(i) for i in range(1, rng.randrange(1, 9))]
+            trees.append(Tree([5] + [rng.randrange(4) for _ in parents[1:]], parents))
+        assert root_paths(merge(trees, 100)) == set().union(*map(root_paths, trees))
+    with pytest.raises(ValueError, match="one root"):
+        merge([chain, Tree.chain(8, [1])], 5)
+
+
+def test_merged_drafter_is_lossless(tiny_model):
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 5, 17]])
+    plain = generate(tiny_model, prompt, 30, eos_token_id=None)
+    drafter = MergedDrafter(NgramDrafter(), TokenRecycling(512, k=4, template=Template.budget(3, 2)))
+    assert drafter.default_len == len(Template.budget(3, 2)) - 1
+    assert decode(tiny_model, prompt, 30, drafter, eos_token_id=None).tokens == plain[0, 7:].tolist()
+    assert torch.equal(generate(tiny_model, prompt, 30, tree="lookup+recycling", eos_token_id=None), plain)
+    sampled = MergedDrafter(ModelDrafter(tiny_model), TokenRecycling(512, k=4))
+    with pytest.raises(ValueError, match="not sampled"):
+        decode(tiny_model, prompt, 8, sampled, temperature=0.8, seed=0)

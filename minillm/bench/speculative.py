@@ -11,6 +11,8 @@ can round a near-tie differently, and the table says on how many prompts that ha
 step runs one compiled width (`--compile --fixed-width 8`): then plain decoding pads its token to the
 verify's width, the logits are bit-equal and so are the tokens. With a fixed width the table adds
 "plain, 1-row steps" (the same weights on the usual compiled widths): the price of the fixed width.
+Chapter 6's trees, for comparison: Token Recycling started empty, started warm (its matrix filled once
+from WARM_TEXT before any timing), and that warm tree merged with prompt lookup's chain (tree.merge).
 `stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
-from ..tree import TokenRecycling
+from ..loading import DATA_DIR
+from ..tree import MergedDrafter, TokenRecycling
 from ..kv_cache import StaticCache
 from ..progress import progress
 from ..prepack import linear_kernels
@@ -31,6 +34,8 @@ from ..speculative import expected_speedup
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
 
 DRAFT_CKPT = DISTILLED_DRAFT
+# Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing
+WARM_TEXT, WARM_TOKENS = DATA_DIR / "heldout.txt", 4096
 
 GROUNDED = [
     "Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
@@ -47,6 +52,14 @@ OPEN_ENDED = [
     "Explain why the sky is blue.",
     "Give three tips for staying focused while studying.",
 ]
+
+
+def warm_recycler(model, tok) -> tuple[TokenRecycling, float]:
+    """Token Recycling's matrix filled from the first WARM_TOKENS tokens of WARM_TEXT (Flask's documentation:
+    no bench prompt comes from it), and the seconds that took."""
+    start = time.perf_counter()
+    warm = TokenRecycling(model.config.vocab_size).warm_up(model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])
+    return warm, time.perf_counter() - start
 
 
 def chat_ids(tok, message: str) -> torch.Tensor:
@@ -118,6 +131,10 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     else:
         print(f"({DRAFT_CKPT.name} not found: run data/distill_draft.py to add the distilled drafter)")
     methods["recycling tree"] = (lambda: TokenRecycling(model.config.vocab_size), 0.0)  # chapter 6, for comparison
+    warm, warm_seconds = warm_recycler(model, tok)    # chapter 6's warm start, and its tree merged with prompt lookup
+    methods["recycling tree, warm"] = (warm.copy, 0.0)
+    methods["lookup+recycling tree, warm"] = (lambda: MergedDrafter(NgramDrafter(), warm.copy()), 0.0)
+    trees = ("recycling tree", "recycling tree, warm", "lookup+recycling tree, warm")
     probe = sets["open-ended"][0]
     target_s = forward_cost(model, probe)
     cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}
@@ -155,7 +172,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
                 times.setdefault((set_name, name), []).append(time.perf_counter() - start)
                 a = accepted / max(drafted, 1)
                 runs[(set_name, name)] = dict(tpf=produced / forwards, a=a, c=c, same=same,
-                                              formula=None if "tree" in name else  # the formula is for chains
+                                              formula=None if name in trees else  # the formula is for chains
                                               expected_speedup(min(a, 0.999), draft_len, c))
     # runs is in table order already: per set plain, the 1-row plain, then the drafters
     rows = {key: dict(run, speedup=statistics.median(times[(key[0], "plain")]) / statistics.median(times[key]))
@@ -165,13 +182,15 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
     print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {new_tokens} new tokens "
           f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds; one target forward = {1000 * target_s:.0f} ms")
-    print(f"{'set':<12}{'method':<20}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
+    print(f"warm trees: Token Recycling's matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} in "
+          f"{warm_seconds:.1f} s (not in the rounds)")
+    print(f"{'set':<12}{'method':<29}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
           f"{'speedup':>9}{'formula':>9}{'== plain':>10}")
     for (set_name, name), r in rows.items():
         a = "" if r["a"] is None else f"{r['a']:.2f}"
         c = "" if r.get("c") is None else f"{r['c']:.2f}"
         formula = "" if r["formula"] is None else f"{r['formula']:.2f}x"
-        print(f"{set_name:<12}{name:<20}{r['tpf']:>15.2f}{a:>10}{c:>8}{r['speedup']:>8.2f}x{formula:>9}{r['same']:>8}/{len(GROUNDED)}")
+        print(f"{set_name:<12}{name:<29}{r['tpf']:>15.2f}{a:>10}{c:>8}{r['speedup']:>8.2f}x{formula:>9}{r['same']:>8}/{len(GROUNDED)}")
     print(f"plain vs verify forwards on the same tokens (1 vs 5 per forward, no drift): argmax differs at "
           f"{sum(a['argmax_differs'] for a in agreement)} of {sum(a['positions'] for a in agreement)} positions, "
           f"largest logit gap {max(a['max_logit_gap'] for a in agreement):.3g}")
@@ -181,6 +200,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
                                      new_tokens=new_tokens, draft_len=draft_len, repeats=repeats,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
+                                     warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,
+                                                  seconds=round(warm_seconds, 2)),
                                      memory_bandwidth_gb_s=round(bandwidth, 2), **machine_settings()),
                        rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)
     return rows

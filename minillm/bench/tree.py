@@ -20,6 +20,7 @@ branching adds. "Token Recycling, warm" starts every prompt from a copy of one m
 the timed rounds, from the first WARM_TOKENS tokens of data/heldout.txt (Flask's documentation, a text no
 prompt here comes from; `TokenRecycling.warm_up`): the matrix a long-running process would carry
 from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
+"lookup + recycling, warm" merges prompt lookup's chain and that warm tree into one tree (tree.merge).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from ..progress import progress
 from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
-from ..tree import Template, TokenRecycling, Tree, score
-from .speculative import one_row_plain
+from ..tree import MergedDrafter, Template, TokenRecycling, Tree, score
+from .speculative import WARM_TEXT, WARM_TOKENS, one_row_plain, warm_recycler
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
 
 ChainDrafters = (NgramDrafter, ModelDrafter)  # draft 4 tokens a forward; tree drafters use their whole template
@@ -63,16 +64,6 @@ def cost_per_size(model, prefix_len: int = 64, sizes=(1, 2, 4, 8, 16, 32, 64), r
     return out
 
 
-WARM_TEXT, WARM_TOKENS = DATA_DIR / "heldout.txt", 4096
-
-
-def warm_recycler(model, tok) -> tuple[TokenRecycling, float]:
-    """Token Recycling's matrix filled from WARM_TEXT, and the seconds that took."""
-    start = time.perf_counter()
-    warm = TokenRecycling(model.config.vocab_size).warm_up(model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])
-    return warm, time.perf_counter() - start
-
-
 def methods(model, warm: TokenRecycling | None = None) -> dict:
     """name -> a fresh drafter (None: plain decoding). Every one goes through decoding.decode.
     warm: a filled Token Recycling drafter; each run of "tree: Token Recycling, warm" gets its own copy."""
@@ -85,6 +76,7 @@ def methods(model, warm: TokenRecycling | None = None) -> dict:
     found["tree: Token Recycling"] = lambda: TokenRecycling(vocab)
     if warm is not None:
         found["tree: Token Recycling, warm"] = warm.copy
+        found["tree: lookup + recycling, warm"] = lambda: MergedDrafter(NgramDrafter(), warm.copy())
     if (DATA_DIR / HEADS_PATH).exists():
         found["tree: Medusa heads"] = lambda: default_medusa_drafter(model)
     return found
@@ -127,10 +119,10 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
           f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"warm Token Recycling: its matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} "
           f"in {warm_seconds:.1f} s (not in the rounds)")
-    print(f"{'method':<30}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
+    print(f"{'method':<32}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
         r["speedup"] = base / r["seconds"]
-        print(f"{name:<30}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
+        print(f"{name:<32}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
     write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
                                      new_tokens=new_tokens, prompts=len(prompts),
