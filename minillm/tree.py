@@ -327,7 +327,7 @@ class MergedDrafter:
         if not drafters:
             raise ValueError("MergedDrafter needs at least one drafter")
         self.drafters = drafters
-        self.default_len = max(getattr(d, "default_len", 0) or 0 for d in drafters) or 4
+        self.default_len = max(getattr(d, "default_len", None) or 4 for d in drafters)   # decode's default k
 
     def propose(self, context, k, hidden=None, **sampling) -> Tree:
         trees = [d.propose(context, k, hidden, **sampling) for d in self.drafters]
