@@ -263,3 +263,13 @@ def test_routing_override_bad_values_restore(kwargs, needle):
         with moe.routing_override(model, **kwargs):
             pass
     torch.testing.assert_close(model(ids), before)
+
+
+def test_bench_moe_names_the_cpu_above_its_figures(capsys):
+    from minillm.bench.moe import bench_dispatch
+    from minillm.timing import machine_line
+
+    rows = bench_dispatch(tokens=(8,), experts=(2,), dim=16, hidden=16, repeats=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == machine_line() and out[1].startswith("T=    8 E=  2")
+    assert rows[0]["loop_vs_loop"] == 1.0 and rows[0]["dense_ms"] > 0

@@ -10,7 +10,7 @@ import torch
 
 from ..moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
 from ..progress import progress
-from .timing import median_seconds
+from .timing import machine_line, median_seconds
 
 VARIANTS = {
     "loop": dispatch_loop,
@@ -32,6 +32,8 @@ def bench_dispatch(tokens=(64, 256, 1024, 4096), experts=(4, 8, 16, 32), k: int 
     dense runs every expert on every token; it is skipped (None) when tokens * experts > dense_max_work.
     """
     rows = []
+    if verbose:
+        print(machine_line(), flush=True)
     bar = progress(total=len(experts) * len(tokens), desc="bench moe: (experts, tokens)")
     for n_experts in experts:
         g = torch.Generator().manual_seed(0)

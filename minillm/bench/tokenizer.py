@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..progress import progress
 from ..tokenizer import GPT4_PATTERN, Tokenizer
+from .timing import machine_line
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "data" / "shakespeare.txt"
 
@@ -52,6 +53,7 @@ def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int 
     import tiktoken
 
     text = Path(path).read_text(encoding="utf-8")
+    print(machine_line())
     ours, ours_s = _best_time(lambda: Tokenizer.train(text, vocab_size), repeat)
     hf, hf_s = _best_time(lambda: train_hf(text, vocab_size), repeat)
     print(f"training a {vocab_size}-token byte-level BPE on {len(text.encode()) / 1e6:.1f} MB "
