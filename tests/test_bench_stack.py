@@ -97,3 +97,28 @@ def test_bench_json_puts_the_results_on_stdout_and_the_tables_on_stderr(monkeypa
     assert main(["bench", "tokenizer", "--json"]) == 2                  # a bench without results to print
     out, err = capsys.readouterr()
     assert json.loads(out) == {"error": "--json is for bench stack, serve and quant; bench tokenizer prints tables only"}
+
+
+def test_on_one_compiled_width_a_drafter_fills_the_width_and_keeps_plain_tokens():
+    """The race's drafter steps (STEPS: fixed_width=8): timed_decode asks the drafter for width - 1 tokens a
+    step, and the tokens equal plain decoding's on the same compiled model."""
+    from minillm.bench.stack import timed_decode
+    from minillm.compiled import compile_decode
+    from minillm.drafters import NgramDrafter
+
+    assert all(s[1].get("fixed_width") == 8 for s in STEPS if s[2])
+    asked = []
+
+    class Spy(NgramDrafter):
+        def propose(self, context, k, hidden=None, **sampling):
+            asked.append(k)
+            return super().propose(context, k, hidden, **sampling)
+
+    torch.manual_seed(0)
+    fast = compile_decode(Transformer(tiny()).eval(), widths=(4,))
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    with torch.inference_mode():
+        plain = timed_decode(fast, ids, 12, None, "static")
+        spec = timed_decode(fast, ids, 12, Spy(), "static")
+    assert asked[0] == max(asked) == 3                 # 3 drafted + the root = the width (fewer near the end)
+    assert spec["tokens"] == plain["tokens"] and len(plain["tokens"]) == 12

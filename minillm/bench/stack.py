@@ -16,8 +16,8 @@ timed apart), prefill tok/s (prompt tokens / the first forward), weight bytes re
 token (model bytes / tokens per forward), memory held (weights + KV cache), perplexity on
 data/heldout.txt (first `eval_tokens`), and greedy agreement with the float32 model (leading
 tokens shared, out of new_tokens). A drafter step is lossless when its tokens equal plain greedy
-decoding of the same model (weights and compiled graph, run untimed); the table says on how many prompts they did. Every timing is the
-median of `repeats` runs of the whole set.
+decoding of the same model (weights and compiled graph, run untimed); the table says on how many
+prompts they did. Every timing is the median of `repeats` runs of the whole set.
 
 The peer: llama.cpp through the `xllamacpp` wheel (its in-process server), on the same GGUF file, the
 same prompt token ids, the same thread count, greedy, `new_tokens`; its own timings (prompt and
