@@ -35,6 +35,7 @@ approximation, not distribution-preserving.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -234,17 +235,26 @@ class TokenRecycling:
     rejected branches are the "trash" turned into next step's guesses.
     Warm start: the matrix can outlive one request (the paper keeps it from query to query);
     `warm_up(model, ids)` fills it from any text first, `copy()` hands each request its own copy.
+    Dynamic trees (`dynamic=True`): the matrix also keeps each guess's probability, and `propose` grows the
+    tree best first, each new node the candidate whose path (its guesses' probabilities multiplied) is the
+    likeliest, as EAGLE-2 does with its draft model's scores: deep where the guesses are confident, wide where
+    they are not, instead of the static template's fixed shape (`dynamic_tree_ref` is the slow reference).
     """
 
-    def __init__(self, vocab_size: int, k: int = 8, template: Template | None = None):
+    def __init__(self, vocab_size: int, k: int = 8, template: Template | None = None, dynamic: bool = False):
         self.k = k
         self.adjacency = torch.zeros(vocab_size, k, dtype=torch.int32)
         self.template = template or Template.budget(depth=3, budget=1)
         if max(self.template.choices) >= k:
             raise ValueError(f"template asks for choice {max(self.template.choices)} but only top-{k} is stored")
+        self.probs = torch.zeros(vocab_size, k) if dynamic else None    # the model's probability of each guess
+
+    @property
+    def dynamic(self) -> bool:
+        return self.probs is not None
 
     def nbytes(self) -> int:
-        return self.adjacency.numel() * self.adjacency.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.adjacency, self.probs) if t is not None)
 
     def update(self, tokens, logits):
         """tokens (N,) each followed by logits (N, V): remember the top-k after each token. A token that occurs
@@ -255,7 +265,12 @@ class TokenRecycling:
         distinct, where = torch.unique(tokens.flip(0), return_inverse=True)
         first = torch.full_like(distinct, n).scatter_reduce(0, where, torch.arange(n), "amin")
         rows = logits.reshape(n, -1)[(n - 1 - first).to(logits.device)]
-        self.adjacency[distinct] = rows.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
+        if self.probs is None:
+            self.adjacency[distinct] = rows.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
+            return
+        top = rows.float().softmax(-1).topk(self.k, dim=-1)
+        self.adjacency[distinct] = top.indices.to(torch.int32).cpu()
+        self.probs[distinct] = top.values.cpu()
 
     def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
         """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`
@@ -273,8 +288,10 @@ class TokenRecycling:
 
     def copy(self) -> "TokenRecycling":
         """A drafter with the same template and its own copy of the matrix (a warm start for one request)."""
-        twin = TokenRecycling(len(self.adjacency), self.k, self.template)
+        twin = TokenRecycling(len(self.adjacency), self.k, self.template, self.dynamic)
         twin.adjacency.copy_(self.adjacency)
+        if self.dynamic:
+            twin.probs.copy_(self.probs)
         return twin
 
     @property
@@ -282,11 +299,48 @@ class TokenRecycling:
         return len(self.template) - 1
 
     def propose(self, context, k, hidden=None, **sampling) -> Tree:
-        """The template filled from the adjacency matrix, rooted at the last token; at most k nodes past the root."""
+        """The template filled from the adjacency matrix, rooted at the last token; at most k nodes past the root.
+        Dynamic: the k likeliest paths' nodes, grown best first (see the class docstring)."""
+        if self.dynamic:
+            return dynamic_tree(context[-1], self.adjacency, self.probs, k)
         return self.template.fill(context[-1], lambda token, depth: self.adjacency[token].tolist()).prefix(k + 1)
 
     def observe(self, tree: Tree, logits, hidden=None):
         self.update(tree.tokens, logits)
+
+
+def dynamic_tree(root: int, adjacency, probs, size: int) -> Tree:
+    """A tree of `size` nodes past the root, grown best first: every node's children are its token's guesses
+    (adjacency row), a path's score is the product of its guesses' probabilities, and each step adds the
+    best-scoring candidate whose parent is in the tree (a heap; ties go to the candidate found first)."""
+    tokens, parents, heap, found = [int(root)], [-1], [], 0
+
+    def offer(node: int, score: float):
+        nonlocal found
+        token = tokens[node]
+        for guess, p in zip(adjacency[token].tolist(), probs[token].tolist()):
+            heapq.heappush(heap, (-score * p, found, node, guess))
+            found += 1
+
+    offer(0, 1.0)
+    while len(tokens) <= size and heap:
+        negative, _, parent, guess = heapq.heappop(heap)
+        tokens.append(guess)
+        parents.append(parent)
+        offer(len(tokens) - 1, -negative)
+    return Tree(tokens, parents)
+
+
+def dynamic_tree_ref(root: int, adjacency, probs, size: int) -> set[tuple[int, ...]]:
+    """The slow reference: every path of up to `size` guesses enumerated and scored (k^size of them: for small
+    k and size only), the `size` best kept (a path's score never beats its prefix's, so the best ones include
+    their prefixes). Returns the chosen nodes as paths of choice indices from the root."""
+    scored, frontier = [], [((), int(root), 1.0)]
+    for _ in range(size):
+        frontier = [(path + (c,), int(adjacency[token][c]), score * float(probs[token][c]))
+                    for path, token, score in frontier for c in range(adjacency.shape[1])]
+        scored += [(score, path) for path, _, score in frontier]
+    return {path for _, path in sorted(scored, key=lambda sp: -sp[0])[:size]}
 
 
 # ----------------------------------------------------------------------------- merged trees

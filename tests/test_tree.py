@@ -14,7 +14,8 @@ from minillm.model import Transformer
 from minillm.decoding import decode
 from minillm.drafters import ModelDrafter, NgramDrafter
 from minillm.tree import (MergedDrafter, Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths,
-                          merge, path_to, score as verify, tree_mask, tree_mask_ref, verification_inputs)
+                          dynamic_tree, dynamic_tree_ref, merge, path_to, score as verify, tree_mask, tree_mask_ref,
+                          verification_inputs)
 
 
 def random_tree(rng, n, vocab):
@@ -184,6 +185,49 @@ def test_token_recycling_update_keeps_the_last_occurrence():
     assert torch.equal(fast.adjacency[4], logits[5].topk(3).indices.to(torch.int32))
 
 
+def choice_paths(tree: Tree, adjacency) -> set:
+    """Each node past the root as its path of choice indices (which guess of its parent's row it is)."""
+    paths = {0: ()}
+    for i in range(1, len(tree)):
+        p = tree.parents[i]
+        paths[i] = paths[p] + (adjacency[tree.tokens[p]].tolist().index(tree.tokens[i]),)
+    return set(paths.values()) - {()}
+
+
+def test_dynamic_tree_keeps_the_likeliest_paths_as_the_reference_enumerates_them():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        vocab, k, size = 12, 3, int(torch.randint(1, 7, (1,), generator=g))
+        adjacency = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
+        probs = torch.rand(vocab, k, generator=g).sort(dim=-1, descending=True).values
+        tree = dynamic_tree(3, adjacency, probs, size)
+        assert len(tree) == size + 1 and tree.tokens[0] == 3
+        assert choice_paths(tree, adjacency) == dynamic_tree_ref(3, adjacency, probs, size)
+    # confident guesses grow a chain, unsure ones a bush: the shape follows the probabilities
+    adjacency = torch.tensor([[1, 2], [2, 0], [0, 1]], dtype=torch.int32)
+    assert dynamic_tree(0, adjacency, torch.tensor([[0.9, 0.1]] * 3), 3).parents == [-1, 0, 1, 2]
+    assert dynamic_tree(0, adjacency, torch.tensor([[0.5, 0.5]] * 3), 3).parents == [-1, 0, 0, 1]
+
+
+def test_dynamic_token_recycling_stores_probabilities_and_stays_lossless(tiny_model):
+    torch.manual_seed(0)
+    tokens, logits = torch.tensor([4, 7, 4]), torch.randn(3, 30)
+    tr = TokenRecycling(30, k=3, dynamic=True)
+    tr.update(tokens, logits)
+    top = logits[2].softmax(-1).topk(3)                 # token 4: its last occurrence's row
+    assert torch.equal(tr.adjacency[4], top.indices.to(torch.int32)) and torch.allclose(tr.probs[4], top.values)
+    assert tr.nbytes() == 30 * 3 * (4 + 4) and TokenRecycling(30, k=3).nbytes() == 30 * 3 * 4
+    twin = tr.copy()
+    assert twin.dynamic and torch.equal(twin.probs, tr.probs) and twin.probs is not tr.probs
+    assert tr.propose([9, 4], 5).tokens == dynamic_tree(4, tr.adjacency, tr.probs, 5).tokens
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 5, 17]])
+    plain = generate(tiny_model, prompt, 30, eos_token_id=None)
+    warm = TokenRecycling(512, k=4, dynamic=True).warm_up(tiny_model, torch.randint(0, 512, (200,)), chunk=100)
+    assert warm.probs.any() and decode(tiny_model, prompt, 30, warm.copy(), 7, eos_token_id=None).tokens == \
+        plain[0, 7:].tolist()
+    assert torch.equal(generate(tiny_model, prompt, 30, tree="recycling-dynamic", eos_token_id=None), plain)
+
+
 def test_token_recycling_warm_up(tiny_model):
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
     warm = TokenRecycling(512, k=4).warm_up(tiny_model, ids, chunk=128)
@@ -274,6 +318,11 @@ def test_bench_tree_gives_each_warm_run_its_own_copy(tiny_model):
     assert "tree: Token Recycling, warm" in found and "tree: Token Recycling, warm" not in methods(tiny_model)
     a, b = found["tree: Token Recycling, warm"](), found["tree: Token Recycling, warm"]()
     assert a is not b and torch.equal(a.adjacency, warm.adjacency) and a.adjacency.data_ptr() != warm.adjacency.data_ptr()
+    dynamic = TokenRecycling(tiny_model.config.vocab_size, k=4, dynamic=True).warm_up(tiny_model, torch.arange(64))
+    found = methods(tiny_model, warm, dynamic)
+    assert found["tree: Token Recycling, dynamic"]().dynamic and not found["tree: Token Recycling"]().dynamic
+    c = found["tree: Token Recycling, dynamic, warm"]()
+    assert c.dynamic and torch.equal(c.probs, dynamic.probs) and c.probs.data_ptr() != dynamic.probs.data_ptr()
 
 
 def root_paths(tree):

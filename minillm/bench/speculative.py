@@ -12,7 +12,8 @@ step runs one compiled width (`--compile --fixed-width 8`): then plain decoding 
 verify's width, the logits are bit-equal and so are the tokens. With a fixed width the table adds
 "plain, 1-row steps" (the same weights on the usual compiled widths): the price of the fixed width.
 Chapter 6's trees, for comparison: Token Recycling started empty, started warm (its matrix filled once
-from WARM_TEXT before any timing), and that warm tree merged with prompt lookup's chain (tree.merge).
+from WARM_TEXT before any timing), that warm tree merged with prompt lookup's chain (tree.merge), and
+its dynamic trees (grown best first from the guesses' probabilities), empty and warm.
 `stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
 """
 from __future__ import annotations
@@ -54,11 +55,12 @@ OPEN_ENDED = [
 ]
 
 
-def warm_recycler(model, tok) -> tuple[TokenRecycling, float]:
+def warm_recycler(model, tok, dynamic: bool = False) -> tuple[TokenRecycling, float]:
     """Token Recycling's matrix filled from the first WARM_TOKENS tokens of WARM_TEXT (Flask's documentation:
-    no bench prompt comes from it), and the seconds that took."""
+    no bench prompt comes from it), and the seconds that took; dynamic: a drafter that grows dynamic trees."""
     start = time.perf_counter()
-    warm = TokenRecycling(model.config.vocab_size).warm_up(model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])
+    warm = TokenRecycling(model.config.vocab_size, dynamic=dynamic).warm_up(
+        model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])
     return warm, time.perf_counter() - start
 
 
@@ -134,6 +136,9 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     warm, warm_seconds = warm_recycler(model, tok)    # chapter 6's warm start, and its tree merged with prompt lookup
     methods["recycling tree, warm"] = (warm.copy, 0.0)
     methods["lookup+recycling tree, warm"] = (lambda: MergedDrafter(NgramDrafter(), warm.copy()), 0.0)
+    warm_dynamic, _ = warm_recycler(model, tok, dynamic=True)     # chapter 6: trees grown best first
+    methods["recycling tree, dynamic"] = (lambda: TokenRecycling(model.config.vocab_size, dynamic=True), 0.0)
+    methods["recycling tree, dynamic, warm"] = (warm_dynamic.copy, 0.0)
     probe = sets["open-ended"][0]
     target_s = forward_cost(model, probe)
     cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}

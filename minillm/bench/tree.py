@@ -21,6 +21,8 @@ the timed rounds, from the first WARM_TOKENS tokens of data/heldout.txt (Flask's
 prompt here comes from; `TokenRecycling.warm_up`): the matrix a long-running process would carry
 from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
 "lookup + recycling, warm" merges prompt lookup's chain and that warm tree into one tree (tree.merge).
+"Token Recycling, dynamic" grows each tree best first from the guesses' stored probabilities instead of
+the static template's shape (TokenRecycling(dynamic=True)), empty and warm.
 """
 from __future__ import annotations
 
@@ -64,9 +66,10 @@ def cost_per_size(model, prefix_len: int = 64, sizes=(1, 2, 4, 8, 16, 32, 64), r
     return out
 
 
-def methods(model, warm: TokenRecycling | None = None) -> dict:
+def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycling | None = None) -> dict:
     """name -> a fresh drafter (None: plain decoding). Every one goes through decoding.decode.
-    warm: a filled Token Recycling drafter; each run of "tree: Token Recycling, warm" gets its own copy."""
+    warm, warm_dynamic: filled Token Recycling drafters (static and dynamic trees); each run of a warm
+    method gets its own copy."""
     vocab = model.config.vocab_size
     found = {"plain": lambda: None, "chain: prompt lookup (ch5)": lambda: NgramDrafter()}
     if DISTILLED_DRAFT.exists():
@@ -77,6 +80,9 @@ def methods(model, warm: TokenRecycling | None = None) -> dict:
     if warm is not None:
         found["tree: Token Recycling, warm"] = warm.copy
         found["tree: lookup + recycling, warm"] = lambda: MergedDrafter(NgramDrafter(), warm.copy())
+    found["tree: Token Recycling, dynamic"] = lambda: TokenRecycling(vocab, dynamic=True)
+    if warm_dynamic is not None:
+        found["tree: Token Recycling, dynamic, warm"] = warm_dynamic.copy
     if (DATA_DIR / HEADS_PATH).exists():
         found["tree: Medusa heads"] = lambda: default_medusa_drafter(model)
     return found
@@ -92,7 +98,8 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
     model, tok = load_stack(**stack)
     prompts = [torch.tensor([tok.encode(p, allowed_special="all")]) for p in PROMPTS]
     warm, warm_seconds = warm_recycler(model, tok)
-    found = {name: (model, make) for name, make in methods(model, warm).items()}
+    warm_dynamic, _ = warm_recycler(model, tok, dynamic=True)
+    found = {name: (model, make) for name, make in methods(model, warm, warm_dynamic).items()}
     narrow = one_row_plain(model)
     if narrow is not None:  # a fixed width: what it costs plain decoding, and whether plain's tokens move
         found["plain, 1-row steps"] = (narrow, lambda: None)
