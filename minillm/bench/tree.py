@@ -126,10 +126,10 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
           f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"warm Token Recycling: its matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} "
           f"in {warm_seconds:.1f} s (not in the rounds)")
-    print(f"{'method':<32}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
+    print(f"{'method':<38}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
         r["speedup"] = base / r["seconds"]
-        print(f"{name:<32}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
+        print(f"{name:<38}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
     write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
                                      new_tokens=new_tokens, prompts=len(prompts),
