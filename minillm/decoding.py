@@ -82,9 +82,9 @@ def check_draft_spec(spec: str):
 def make_drafter(spec, model, stop_below: float | None = None):
     """The one drafter factory. Chains: "ngram" (prompt lookup), "layerskip:N" (the model's first N
     layers), "distilled" (data/smollm2_draft.safetensors) or a draft checkpoint path. Trees:
-    "recycling" (Token Recycling; "recycling-dynamic": its tree grown best first), "medusa" (SmolLM2's committed Medusa heads), "lookup+recycling" (prompt
-    lookup's chain and Token Recycling's tree merged into one tree, tree.merge). An object with
-    `propose` is returned as given."""
+    "recycling" (Token Recycling; "recycling-dynamic": its tree grown best first), "medusa" (SmolLM2's
+    committed Medusa heads), "lookup+recycling" (prompt lookup's chain and Token Recycling's tree merged into
+    one tree, tree.merge). An object with `propose` is returned as given."""
     if hasattr(spec, "propose"):
         return spec
     if not isinstance(spec, str):
@@ -508,7 +508,8 @@ def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | 
     attention_mask (left padding, HF's convention), prefill_chunk, continue_cache.
     draft: speculative decoding (chapter 5), batch size 1: "ngram", "layerskip:N", "distilled", a
         draft checkpoint path or a drafter object, proposing up to draft_len (default 4) tokens a forward.
-    tree: "recycling" | "recycling-dynamic" | "medusa" | "lookup+recycling" | a tree drafter, tree-verified decoding (chapter 6), batch 1.
+    tree: "recycling" | "recycling-dynamic" | "medusa" | "lookup+recycling" | a tree drafter, tree-verified
+        decoding (chapter 6), batch 1.
     At temperature 0 every choice gives the same tokens as plain greedy decoding.
         generate(model, "The capital of France is", 8, tokenizer=tok) -> "The capital of France is Paris..."
     """

@@ -265,12 +265,10 @@ class TokenRecycling:
         distinct, where = torch.unique(tokens.flip(0), return_inverse=True)
         first = torch.full_like(distinct, n).scatter_reduce(0, where, torch.arange(n), "amin")
         rows = logits.reshape(n, -1)[(n - 1 - first).to(logits.device)]
-        if self.probs is None:
-            self.adjacency[distinct] = rows.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
-            return
-        top = rows.float().softmax(-1).topk(self.k, dim=-1)
+        top = rows.topk(self.k, dim=-1)
         self.adjacency[distinct] = top.indices.to(torch.int32).cpu()
-        self.probs[distinct] = top.values.cpu()
+        if self.probs is not None:                    # softmax, of the top-k only: exp(logit - logsumexp(row))
+            self.probs[distinct] = (top.values.float() - rows.float().logsumexp(-1, keepdim=True)).exp().cpu()
 
     def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
         """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`
