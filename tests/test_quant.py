@@ -356,3 +356,27 @@ def test_load_stack_shows_calibration_progress_layer_by_layer(monkeypatch, capsy
     assert isinstance(model.layers[0].attn.wq, Int4Linear)
     stack.load_stack(quant="int4", group_size=32, progress=True)      # nothing to calibrate: no bar
     assert "calibration" not in capsys.readouterr().err
+
+
+def test_bench_quant_times_widths_in_turns_and_splits_the_eight_token_step():
+    """bench quant's forward costs (every width timed, the same number of times) and its split of the 8-token
+    step: the linears alone are every block's linear and the head, each called on T rows."""
+    from minillm.bench.quant import eight_token_extra, forward_costs, linear_costs
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(max_seq_len=512)).eval()
+    costs = forward_costs(model, torch.randint(0, 512, (1, 32)), widths=(1, 2, 8), repeats=2)
+    assert list(costs) == [1, 2, 8] and all(s > 0 for s in costs.values())
+    rows_seen = {}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda m, args, out: rows_seen.setdefault(m, []).append(args[0].shape[0]))
+             for m in linears]
+    ms = linear_costs(model, widths=(1, 8), repeats=1)
+    for h in hooks:
+        h.remove()
+    assert len(linears) == 7 * model.config.n_layers + 1 and set(rows_seen) == set(linears)
+    assert all(sorted(rows) == [1, 1, 8, 8] for rows in rows_seen.values())     # a warm-up round, a timed one
+    assert set(ms) == {"body", "head"} and all(v > 0 for part in ms.values() for v in part.values())
+    row = {"forward_ms": {"compiled": {"1": 10.0, "8": 13.0}}, "linear_ms": {"body": {"1": 6.0, "8": 7.0},
+                                                                              "head": {"1": 1.0, "8": 1.5}}}
+    assert eight_token_extra(row) == {"step": 3.0, "blocks": 1.0, "head": 0.5, "rest": 1.5}

@@ -9,9 +9,12 @@ speed figures of the committed results file, saying so in its settings.
 Speed, three tables:
   decode     tokens/s of greedy decoding through decoding.decode_steps, each configuration eager and
              compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
-             (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose
+             (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose;
+             all models are built first, then decode in turns, median of 3 rounds
   forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context,
              relative to T = 1: what speculative and tree decoding (chapters 5-6) pay to verify T tokens
+             (widths timed in turns); compiled, also the linears alone over 1 and 8 rows, to say where
+             the 8-token step's extra time goes
   limit      memory bandwidth / bytes read per step, the speed a decode step could reach if it only
              read its weights
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
@@ -35,7 +38,7 @@ from ..prepack import linear_kernels
 from ..progress import progress
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
-from .timing import (decode_tok_s, machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s,
+from .timing import (decode_tok_s, machine_line, machine_settings, memory_bandwidth_gb_s,
                      write_results)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -62,24 +65,56 @@ CONFIGS = [
 WIDTHS = (1, 2, 4, 8, 16)
 
 
-def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 7) -> dict:
-    """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache."""
+def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
+    """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache. The widths
+    take turns, round after round (two untimed rounds first: compiled, those compile), so a slow spell of a
+    shared machine lands on every width alike instead of on whichever was being timed."""
     C = context_ids.shape[1]
     cache = StaticCache(model.config, 1, 512, dtype=next(model.parameters()).dtype)
+    times = {T: [] for T in widths}
     with torch.inference_mode():
         model(context_ids, cache=cache)
-        costs = {}
-        for T in widths:
-            new = context_ids[:, :T]
-            costs[T] = median_seconds(lambda: model(new, cache=cache), repeats, warmup=2,
-                                      reset=lambda: cache.truncate(C))
-    return costs
+        for round_ in range(2 + repeats):
+            for T in widths:
+                start = time.perf_counter()
+                model(context_ids[:, :T], cache=cache)
+                if round_ >= 2:
+                    times[T].append(time.perf_counter() - start)
+                cache.truncate(C)
+    return {T: statistics.median(ts) for T, ts in times.items()}
 
 
-def median_tok_s(model, prompt, new_tokens: int, runs: int = 3) -> float:
-    """The median of `runs` decodes: every ratio in the table divides by the float32 figure, and on a shared VM one
-    slow run of the baseline (seen: 12.4 tok/s against 16-18 in the runs around it) would inflate them all."""
-    return statistics.median(decode_tok_s(model, prompt, new_tokens) for _ in range(runs))
+def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
+    """Median milliseconds of calling every linear of the 30 blocks in turn ("body"), and the output head, on
+    T rows: the matmuls of a T-token step alone, weights read from memory as in a step (the body's are ~10x
+    the CPU's last-level cache), widths taking turns. Whatever a T-token step costs beyond these is attention,
+    norms, rotary and the calls between them."""
+    dtype = model.tok_embeddings.weight.dtype
+    body = [m for m in model.layers.modules() if hasattr(m, "in_features") and not list(m.children())]
+    parts = {"body": body, "head": [model.output]}
+    xs = {(T, k): torch.randn(T, k, dtype=dtype) for T in widths for k in {m.in_features for m in body + [model.output]}}
+    times = {(part, T): [] for part in parts for T in widths}
+    with torch.inference_mode():
+        for round_ in range(1 + repeats):
+            for (part, T), ts in times.items():
+                start = time.perf_counter()
+                for m in parts[part]:
+                    m(xs[T, m.in_features])
+                if round_:
+                    ts.append(time.perf_counter() - start)
+    return {part: {T: round(1e3 * statistics.median(times[part, T]), 2) for T in widths} for part in parts}
+
+
+def decode_rounds(racers: dict, prompt, new_tokens: int, rounds: int = 3) -> dict:
+    """Decode tokens/s of every model in `racers` ({key: model}): each round decodes once with each in turn, and
+    each keeps the median of its rounds. Every ratio in the table divides by the float32 eager figure, so all
+    are timed alike: on a shared VM a slow spell (seen: float32 at 12.4 tok/s against 16-18 in the runs around
+    it) then slows one round of every model instead of every decode of one."""
+    times = {key: [] for key in racers}
+    for _ in progress(range(rounds), desc="bench quant: decode rounds"):
+        for key, model in racers.items():
+            times[key].append(decode_tok_s(model, prompt, new_tokens))
+    return {key: round(statistics.median(ts), 2) for key, ts in times.items()}
 
 
 def quality(model, texts: dict, context: int) -> dict:
@@ -105,7 +140,7 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
     old_rows = {r["label"]: r for r in previous["rows"]} if previous else {}
     bandwidth = previous["memory_bandwidth_gb_s"] if previous else memory_bandwidth_gb_s()
     log(machine_line(), f"memory bandwidth {bandwidth:.1f} GB/s")
-    rows = []
+    rows, racers = [], {}
     for label, dtype, method, options, speed in progress(CONFIGS, desc="bench quant: configurations"):
         start = time.perf_counter()
         model = copy.deepcopy(base).to(getattr(torch, dtype))
@@ -116,25 +151,33 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
         row.update(perplexity=ppl["prose"], perplexity_code=ppl["code"], tokens=len(eval_ids) - 1,
                    model_bytes=model_bytes(model), kernels=kernels_used(model))
         if speed and not quality_only:
-            row["decode_tok_s"] = {"eager": round(median_tok_s(model, prompt, new_tokens), 2)}
             row["forward_ms"] = {"eager": {T: round(s * 1e3, 2) for T, s in forward_costs(model, context_ids).items()}}
-            if speed == "full":
-                for impl, act in (("ref", None), ("packed", torch.float32)):
-                    set_impl(model, impl, act)
-                    name = impl if act is None else "packed/float32"
-                    row["decode_tok_s"][name] = round(median_tok_s(model, prompt, new_tokens), 2)
-                set_impl(model, "auto")
-            fast = compile_decode(model)   # prepacks the plain linears where that measured faster (prepack.py)
-            row["linears_compiled"] = linear_kernels(model)
+            racers[label, "eager"] = model
+            if speed == "full":            # the kernels auto did not choose, each on a copy of its own
+                for impl, act, name in (("ref", None, "ref"), ("packed", torch.float32, "packed/float32")):
+                    racers[label, name] = copy.deepcopy(model)
+                    set_impl(racers[label, name], impl, act)
+            # a copy: compile_decode prepacks the plain linears (where that measured faster, prepack.py), which
+            # would speed up the eager model's decode too
+            fast = compile_decode(copy.deepcopy(model))
+            row["linears_compiled"] = linear_kernels(fast.model)
             start = time.perf_counter()
             row["forward_ms"]["compiled"] = {T: round(s * 1e3, 2) for T, s in forward_costs(fast, context_ids).items()}
             row["compile_s"] = round(time.perf_counter() - start, 1)  # five widths compiled, then timed
-            row["decode_tok_s"]["compiled"] = round(median_tok_s(fast, prompt, new_tokens), 2)
+            row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
+            racers[label, "compiled"] = fast
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
         if hasattr(model, "awq_alphas"):
             row["awq_alphas"] = model.awq_alphas
         rows.append(row)
         log(json.dumps({k: v for k, v in row.items() if k != "awq_alphas"}))
+    if racers:                   # every model built: now the decodes, all of them in each round
+        speeds = decode_rounds(racers, prompt, new_tokens)
+        for row in rows:
+            kinds = {kind: v for (label, kind), v in speeds.items() if label == row["label"]}
+            if kinds:
+                row["decode_tok_s"] = {k: kinds[k] for k in ("eager", "ref", "packed/float32", "compiled") if k in kinds}
+                log(row["label"], json.dumps(row["decode_tok_s"]))
     settings = dict(eval_text="data/heldout.txt", eval_text_2="data/heldout_code.txt", eval_tokens=eval_tokens,
                     context=context, calibration_text="data/calibration.txt (mixture)", calib_samples=calib_samples,
                     calib_len=calib_len, quality_date=time.strftime("%Y-%m-%d"))
@@ -178,3 +221,25 @@ def print_table(result: dict):
             one_e, one_c = e[1] if 1 in e else e["1"], c[1] if 1 in c else c["1"]
             cells = [(e.get(T, e.get(str(T))) / one_e, c.get(T, c.get(str(T))) / one_c) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
+    print("\nwhere a compiled 8-token step's extra time goes (ms; linears alone: each block's, then the head)")
+    print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}")
+    for r in rows:
+        if "linear_ms" in r:
+            extra = eight_token_extra(r)
+            c, lin = r["forward_ms"]["compiled"], r["linear_ms"]
+            pair = lambda d: f"{_at(d, 1):.1f} -> {_at(d, 8):.1f}"  # noqa: E731
+            print(f"{r['label']:<27}{pair(c):>16}{pair(lin['body']):>16}{pair(lin['head']):>14}{extra['rest']:>+10.1f}")
+
+
+def _at(d: dict, T: int) -> float:
+    return d[T] if T in d else d[str(T)]      # int keys as measured, str keys as read back from JSON
+
+
+def eight_token_extra(row: dict) -> dict:
+    """What a compiled 8-token forward costs beyond a 1-token one (ms), split into the blocks' linears, the
+    head and the rest (attention, norms, rotary, calls), from one row of the results."""
+    step, lin = row["forward_ms"]["compiled"], row["linear_ms"]
+    out = {"step": _at(step, 8) - _at(step, 1), "blocks": _at(lin["body"], 8) - _at(lin["body"], 1),
+           "head": _at(lin["head"], 8) - _at(lin["head"], 1)}
+    out["rest"] = out["step"] - out["blocks"] - out["head"]
+    return {k: round(v, 2) for k, v in out.items()}
