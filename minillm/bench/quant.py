@@ -6,7 +6,7 @@ docs, prose) and data/heldout_code.txt (Flask's modules, Python); GPTQ and AWQ c
 data/calibration.txt (SmolLM2's own answers, Shakespeare, requests' code), disjoint from both.
 `--quality-only` recomputes the perplexities (deterministic: the same on any machine) and keeps the
 speed figures of the committed results file, saying so in its settings.
-Speed, three tables:
+Speed, four tables:
   decode     tokens/s of greedy decoding through decoding.decode_steps, each configuration eager and
              compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
              (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose;
@@ -17,6 +17,8 @@ Speed, three tables:
              the 8-token step's extra time goes
   limit      memory bandwidth / bytes read per step, the speed a decode step could reach if it only
              read its weights
+  split      what a compiled 8-token forward costs beyond a 1-token one: the blocks' linears alone, the
+             head alone, and the rest (attention, norms, rotary, the calls between them)
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
 """
 from __future__ import annotations
@@ -86,8 +88,8 @@ def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
 
 def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
     """Median milliseconds of calling every linear of the 30 blocks in turn ("body"), and the output head, on
-    T rows: the matmuls of a T-token step alone, weights read from memory as in a step (the body's are ~10x
-    the CPU's last-level cache), widths taking turns. Whatever a T-token step costs beyond these is attention,
+    T rows: the matmuls of a T-token step alone, weights read from memory as in a step (the body's are several
+    times the CPU's last-level cache), widths taking turns. Whatever a T-token step costs beyond these is attention,
     norms, rotary and the calls between them."""
     dtype = model.tok_embeddings.weight.dtype
     body = [m for m in model.layers.modules() if hasattr(m, "in_features") and not list(m.children())]
@@ -218,8 +220,7 @@ def print_table(result: dict):
     for r in rows:
         if "forward_ms" in r:
             e, c = r["forward_ms"]["eager"], r["forward_ms"]["compiled"]
-            one_e, one_c = e[1] if 1 in e else e["1"], c[1] if 1 in c else c["1"]
-            cells = [(e.get(T, e.get(str(T))) / one_e, c.get(T, c.get(str(T))) / one_c) for T in WIDTHS]
+            cells = [(_at(e, T) / _at(e, 1), _at(c, T) / _at(c, 1)) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
     print("\nwhere a compiled 8-token step's extra time goes (ms; linears alone: each block's, then the head)")
     print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}")
