@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from minillm.bench.timing import median_seconds
+from minillm.bench.timing import median_of_rounds, median_seconds
 
 
 def test_median_seconds_counts_warmups_and_resets():
@@ -18,6 +18,14 @@ def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
     clock = iter([0.0, 1.0,  0.0, 5.0,  0.0, 3.0])   # the timed calls take 1, 5, 3 s; the warm-up reads no clock
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     assert median_seconds(lambda: None, repeats=3, warmup=1) == 3.0
+
+
+def test_median_of_rounds_takes_turns_and_drops_the_warmup_rounds():
+    calls = []
+    figures = {"a": iter([100, 1, 5, 3]), "b": iter([200, 2, 2, 9])}     # round 0 is the warm-up
+    medians = median_of_rounds({k: lambda k=k: calls.append(k) or next(figures[k]) for k in "ab"}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4                   # one call of each key per round, in turn
+    assert medians == {"a": 3, "b": 2}
 
 
 def test_median_seconds_needs_a_timed_call():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..prepack import linear_kernels
 from ..progress import progress
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
-from .timing import (decode_tok_s, machine_line, machine_settings, memory_bandwidth_gb_s,
+from .timing import (decode_tok_s, machine_line, machine_settings, median_of_rounds, memory_bandwidth_gb_s,
                      write_results)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -68,55 +67,53 @@ WIDTHS = (1, 2, 4, 8, 16)
 
 
 def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
-    """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache. The widths
-    take turns, round after round (two untimed rounds first: compiled, those compile), so a slow spell of a
-    shared machine lands on every width alike instead of on whichever was being timed."""
+    """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache, the widths
+    timed in turns (median_of_rounds; two untimed rounds first: compiled, those compile)."""
     C = context_ids.shape[1]
     cache = StaticCache(model.config, 1, 512, dtype=next(model.parameters()).dtype)
-    times = {T: [] for T in widths}
+
+    def forward(T):
+        start = time.perf_counter()
+        model(context_ids[:, :T], cache=cache)
+        seconds = time.perf_counter() - start
+        cache.truncate(C)
+        return seconds
+
     with torch.inference_mode():
         model(context_ids, cache=cache)
-        for round_ in range(2 + repeats):
-            for T in widths:
-                start = time.perf_counter()
-                model(context_ids[:, :T], cache=cache)
-                if round_ >= 2:
-                    times[T].append(time.perf_counter() - start)
-                cache.truncate(C)
-    return {T: statistics.median(ts) for T, ts in times.items()}
+        return median_of_rounds({T: lambda T=T: forward(T) for T in widths}, repeats, warmup=2)
 
 
 def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
     """Median milliseconds of calling every linear of the 30 blocks in turn ("body"), and the output head, on
     T rows: the matmuls of a T-token step alone, weights read from memory as in a step (the body's are several
-    times the CPU's last-level cache), widths taking turns. Whatever a T-token step costs beyond these is attention,
+    times the CPU's last-level cache), timed in turns. Whatever a T-token step costs beyond these is attention,
     norms, rotary and the calls between them."""
     dtype = model.tok_embeddings.weight.dtype
     body = [m for m in model.layers.modules() if hasattr(m, "in_features") and not list(m.children())]
     parts = {"body": body, "head": [model.output]}
     xs = {(T, k): torch.randn(T, k, dtype=dtype) for T in widths for k in {m.in_features for m in body + [model.output]}}
-    times = {(part, T): [] for part in parts for T in widths}
+
+    def call(part, T):
+        start = time.perf_counter()
+        for m in parts[part]:
+            m(xs[T, m.in_features])
+        return time.perf_counter() - start
+
     with torch.inference_mode():
-        for round_ in range(1 + repeats):
-            for (part, T), ts in times.items():
-                start = time.perf_counter()
-                for m in parts[part]:
-                    m(xs[T, m.in_features])
-                if round_:
-                    ts.append(time.perf_counter() - start)
-    return {part: {T: round(1e3 * statistics.median(times[part, T]), 2) for T in widths} for part in parts}
+        ms = median_of_rounds({(part, T): lambda p=part, T=T: call(p, T) for part in parts for T in widths},
+                              repeats, warmup=1)
+    return {part: {T: round(1e3 * ms[part, T], 2) for T in widths} for part in parts}
 
 
 def decode_rounds(racers: dict, prompt, new_tokens: int, rounds: int = 3) -> dict:
-    """Decode tokens/s of every model in `racers` ({key: model}): each round decodes once with each in turn, and
-    each keeps the median of its rounds. Every ratio in the table divides by the float32 eager figure, so all
-    are timed alike: on a shared VM a slow spell (seen: float32 at 12.4 tok/s against 16-18 in the runs around
-    it) then slows one round of every model instead of every decode of one."""
-    times = {key: [] for key in racers}
-    for _ in progress(range(rounds), desc="bench quant: decode rounds"):
-        for key, model in racers.items():
-            times[key].append(decode_tok_s(model, prompt, new_tokens))
-    return {key: round(statistics.median(ts), 2) for key, ts in times.items()}
+    """Decode tokens/s of every model in `racers` ({key: model}), all decoding in turns, median of `rounds`. Every
+    ratio in the table divides by the float32 eager figure, so all are timed alike: on a shared VM a slow spell
+    (seen: float32 at 12.4 tok/s against 16-18 in the runs around it) then slows one round of every model
+    instead of every decode of one."""
+    tok_s = median_of_rounds({key: lambda m=model: decode_tok_s(m, prompt, new_tokens) for key, model in racers.items()},
+                             rounds, desc="bench quant: decode rounds")
+    return {key: round(v, 2) for key, v in tok_s.items()}
 
 
 def quality(model, texts: dict, context: int) -> dict:

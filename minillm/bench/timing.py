@@ -1,5 +1,5 @@
 """What every benchmark shares: one timing rule (minillm/timing.py: untimed warm-up, then the
-median of timed calls), decode speed measured through the package's own decoding loop, the machine's memory bandwidth,
+median of timed calls; here also in rounds that take turns), decode speed measured through the package's own decoding loop, the machine's memory bandwidth,
 and the line that says on what machine a figure was measured."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import psutil
 import torch
 
 from ..decoding import decode_steps
+from ..progress import progress
 from ..timing import machine_line, machine_settings, median_seconds  # noqa: F401  (re-exported for the benches)
 
 
@@ -28,6 +30,21 @@ def decode_tok_s(model, ids, steps: int, cache="static", **decode_options) -> fl
     for chunks in steps_iter:
         produced += sum(len(row) for row in chunks)
     return produced / (time.perf_counter() - start)
+
+
+def median_of_rounds(measures: dict, rounds: int, warmup: int = 0, desc: str | None = None) -> dict:
+    """Each of `measures` ({key: fn() -> a figure, e.g. seconds}) called once per round, in turn, for `warmup`
+    untimed rounds and then `rounds` counted ones; the median of each key's figures. In turns, so that on a shared
+    machine a slow spell lands on one round of every key instead of on all the figures of one. desc: a progress
+    bar by that name, one step a round."""
+    figures = {key: [] for key in measures}
+    all_rounds = range(warmup + rounds)
+    for round_ in (progress(all_rounds, desc=desc) if desc else all_rounds):
+        for key, fn in measures.items():
+            figure = fn()
+            if round_ >= warmup:
+                figures[key].append(figure)
+    return {key: statistics.median(fs) for key, fs in figures.items()}
 
 
 def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
