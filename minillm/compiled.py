@@ -16,16 +16,21 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
     padding    padded tokens write to slots past the real ones (never shown to a later query) and
                attend to slot 0 only, so nothing in them can turn into NaN
     attention  inside the graphs the layers attend with the textbook math (matmul, masked softmax,
-               matmul), which inductor fuses, instead of SDPA. One row: `attention_ref`, which inductor
-               turns into loops reading the cache in place; wider: `attention_grouped`, the query heads
-               sharing a kv head as rows of one matmul, where attention_ref's batched matmuls need k and v
-               copied per query head (measured, bfloat16, AVX512, 2 threads: 8 rows 26.6 -> 23.9 ms a step;
-               on 1 row grouped was the slower, 18.5 against 17.3 ms). Why not SDPA: PyTorch's CPU flash kernel
-               is built for long query blocks, and one query row over a masked 256-slot cache cost
-               it ~260 us per layer (profiled, AVX512, 2 threads), a third of the whole step; with
-               the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 + int8 head). The
-               price: the compiled logits are no longer bit-equal to eager ones (near-ties can flip).
-               Eager calls keep the layers' own attn_fn.
+               matmul) that inductor fuses, or with a hand-written kernel (cpu_attention.py), whichever
+               a short measurement on the model's shapes says is faster (`attention="auto"`; "kernel" or
+               "inductor" force one; `repr` and `.attention` say which runs). The math: one row,
+               `attention_ref`, which inductor turns into loops reading the whole cache in place; wider,
+               `attention_grouped`, the query heads sharing a kv head as rows of one matmul (attention_ref's
+               batched matmuls would need k and v copied per query head: 8 rows 26.6 -> 23.9 ms a step).
+               The kernel reads only the slots some row may see and does scores, softmax and weighted sum
+               in one call; measured (bfloat16, AVX512, 2 threads, one layer, 256 of 512 slots in view):
+               1 row 27.5 against 43.8 us, 8 rows 50.7 against 108.7 us, which took the compiled 8-token
+               step from 1.26x to 1.18x the 1-token one (19.98 -> 18.35 ms; 1 token 15.88 -> 15.56 ms).
+               Why not SDPA: PyTorch's CPU flash kernel is built for long query blocks, and one query row
+               over a masked 256-slot cache cost it ~260 us per layer (profiled, AVX512, 2 threads), a third
+               of the whole step; with the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 +
+               int8 head). The price of either: the compiled logits are no longer bit-equal to eager ones
+               (near-ties can flip). Eager calls keep the layers' own attn_fn.
     weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
                (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
                measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them.
@@ -58,13 +63,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .kv_cache import StaticCache
 from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
 from .prepack import packed_count, prepack_linears
+from .timing import median_seconds
 
 WIDTHS = (1, 2, 4, 8, 16)
 CACHE_BUCKET = 256
 RECOMPILE_LIMIT = 32  # per wrapper: 5 widths x a few cache sizes
+ATTENTION = ("auto", "kernel", "inductor")
+# (query heads, kv heads, head_dim, dtype, threads, rows) -> {"inductor": us, "kernel": us}, measured once a process
+ATTENTION_CHOICES: dict = {}
 
 
 class _LayerSlots:
@@ -90,6 +100,39 @@ def _head(model, x):
     return model.output(h), h
 
 
+def _attend(fn, q, k, v, mask):
+    """A layer's attention as the block graph runs it (Attention.forward: k and v repeated unless fn is grouped)."""
+    if not getattr(fn, "grouped", False):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return fn(q, k, v, mask)
+
+
+def attention_timings(config, dtype, rows: int) -> dict:
+    """Microseconds of one layer's attention over `rows` query positions, inductor's code (compiled alone, as
+    in the block graph) against the kernel (cpu_attention.py), on the config's heads after CACHE_BUCKET
+    positions in a cache of 2 x CACHE_BUCKET slots: the short measurement `attention="auto"` decides by.
+    Cached per shape, dtype and thread count for the process."""
+    key = (config.n_heads, config.n_kv_heads, config.head_dim, dtype, torch.get_num_threads(), rows)
+    if key not in ATTENTION_CHOICES:
+        gen = torch.Generator().manual_seed(0)
+        S, start = 2 * CACHE_BUCKET, CACHE_BUCKET
+        q = torch.randn(1, config.n_heads, rows, config.head_dim, generator=gen).to(dtype)
+        k, v = (torch.randn(1, config.n_kv_heads, S, config.head_dim, generator=gen).to(dtype) for _ in range(2))
+        mask = (torch.arange(S) <= torch.arange(start, start + rows)[:, None])[None, None]
+        inductor = torch.compile(_own_copy(_attend), dynamic=False)
+        math = attention_ref if rows == 1 else attention_grouped
+        calls = {"inductor": lambda: inductor(math, q, k, v, mask),
+                 "kernel": lambda: cpu_attention.attention_cpu(q, k, v, mask)}
+        with torch.inference_mode():
+            times = {name: [] for name in calls}
+            for _ in range(3):                  # in turns, so a slow spell of the machine hits both
+                for name, call in calls.items():
+                    times[name].append(median_seconds(call, repeats=15, warmup=2))
+        ATTENTION_CHOICES[key] = {name: round(1e6 * min(t), 1) for name, t in times.items()}
+    return ATTENTION_CHOICES[key]
+
+
 def _own_copy(fn):
     """The same function with a code object of its own (dynamo's cache of graphs lives on the code object)."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
@@ -105,8 +148,11 @@ def _compiler_missing() -> str | None:
 class CompiledDecoder(nn.Module):
     """A Transformer whose short forwards over a StaticCache run compiled; see the module docstring."""
 
-    def __init__(self, model, widths=WIDTHS, mode: str | None = None, prepack: bool = True):
+    def __init__(self, model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
+                 attention: str = "auto"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         if not hasattr(model, "layers") or not hasattr(model, "config"):
             raise ValueError(f"compile_decode takes a minillm Transformer, got {type(model).__name__}")
         widths = tuple(sorted(widths))
@@ -114,6 +160,13 @@ class CompiledDecoder(nn.Module):
             raise ValueError(f"widths must be ints in [1, 64], got {widths!r}")
         self.model, self.config, self.widths = model, model.config, widths
         self.reason_eager = _compiler_missing()     # None while compiling is possible
+        dtype = model.tok_embeddings.weight.dtype
+        self.attention_choice = attention
+        self.no_kernel = ("not asked for" if attention == "inductor" else self.reason_eager
+                          or cpu_attention.available(model.config.head_dim, dtype))
+        if attention == "kernel" and self.no_kernel:
+            raise ValueError(f"compile_decode(attention='kernel'): {self.no_kernel}")
+        self.attention = {}                          # rows (1, or wider) -> "kernel" or "inductor", at first use
         self.compiled_calls = self.eager_calls = 0
         if prepack:                                  # leaves the linears alone where oneDNN cannot take them
             prepack_linears(model, max(widths))
@@ -140,6 +193,28 @@ class CompiledDecoder(nn.Module):
                 raise
             return getattr(self._modules["model"], name)
 
+    def extra_repr(self) -> str:
+        chosen = ", ".join(f"{'1 row' if rows == 1 else 'wider'}: {name}" for rows, name in sorted(self.attention.items()))
+        return (f"widths={self.widths}, prepacked linears={self.prepacked}, attention={self.attention_choice}"
+                + (f" ({chosen})" if chosen else "") + (f", eager: {self.reason_eager}" if self.reason_eager else ""))
+
+    def attention_for(self, width: int):
+        """The attention function the graphs of this width run: the kernel, or the math inductor fuses (module
+        docstring). With attention="auto", chosen by attention_timings at the first call of 1 row and of the
+        widest width (its choice serving every width above 1)."""
+        rows = 1 if width == 1 else max(self.widths)
+        if rows not in self.attention:
+            if self.no_kernel:
+                self.attention[rows] = "inductor"
+            elif self.attention_choice == "kernel":
+                self.attention[rows] = "kernel"
+            else:
+                t = attention_timings(self.config, self.model.tok_embeddings.weight.dtype, rows)
+                self.attention[rows] = "kernel" if t["kernel"] < t["inductor"] else "inductor"
+        if self.attention[rows] == "kernel":
+            return cpu_attention.attention_cpu
+        return attention_ref if width == 1 else attention_grouped
+
     def cache_len(self, n: int) -> int:
         """The cache size decoding should allocate for n tokens: rounded up so few shapes are compiled."""
         return min(-(-(n + max(self.widths)) // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len)
@@ -156,7 +231,7 @@ class CompiledDecoder(nn.Module):
         model = self.model
         # the graphs attend with the fusable math (module docstring); a kernel the user put in the slot stays
         swapped = [layer.attn for layer in model.layers if layer.attn.__dict__.get("attn_fn") is attention_sdpa]
-        math = attention_ref if idx.shape[1] == 1 else attention_grouped     # module docstring: attention
+        math = self.attention_for(idx.shape[1])                             # module docstring: attention
         for attn in swapped:
             attn.__dict__["attn_fn"] = math
         try:
@@ -201,7 +276,9 @@ class CompiledDecoder(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
 
-def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool = True) -> CompiledDecoder:
+def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
+                   attention: str = "auto") -> CompiledDecoder:
     """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above);
-    prepack: swap its plain linears for oneDNN-prepacked ones where measured faster (prepack.py)."""
-    return CompiledDecoder(model, widths, mode, prepack)
+    prepack: swap its plain linears for oneDNN-prepacked ones where measured faster (prepack.py);
+    attention: "kernel" (cpu_attention.py), "inductor" (the fused math), or "auto", the faster where measured."""
+    return CompiledDecoder(model, widths, mode, prepack, attention)
