@@ -18,7 +18,9 @@ Speed, four tables:
   limit      memory bandwidth / bytes read per step, the speed a decode step could reach if it only
              read its weights
   split      what a compiled 8-token forward costs beyond a 1-token one: the blocks' linears alone, the
-             head alone, and the rest (attention, norms, rotary, the calls between them)
+             head alone, and the rest (attention, norms, rotary, the calls between them); which attention
+             the compiled step chose (compiled.py: the kernel of cpu_attention.py or inductor's code, by a
+             short measurement), and for the bfloat16 model also the forward costs with inductor's code
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..compiled import compile_decode
+from ..compiled import ATTENTION_CHOICES, compile_decode
 from ..kv_cache import StaticCache
 from ..loading import load_pretrained
 from ..perplexity import nll_sum
@@ -64,6 +66,7 @@ CONFIGS = [
     ("AWQ int4 g64", "float32", "awq", dict(group_size=64, symmetric=True), None),
 ]
 WIDTHS = (1, 2, 4, 8, 16)
+ATTENTION_COMPARE = "bf16"   # the configuration whose compiled forwards are also timed with inductor's attention
 
 
 def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
@@ -163,6 +166,12 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             start = time.perf_counter()
             row["forward_ms"]["compiled"] = {T: round(s * 1e3, 2) for T, s in forward_costs(fast, context_ids).items()}
             row["compile_s"] = round(time.perf_counter() - start, 1)  # five widths compiled, then timed
+            row["attention"] = {"1 row": fast.attention[1], "wider": fast.attention[max(fast.widths)]}
+            if label == ATTENTION_COMPARE:
+                other = compile_decode(copy.deepcopy(model), attention="inductor")
+                row["forward_ms"]["compiled, inductor attention"] = {
+                    T: round(s * 1e3, 2) for T, s in forward_costs(other, context_ids).items()}
+                del other
             row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
             racers[label, "compiled"] = fast
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
@@ -177,6 +186,8 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             if kinds:
                 row["decode_tok_s"] = {k: kinds[k] for k in ("eager", "ref", "packed/float32", "compiled") if k in kinds}
                 log(row["label"], json.dumps(row["decode_tok_s"]))
+    timings = {f"{rows} rows": t for (*_, dtype, threads, rows), t in ATTENTION_CHOICES.items()
+               if dtype == torch.bfloat16}
     settings = dict(eval_text="data/heldout.txt", eval_text_2="data/heldout_code.txt", eval_tokens=eval_tokens,
                     context=context, calibration_text="data/calibration.txt (mixture)", calib_samples=calib_samples,
                     calib_len=calib_len, quality_date=time.strftime("%Y-%m-%d"))
@@ -187,6 +198,8 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
         settings.update(decode_prompt_tokens=16, decode_new_tokens=new_tokens, forward_context=256,
                         **machine_settings())
     result = dict(settings=settings, memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows)
+    if timings and not quality_only:
+        result["attention_us_bf16"] = timings      # one layer's attention, inductor's code vs the kernel
     print_table(result)
     write_results(result, out, log)
     return result
@@ -219,14 +232,22 @@ def print_table(result: dict):
             e, c = r["forward_ms"]["eager"], r["forward_ms"]["compiled"]
             cells = [(_at(e, T) / _at(e, 1), _at(c, T) / _at(c, 1)) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
+            inductor = r["forward_ms"].get("compiled, inductor attention")
+            if inductor:
+                print(f"{'  inductor attention':<27}" + "".join(f"{'':>7} {_at(inductor, T) / _at(inductor, 1):<5.2f}"
+                                                               for T in WIDTHS))
     print("\nwhere a compiled 8-token step's extra time goes (ms; linears alone: each block's, then the head)")
-    print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}")
+    print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}  attention")
     for r in rows:
         if "linear_ms" in r:
             extra = eight_token_extra(r)
             c, lin = r["forward_ms"]["compiled"], r["linear_ms"]
             pair = lambda d: f"{_at(d, 1):.1f} -> {_at(d, 8):.1f}"  # noqa: E731
-            print(f"{r['label']:<27}{pair(c):>16}{pair(lin['body']):>16}{pair(lin['head']):>14}{extra['rest']:>+10.1f}")
+            attn = r.get("attention", {})
+            print(f"{r['label']:<27}{pair(c):>16}{pair(lin['body']):>16}{pair(lin['head']):>14}{extra['rest']:>+10.1f}"
+                  f"  {attn.get('1 row', '?')} | {attn.get('wider', '?')}")
+    for rows, t in result.get("attention_us_bf16", {}).items():
+        print(f"one layer's bfloat16 attention, {rows} (us): inductor {t['inductor']}, kernel {t['kernel']}")
 
 
 def _at(d: dict, T: int) -> float:
