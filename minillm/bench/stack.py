@@ -87,7 +87,7 @@ def where_time_goes(model, ids, steps: int = 8) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     kinds = {"matmul": ("mm", "addmm", "linear", "matmul", "bmm", "_weight_int4pack_mm", "_weight_int8pack_mm"),
-             "attention": ("scaled_dot_product", "_flash_attention", "softmax")}
+             "attention": ("scaled_dot_product", "_flash_attention", "softmax", "minillm::cpu_attention")}
     steps_iter = decode_steps(model, ids, steps + 1, eos_token_id=None)
     next(steps_iter)                                                 # the prefill, not profiled
     saved = os.dup(2)                       # the profiler's C++ side logs its start and stop on stderr
