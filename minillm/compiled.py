@@ -23,9 +23,10 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                `attention_grouped`, the query heads sharing a kv head as rows of one matmul (attention_ref's
                batched matmuls would need k and v copied per query head: 8 rows 26.6 -> 23.9 ms a step).
                The kernel reads only the slots some row may see and does scores, softmax and weighted sum
-               in one call; measured (bfloat16, AVX512, 2 threads, one layer, 256 of 512 slots in view):
-               1 row 27.5 against 43.8 us, 8 rows 50.7 against 108.7 us, which took the compiled 8-token
-               step from 1.26x to 1.18x the 1-token one (19.98 -> 18.35 ms; 1 token 15.88 -> 15.56 ms).
+               in one call; measured (bfloat16, AVX512, 2 threads, one layer, 256 of 512 slots in view, each
+               compiled alone as in the block graph): 8 rows 67.6 against 107.1 us, 16 rows 96.5 against
+               153.2; 1 row 43.1 against 45.5, a tie (the op's call from Python costs what the kernel saves).
+               The compiled 8-token step went from 1.26x to 1.18x the 1-token one (19.98 -> 18.35 ms).
                Why not SDPA: PyTorch's CPU flash kernel is built for long query blocks, and one query row
                over a masked 256-slot cache cost it ~260 us per layer (profiled, AVX512, 2 threads), a third
                of the whole step; with the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 +
@@ -109,8 +110,8 @@ def _attend(fn, q, k, v, mask):
 
 
 def attention_timings(config, dtype, rows: int) -> dict:
-    """Microseconds of one layer's attention over `rows` query positions, inductor's code (compiled alone, as
-    in the block graph) against the kernel (cpu_attention.py), on the config's heads after CACHE_BUCKET
+    """Microseconds of one layer's attention over `rows` query positions, inductor's code against the kernel
+    (cpu_attention.py), each compiled alone as in the block graph, on the config's heads after CACHE_BUCKET
     positions in a cache of 2 x CACHE_BUCKET slots: the short measurement `attention="auto"` decides by.
     Cached per shape, dtype and thread count for the process."""
     key = (config.n_heads, config.n_kv_heads, config.head_dim, dtype, torch.get_num_threads(), rows)
@@ -120,10 +121,13 @@ def attention_timings(config, dtype, rows: int) -> dict:
         q = torch.randn(1, config.n_heads, rows, config.head_dim, generator=gen).to(dtype)
         k, v = (torch.randn(1, config.n_kv_heads, S, config.head_dim, generator=gen).to(dtype) for _ in range(2))
         mask = (torch.arange(S) <= torch.arange(start, start + rows)[:, None])[None, None]
-        inductor = torch.compile(_own_copy(_attend), dynamic=False)
+        # both compiled alone, as in the block graph: each call pays dynamo's guard checks and the graph's wrapper
+        # alike, so what differs is what each costs inside the block graph (the kernel: its op's call and the
+        # kernel; inductor: its fused loops or matmuls). Timing the kernel bare would spare it that toll alone.
+        inductor, kernel = (torch.compile(_own_copy(_attend), dynamic=False) for _ in range(2))
         math = attention_ref if rows == 1 else attention_grouped
         calls = {"inductor": lambda: inductor(math, q, k, v, mask),
-                 "kernel": lambda: cpu_attention.attention_cpu(q, k, v, mask)}
+                 "kernel": lambda: kernel(cpu_attention.attention_cpu, q, k, v, mask)}
         with torch.inference_mode():
             times = {name: [] for name in calls}
             for _ in range(3):                  # in turns, so a slow spell of the machine hits both
