@@ -57,7 +57,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINILLM_KERNEL_CACHE") or Path.home() / ".cache" / "minillm" / "kernels")
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
+    """The C++ compiler's path ($CXX, else g++, else clang++), or None; inductor needs one too (compiled.py)."""
     for name in (os.environ.get("CXX"), "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -94,7 +95,7 @@ def build(head_dim: int) -> ctypes.CDLL:
 def _build(head_dim: int) -> ctypes.CDLL:
     if head_dim % 16 or not 16 <= head_dim <= 512:
         raise RuntimeError(f"the attention kernel takes head_dim a multiple of 16 in [16, 512], not {head_dim}")
-    cxx = _compiler()
+    cxx = find_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found ($CXX, g++ or clang++) to build the attention kernel")
     flags = FLAGS + [f"-DHD={head_dim}"]
@@ -162,7 +163,7 @@ def _explain(q, k, v, mask):
     if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1] != 1:
         raise ValueError(f"cpu_attention: mask must be a bool (B or 1, 1, T, S) tensor, got {mask.dtype} "
                          f"{tuple(mask.shape)}")
-    if q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"cpu_attention takes float32 or bfloat16 q, k, v of one dtype, got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
     if not 1 <= T <= MAX_T or R % T or R > MAX_ROWS:

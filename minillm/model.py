@@ -176,14 +176,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(config.n_heads * hd, config.dim, bias=False)
+        self.wqkv = None               # wq, wk, wv stacked into one matmul (fuse.py); None: three apart
         self.attn_fn = attention_sdpa  # swapped for attention_ref or a Triton kernel by callers
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         c = self.config
-        q = self.wq(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = self.wqkv(x).split(self.fused_sizes, dim=-1)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                         # (B, nkv, S, hd)
@@ -203,9 +208,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w13 = None  # w1 and w3 stacked into one matmul (fuse.py); None: two apart
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).split(self.fused_sizes, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -113,7 +113,7 @@ def test_bad_input_says_what_is_wrong():
 
 
 def test_without_a_compiler_it_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_attention, "find_compiler", lambda: None)
     monkeypatch.setattr(cpu_attention, "_LIBS", {})
     assert available(48) == "no C++ compiler found ($CXX, g++ or clang++) to build the attention kernel"
     with pytest.raises(ValueError, match="no C\\+\\+ compiler"):

@@ -325,6 +325,28 @@ def test_bench_tree_gives_each_warm_run_its_own_copy(tiny_model):
     assert c.dynamic and torch.equal(c.probs, dynamic.probs) and c.probs.data_ptr() != dynamic.probs.data_ptr()
 
 
+def test_bench_warm_text_comes_from_other_requests_than_the_bench_prompts():
+    """The warm matrix stands for earlier requests' answers: none of the requests behind the text is a bench
+    prompt, and no 6-token run of a bench prompt appears in the text."""
+    import importlib.util
+
+    from minillm.bench import speculative, tree
+    from minillm.tokenizer import Tokenizer
+
+    spec = importlib.util.spec_from_file_location("make_recycling_warm", speculative.DATA_DIR / "make_recycling_warm.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    assert speculative.WARM_TEXT == maker.OUT
+    tok = Tokenizer.from_pretrained("smollm2-135m")
+    text = tok.encode(speculative.WARM_TEXT.read_text())
+    assert len(text) >= speculative.WARM_TOKENS
+    runs = {tuple(text[i:i + 6]) for i in range(len(text) - 5)}
+    for prompt in speculative.GROUNDED + speculative.OPEN_ENDED + tree.PROMPTS:
+        assert prompt not in maker.PROMPTS
+        ids = tok.encode(prompt, allowed_special="all")
+        assert not runs & {tuple(ids[i:i + 6]) for i in range(len(ids) - 5)}, prompt
+
+
 def root_paths(tree):
     return {tuple(tree.tokens[j] for j in path_to(tree.parents, i)) for i in range(len(tree))}
 

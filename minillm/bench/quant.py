@@ -20,7 +20,8 @@ Speed, four tables:
   split      what a compiled 8-token forward costs beyond a 1-token one: the blocks' linears alone, the
              head alone, and the rest (attention, norms, rotary, the calls between them); which attention
              the compiled step chose (compiled.py: the kernel of cpu_attention.py or inductor's code, by a
-             short measurement), and for the bfloat16 model also the forward costs with inductor's code
+             short measurement), and for the bfloat16 model also the forward costs with inductor's code;
+             for FUSE_COMPARE also with each block's q/k/v and gate/up projections apart (fuse.py)
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ CONFIGS = [
 ]
 WIDTHS = (1, 2, 4, 8, 16)
 ATTENTION_COMPARE = "bf16"   # the configuration whose compiled forwards are also timed with inductor's attention
+FUSE_COMPARE = "int4 g64 + int8 head"   # ... and the one also timed with q/k/v and gate/up apart (fuse.py)
 
 
 def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
@@ -172,6 +174,11 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
                 row["forward_ms"]["compiled, inductor attention"] = {
                     T: round(s * 1e3, 2) for T, s in forward_costs(other, context_ids).items()}
                 del other
+            if label == FUSE_COMPARE:
+                other = compile_decode(copy.deepcopy(model), fuse=False)
+                row["forward_ms"]["compiled, unfused"] = {
+                    T: round(s * 1e3, 2) for T, s in forward_costs(other, context_ids).items()}
+                del other
             row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
             racers[label, "compiled"] = fast
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
@@ -232,10 +239,11 @@ def print_table(result: dict):
             e, c = r["forward_ms"]["eager"], r["forward_ms"]["compiled"]
             cells = [(_at(e, T) / _at(e, 1), _at(c, T) / _at(c, 1)) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
-            inductor = r["forward_ms"].get("compiled, inductor attention")
-            if inductor:
-                print(f"{'  inductor attention':<27}" + "".join(f"{'':>7} {_at(inductor, T) / _at(inductor, 1):<5.2f}"
-                                                               for T in WIDTHS))
+            for key, name in (("compiled, inductor attention", "  inductor attention"),
+                              ("compiled, unfused", "  projections unfused")):
+                if key in r["forward_ms"]:
+                    other = r["forward_ms"][key]
+                    print(f"{name:<27}" + "".join(f"{'':>7} {_at(other, T) / _at(other, 1):<5.2f}" for T in WIDTHS))
     print("\nwhere a compiled 8-token step's extra time goes (ms; linears alone: each block's, then the head)")
     print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}  attention")
     for r in rows:
@@ -246,6 +254,11 @@ def print_table(result: dict):
             attn = r.get("attention", {})
             print(f"{r['label']:<27}{pair(c):>16}{pair(lin['body']):>16}{pair(lin['head']):>14}{extra['rest']:>+10.1f}"
                   f"  {attn.get('1 row', '?')} | {attn.get('wider', '?')}")
+    for r in rows:
+        if "compiled, unfused" in r.get("forward_ms", {}):
+            fused, apart = r["forward_ms"]["compiled"], r["forward_ms"]["compiled, unfused"]
+            print(f"{r['label']}, compiled, q/k/v and gate/up fused vs apart (ms): " + ", ".join(
+                f"T={T} {_at(fused, T):.2f} vs {_at(apart, T):.2f}" for T in (1, 8)))
     for rows, t in result.get("attention_us_bf16", {}).items():
         print(f"one layer's bfloat16 attention, {rows} (us): inductor {t['inductor']}, kernel {t['kernel']}")
 

@@ -35,8 +35,10 @@ from ..speculative import expected_speedup
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
 
 DRAFT_CKPT = DISTILLED_DRAFT
-# Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing
-WARM_TEXT, WARM_TOKENS = DATA_DIR / "heldout.txt", 4096
+# Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing. The
+# matrix a server carries from earlier requests: SmolLM2's greedy answers to 24 chat requests on other topics
+# than every bench prompt (data/make_recycling_warm.py; tests/test_tree.py checks they share none)
+WARM_TEXT, WARM_TOKENS = DATA_DIR / "recycling_warm.txt", 4096
 
 GROUNDED = [
     "Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
@@ -56,8 +58,8 @@ OPEN_ENDED = [
 
 
 def warm_recycler(model, tok, dynamic: bool = False) -> tuple[TokenRecycling, float]:
-    """Token Recycling's matrix filled from the first WARM_TOKENS tokens of WARM_TEXT (Flask's documentation:
-    no bench prompt comes from it), and the seconds that took; dynamic: a drafter that grows dynamic trees."""
+    """Token Recycling's matrix filled from the first WARM_TOKENS tokens of WARM_TEXT (SmolLM2's answers to other
+    requests than the benches'), and the seconds that took; dynamic: a drafter that grows dynamic trees."""
     start = time.perf_counter()
     warm = TokenRecycling(model.config.vocab_size, dynamic=dynamic).warm_up(
         model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])

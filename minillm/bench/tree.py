@@ -17,9 +17,9 @@ Chain drafters come from chapter 5 (speculative.py): prompt lookup ("ngram") and
 checkpoint is committed, the distilled draft model. "recycling chain" is Token Recycling's
 drafter restricted to a single path, a chain built with this chapter's code: it isolates what
 branching adds. "Token Recycling, warm" starts every prompt from a copy of one matrix filled once, before
-the timed rounds, from the first WARM_TOKENS tokens of data/heldout.txt (Flask's documentation, a text no
-prompt here comes from; `TokenRecycling.warm_up`): the matrix a long-running process would carry
-from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
+the timed rounds, from the first WARM_TOKENS tokens of data/recycling_warm.txt (SmolLM2's greedy answers to
+24 chat requests on other topics than these prompts; `TokenRecycling.warm_up`): the matrix a long-running
+process would carry from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
 "lookup + recycling, warm" merges prompt lookup's chain and that warm tree into one tree (tree.merge).
 "Token Recycling, dynamic" grows each tree best first from the guesses' stored probabilities instead of
 the static template's shape (TokenRecycling(dynamic=True)), empty and warm.
