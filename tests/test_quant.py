@@ -380,3 +380,18 @@ def test_bench_quant_times_widths_in_turns_and_splits_the_eight_token_step():
     row = {"forward_ms": {"compiled": {"1": 10.0, "8": 13.0}}, "linear_ms": {"body": {"1": 6.0, "8": 7.0},
                                                                               "head": {"1": 1.0, "8": 1.5}}}
     assert eight_token_extra(row) == {"step": 3.0, "blocks": 1.0, "head": 0.5, "rest": 1.5}
+
+
+def test_bench_quant_times_several_models_in_turns():
+    """forward_costs_in_turns: every width of every model timed in each round (the models' forwards interleave)."""
+    from minillm.bench.quant import forward_costs_in_turns
+
+    torch.manual_seed(0)
+    models = {name: Transformer(tiny(max_seq_len=512)).eval() for name in ("a", "b")}
+    order = []
+    for name, m in models.items():
+        m.register_forward_hook(lambda m, args, out, name=name: order.append((name, args[0].shape[1])))
+    costs = forward_costs_in_turns(models, torch.randint(0, 512, (1, 32)), widths=(1, 4), repeats=2)
+    assert {k: list(v) for k, v in costs.items()} == {"a": [1, 4], "b": [1, 4]}
+    timed = [o for o in order if o[1] != 32]                         # the context's prefill left out
+    assert len(timed) == 4 * 4 and {timed[i][0] for i in range(4)} == {"a", "b"}   # 2 warm-up + 2 rounds, 4 each

@@ -9,7 +9,8 @@ speed figures of the committed results file, saying so in its settings.
 Speed, four tables:
   decode     tokens/s of greedy decoding through decoding.decode_steps, each configuration eager and
              compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
-             (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose;
+             (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose,
+             and FUSE_COMPARE also compiled with its projections apart (fuse.py) to show what fusing buys;
              all models are built first, then decode in turns, median of 3 rounds
   forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context,
              relative to T = 1: what speculative and tree decoding (chapters 5-6) pay to verify T tokens
@@ -20,8 +21,8 @@ Speed, four tables:
   split      what a compiled 8-token forward costs beyond a 1-token one: the blocks' linears alone, the
              head alone, and the rest (attention, norms, rotary, the calls between them); which attention
              the compiled step chose (compiled.py: the kernel of cpu_attention.py or inductor's code, by a
-             short measurement), and for the bfloat16 model also the forward costs with inductor's code;
-             for FUSE_COMPARE also with each block's q/k/v and gate/up projections apart (fuse.py)
+             short measurement), and for the bfloat16 model also the forward costs with inductor's code,
+             for FUSE_COMPARE with its projections apart, each timed in turns with the usual compiled step
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
 """
 from __future__ import annotations
@@ -74,19 +75,28 @@ FUSE_COMPARE = "int4 g64 + int8 head"   # ... and the one also timed with q/k/v 
 def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
     """Median seconds of one forward over T new tokens after `context_ids` (1, C) in a static cache, the widths
     timed in turns (median_of_rounds; two untimed rounds first: compiled, those compile)."""
-    C = context_ids.shape[1]
-    cache = StaticCache(model.config, 1, 512, dtype=next(model.parameters()).dtype)
+    return forward_costs_in_turns({0: model}, context_ids, widths, repeats)[0]
 
-    def forward(T):
+
+def forward_costs_in_turns(models: dict, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
+    """forward_costs of several models ({name: model} -> {name: {T: seconds}}), every width of every model timed
+    in each round, so that a slow spell of this shared VM falls on all of them alike."""
+    C = context_ids.shape[1]
+    caches = {name: StaticCache(m.config, 1, 512, dtype=next(m.parameters()).dtype) for name, m in models.items()}
+
+    def forward(name, T):
         start = time.perf_counter()
-        model(context_ids[:, :T], cache=cache)
+        models[name](context_ids[:, :T], cache=caches[name])
         seconds = time.perf_counter() - start
-        cache.truncate(C)
+        caches[name].truncate(C)
         return seconds
 
     with torch.inference_mode():
-        model(context_ids, cache=cache)
-        return median_of_rounds({T: lambda T=T: forward(T) for T in widths}, repeats, warmup=2)
+        for name, m in models.items():
+            m(context_ids, cache=caches[name])
+        t = median_of_rounds({(name, T): lambda n=name, T=T: forward(n, T) for name in models for T in widths},
+                             repeats, warmup=2)
+    return {name: {T: t[name, T] for T in widths} for name in models}
 
 
 def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
@@ -169,16 +179,16 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             row["forward_ms"]["compiled"] = {T: round(s * 1e3, 2) for T, s in forward_costs(fast, context_ids).items()}
             row["compile_s"] = round(time.perf_counter() - start, 1)  # five widths compiled, then timed
             row["attention"] = {"1 row": fast.attention[1], "wider": fast.attention[max(fast.widths)]}
+            others = {}   # the same model compiled another way, its forwards timed in turns with this one's
             if label == ATTENTION_COMPARE:
-                other = compile_decode(copy.deepcopy(model), attention="inductor")
-                row["forward_ms"]["compiled, inductor attention"] = {
-                    T: round(s * 1e3, 2) for T, s in forward_costs(other, context_ids).items()}
-                del other
+                others["compiled, inductor attention"] = compile_decode(copy.deepcopy(model), attention="inductor")
             if label == FUSE_COMPARE:
-                other = compile_decode(copy.deepcopy(model), fuse=False)
-                row["forward_ms"]["compiled, unfused"] = {
-                    T: round(s * 1e3, 2) for T, s in forward_costs(other, context_ids).items()}
-                del other
+                others["compiled, unfused"] = racers[label, "compiled, unfused"] = compile_decode(
+                    copy.deepcopy(model), fuse=False)
+            if others:
+                for key, costs in forward_costs_in_turns(dict(others, compiled=fast), context_ids).items():
+                    row["forward_ms"][key] = {T: round(s * 1e3, 2) for T, s in costs.items()}
+            del others
             row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
             racers[label, "compiled"] = fast
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
@@ -191,7 +201,8 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
         for row in rows:
             kinds = {kind: v for (label, kind), v in speeds.items() if label == row["label"]}
             if kinds:
-                row["decode_tok_s"] = {k: kinds[k] for k in ("eager", "ref", "packed/float32", "compiled") if k in kinds}
+                row["decode_tok_s"] = {k: kinds[k] for k in ("eager", "ref", "packed/float32", "compiled",
+                                                               "compiled, unfused") if k in kinds}
                 log(row["label"], json.dumps(row["decode_tok_s"]))
     timings = {f"{rows} rows": t for (*_, dtype, threads, rows), t in ATTENTION_CHOICES.items()
                if dtype == torch.bfloat16}
