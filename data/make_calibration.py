@@ -63,10 +63,12 @@ PROMPTS = [
 ]
 
 
-def smollm2_answers(new_tokens: int = 160) -> list[str]:
+def smollm2_answers(requests=PROMPTS, new_tokens: int = 160, **sampling) -> list[str]:
+    """SmolLM2's (float32) answers to chat `requests`, decoded as one batch; `sampling`: decode's options, by
+    default this file's (temperature 0.7, top-p 0.9, seed 0). make_recycling_warm.py calls it greedy."""
     model, tok = load_pretrained("smollm2-135m")
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    rows = decode(model, prompts, new_tokens, temperature=0.7, top_p=0.9, seed=0).rows
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in requests]
+    rows = decode(model, prompts, new_tokens, **(sampling or dict(temperature=0.7, top_p=0.9, seed=0))).rows
     eos = model.config.eos_token_id
     return [tok.decode([t for t in row if t != eos]).strip() for row in rows]
 

@@ -6,7 +6,7 @@ requests for a while guesses from what the model wrote in earlier answers. This 
 earlier answers: SmolLM2-135M-Instruct's own greedy answers (the benches decode greedily) to PROMPTS below,
 varied chat requests on topics none of the benches' prompts touch (minillm/bench/speculative.py,
 minillm/bench/tree.py; a test checks that no bench prompt is among them), 192 new tokens each, float32,
-all decoded as one batch (minillm.decode with a list of prompts). Answers are separated by blank lines.
+all decoded as one batch (make_calibration.smollm2_answers). Answers are separated by blank lines.
 
 Usage (a data-making script, never run by tests; under a minute on 2 cores):
     python data/make_recycling_warm.py
@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from minillm.decoding import decode  # noqa: E402
-from minillm.loading import load_pretrained  # noqa: E402
+from make_calibration import smollm2_answers  # noqa: E402  (SmolLM2's answers to chat requests, one batch)
 
 OUT = HERE / "recycling_warm.txt"
 PROMPTS = [
@@ -49,16 +48,8 @@ PROMPTS = [
 ]
 
 
-def answers(new_tokens: int = 192) -> list[str]:
-    model, tok = load_pretrained("smollm2-135m")
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    rows = decode(model, prompts, new_tokens, temperature=0.0).rows
-    eos = model.config.eos_token_id
-    return [tok.decode([t for t in row if t != eos]).strip() for row in rows]
-
-
 def main() -> None:
-    text = "\n\n".join(answers()) + "\n"
+    text = "\n\n".join(smollm2_answers(PROMPTS, 192, temperature=0.0)) + "\n"
     OUT.write_text(text, encoding="utf-8")
     print(f"wrote {OUT} ({len(text.encode()):,d} bytes, {len(PROMPTS)} answers)")
 
