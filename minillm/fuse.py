@@ -13,11 +13,12 @@ turn): q, k, v 24.3 -> 13.5 us a layer on 1 row, 65.1 -> 48.8 on 8 rows; gate an
     fuse_projections(model)      # in place; returns how many groups were fused (2 per block)
     fuse_linears([wq, wk, wv])   # one module computing torch.cat([wq(x), wk(x), wv(x)], -1)
 
-What fuses: plain nn.Linears without bias (prepack.py's PackedLinears too, into a PackedLinear), and Int4Linears (same group size) or Int8Linears of
-quant/formats.py, whose rows are stored independently (int4 groups run along a row, int8 has one scale a
-row), so stacking their rows stacks the same integers and scales: the fused int4/int8 layer holds exactly
-the values of the parts. It keeps the parts' kernel (impl, activation dtype, chapter 7's matvec_fn)
-where they agree. Anything else (mixed kinds, a bias, a custom module) is left as it was.
+What fuses: plain nn.Linears without bias (prepack.py's PackedLinears too, into a PackedLinear), and
+Int4Linears (same group size) or Int8Linears of quant/formats.py, whose rows are stored independently
+(int4 groups run along a row, int8 has one scale a row), so stacking their rows stacks the same integers
+and scales: the fused int4/int8 layer holds exactly the values of the parts. It keeps the parts' kernel
+(impl, activation dtype, chapter 7's matvec_fn) where they agree. Anything else (mixed kinds, a bias, a
+custom module) is left as it was.
 
 Not handled: training (the fused weight is a new tensor, not the parts' Parameters) and saving a fused
 model in the original layout; fuse a copy used for inference (compile_decode fuses the model it wraps).
