@@ -52,9 +52,8 @@ def fuse_linears(linears) -> nn.Module | None:
         if any(m.bias is not None for m in linears) or not _same(m.weight.dtype for m in linears):
             return None
         w = torch.cat([m.weight for m in linears])                            # (sum of outs, in)
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        fused.weight.copy_(w)
-        fused.weight.requires_grad_(False)
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
         if all(type(m) is PackedLinear for m in linears):     # the parts' kernel: prepacked again
             return PackedLinear.from_linear(fused)
         return fused
@@ -79,7 +78,7 @@ def fuse_projections(model: nn.Module) -> int:
     forwards split the result), where fuse_linears can; in place. Returns how many groups were fused now
     (a group fused before is left as it is)."""
     fused_now = 0
-    for module in model.modules():
+    for module in list(model.modules()):
         names = GROUPS.get(type(module))
         if names is None or getattr(module, names[0], None) is not None:
             continue
@@ -89,7 +88,6 @@ def fuse_projections(model: nn.Module) -> int:
         if fused is None:
             continue
         setattr(module, fused_name, fused)
-        module.fused_sizes = [m.out_features for m in parts]
         for n in part_names:
             delattr(module, n)
         fused_now += 1

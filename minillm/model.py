@@ -185,7 +185,8 @@ class Attention(nn.Module):
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            q, k, v = self.wqkv(x).split(self.fused_sizes, dim=-1)
+            kv = c.n_kv_heads * c.head_dim
+            q, k, v = self.wqkv(x).split([c.n_heads * c.head_dim, kv, kv], dim=-1)
         q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -213,7 +214,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.w13 is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = self.w13(x).split(self.fused_sizes, dim=-1)
+        gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
