@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_attention
+from . import cpu_attention, native
 from .kv_cache import StaticCache
 from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
 from .fuse import fuse_projections, fused_count
@@ -149,7 +149,7 @@ def _own_copy(fn):
 
 
 def _compiler_missing() -> str | None:
-    if cpu_attention.find_compiler() is None:
+    if native.find_compiler() is None:
         return "no C++ compiler found ($CXX, g++ or clang++ on PATH), which inductor needs on the CPU"
     return None
 

@@ -27,53 +27,24 @@ rounded once). A query row's result depends on its own inputs and mask row alone
 the call, so an 8-row verify step gives a token the same output as a padded 1-row step through the same
 graph. A row that may see no key gets zeros where attention_ref gives NaN.
 
-The build: `g++ -O3 -march=native -fopenmp -shared` (or $CXX), one library per head_dim, cached under
-$MINILLM_KERNEL_CACHE (default ~/.cache/minillm/kernels) by a hash of the source, the compiler, the flags
-and this CPU's feature flags, so a machine never loads a library built for another CPU. No compiler, a
+The build (native.py): `g++ -O3 -march=native -fopenmp -shared` (or $CXX), one library per head_dim, cached
+under $MINILLM_KERNEL_CACHE (default ~/.cache/minillm/kernels) by a hash of the sources, the compiler, the
+flags and this CPU's feature flags, so a machine never loads a library built for another CPU. No compiler, a
 failed build, a head_dim that is not a multiple of 16, or a dtype other than float32/bfloat16: `available`
 says which, and callers keep PyTorch's attention.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+from . import native
+
 MAX_ROWS = 128        # query rows per kv head (group x T) the kernel takes; csrc MAXR
 MAX_T = 16            # query positions per call; csrc keep[16]
 _LIBS: dict = {}      # head_dim -> loaded library, or the reason it could not be built
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINILLM_KERNEL_CACHE") or Path.home() / ".cache" / "minillm" / "kernels")
-
-
-def find_compiler() -> str | None:
-    """The C++ compiler's path ($CXX, else g++, else clang++), or None; inductor needs one too (compiled.py)."""
-    for name in (os.environ.get("CXX"), "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_flags() -> str:
-    """This CPU's feature flags (what -march=native builds for): part of the library's cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def build(head_dim: int) -> ctypes.CDLL:
@@ -95,33 +66,13 @@ def build(head_dim: int) -> ctypes.CDLL:
 def _build(head_dim: int) -> ctypes.CDLL:
     if head_dim % 16 or not 16 <= head_dim <= 512:
         raise RuntimeError(f"the attention kernel takes head_dim a multiple of 16 in [16, 512], not {head_dim}")
-    cxx = find_compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found ($CXX, g++ or clang++) to build the attention kernel")
-    flags = FLAGS + [f"-DHD={head_dim}"]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, version, " ".join(flags), platform.machine(),
-                                    torch.backends.cpu.get_cpu_capability(), _cpu_flags()]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"attention_hd{head_dim}_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if done.returncode:
-            tmp.unlink(missing_ok=True)
-            first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:200])
-            raise RuntimeError(f"building the attention kernel failed: {first}")
-        os.replace(tmp, path)           # atomic: a concurrent build of the same key is harmless
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise RuntimeError(f"loading the attention kernel failed: {e}") from None
+    lib = native.build_library("attention.cpp", {"HD": head_dim})
     for name in ("minillm_attention_bf16", "minillm_attention_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 5 + [ctypes.c_float]
         fn.restype = ctypes.c_int
     if lib.minillm_attention_head_dim() != head_dim:
-        raise RuntimeError(f"{path} was built for another head_dim")
+        raise RuntimeError(f"{lib._name} was built for another head_dim")
     return lib
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from .kv_cache import StaticCache
 from .loading import read_checkpoint
 from .model import Transformer
+from .cpu_logits import argmax
 from .sampling import probs_from_logits
 from .tree import Tree
 
@@ -117,7 +118,7 @@ class ModelDrafter:
         for i in range(k):
             probs = probs_from_logits(logits[None], temperature if temperature > 0 else 1.0, top_k, top_p)[0]  # (V,)
             if temperature == 0:
-                token = int(logits.argmax())
+                token = int(argmax(logits))
             else:
                 token = int(torch.multinomial(probs, 1, generator=generator))
             if self.stop_below is not None and i > 0 and probs[token] < self.stop_below:

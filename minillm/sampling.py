@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .cpu_logits import argmax
+
 
 def check_input_ids(ids, config, max_new_tokens: int = 0) -> torch.Tensor:
     """Validate a prompt where it enters: integer dtype, (B, T) shape, ids in the vocabulary, fits the context."""
@@ -58,7 +60,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
     """logits (B, V) -> next token ids (B,)."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return argmax(logits)             # torch.argmax's answer, on a vectorized kernel (cpu_logits.py)
     return torch.multinomial(probs_from_logits(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 

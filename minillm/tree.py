@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_logits import argmax, topk_lse
 from .sampling import probs_from_logits
 
 
@@ -154,11 +155,10 @@ def _deepest_path(parents, ok: torch.Tensor) -> list[int]:
 def accept_greedy(tree: Tree, logits):
     """Greedy verification: keep the longest path on which every token is the model's argmax at its parent.
     Returns (accepted node indices from the root, next token = argmax at the last accepted node)."""
-    choice = logits.argmax(-1)                                   # (N,) the model's pick after each node
-    parents = torch.tensor(tree.parents)
-    ok = torch.tensor(tree.tokens) == choice[parents.clamp(min=0)]
+    choice = argmax(logits).tolist()                             # (N,) the model's pick after each node
+    ok = [True] + [tree.tokens[i] == choice[tree.parents[i]] for i in range(1, len(tree))]
     path = _deepest_path(tree.parents, ok)
-    return path, int(choice[path[-1]])
+    return path, choice[path[-1]]
 
 
 def accept_typical(tree: Tree, logits, temperature: float = 0.7, posterior_threshold: float = 0.09,
@@ -259,16 +259,17 @@ class TokenRecycling:
     def update(self, tokens, logits):
         """tokens (N,) each followed by logits (N, V): remember the top-k after each token. A token that occurs
         more than once keeps its last occurrence's (as if the rows were written one after another)."""
-        tokens = torch.as_tensor(tokens).reshape(-1).cpu()
+        tokens = torch.as_tensor(tokens).reshape(-1).tolist()
         n = len(tokens)
-        # the last occurrence of every distinct token: reversed, it is the first, found with a min-reduction
-        distinct, where = torch.unique(tokens.flip(0), return_inverse=True)
-        first = torch.full_like(distinct, n).scatter_reduce(0, where, torch.arange(n), "amin")
-        rows = logits.reshape(n, -1)[(n - 1 - first).to(logits.device)]
-        top = rows.topk(self.k, dim=-1)
-        self.adjacency[distinct] = top.indices.to(torch.int32).cpu()
+        last = {token: i for i, token in enumerate(tokens)}   # each distinct token -> its last occurrence
+        rows = logits.reshape(n, -1)
+        if len(last) < n:
+            rows = rows[torch.tensor(list(last.values()), device=logits.device)]
+        distinct = torch.tensor(list(last))
+        values, indices, lse = topk_lse(rows, self.k, lse=self.probs is not None)   # cpu_logits.py's kernel
+        self.adjacency[distinct] = indices.to(torch.int32).cpu()
         if self.probs is not None:                    # softmax, of the top-k only: exp(logit - logsumexp(row))
-            self.probs[distinct] = (top.values.float() - rows.float().logsumexp(-1, keepdim=True)).exp().cpu()
+            self.probs[distinct] = (values - lse[:, None]).exp().cpu()
 
     def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
         """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from minillm import compiled, cpu_attention
+from minillm import compiled, cpu_attention, native
 from minillm.compiled import compile_decode
 from minillm.cpu_attention import attention_cpu, available
 from minillm.decoding import decode, generate
@@ -113,7 +113,7 @@ def test_bad_input_says_what_is_wrong():
 
 
 def test_without_a_compiler_it_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_attention, "find_compiler", lambda: None)
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
     monkeypatch.setattr(cpu_attention, "_LIBS", {})
     assert available(48) == "no C++ compiler found ($CXX, g++ or clang++) to build the attention kernel"
     with pytest.raises(ValueError, match="no C\\+\\+ compiler"):

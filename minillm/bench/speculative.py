@@ -29,6 +29,7 @@ from ..loading import DATA_DIR
 from ..tree import MergedDrafter, TokenRecycling
 from ..kv_cache import StaticCache
 from ..progress import progress
+from .. import cpu_logits
 from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
@@ -186,7 +187,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {new_tokens} new tokens "
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, {new_tokens} new tokens "
           f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds; one target forward = {1000 * target_s:.0f} ms")
     print(f"warm trees: Token Recycling's matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} in "
           f"{warm_seconds:.1f} s (not in the rounds)")
@@ -203,7 +204,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")
-    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model), logits=cpu_logits.describe(),
                                      new_tokens=new_tokens, draft_len=draft_len, repeats=repeats,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
                                      warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,

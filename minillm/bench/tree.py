@@ -34,6 +34,7 @@ from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, load_draft_model
 from ..kv_cache import StaticCache
 from ..progress import progress
+from .. import cpu_logits
 from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
@@ -122,7 +123,7 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
     base = results["plain"]["seconds"]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}),\n  greedy, {len(prompts)} prompts x "
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, {len(prompts)} prompts x "
           f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
     print(f"warm Token Recycling: its matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} "
           f"in {warm_seconds:.1f} s (not in the rounds)")
@@ -131,7 +132,7 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
         r["speedup"] = base / r["seconds"]
         print(f"{name:<38}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
-    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model), logits=cpu_logits.describe(),
                                      new_tokens=new_tokens, prompts=len(prompts),
                                      warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,
                                                   seconds=round(warm_seconds, 2)),

@@ -1,0 +1,47 @@
+// What the hand-written CPU kernels share (attention.cpp, rows.cpp): vectors of W = 16 floats in GCC/Clang
+// vector extensions (one AVX-512 register, two AVX2 ones: the compiler picks the instructions for the CPU it
+// builds on), loads of bfloat16 and float32 storage as float32 vectors, and exp without library calls.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#define W 16              // floats in one vector
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W), aligned(2)));
+typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));
+
+struct BF16 {                                  // bfloat16 storage: the top half of a float32
+    typedef uint16_t T;
+    static float get(const T *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
+    static vf load(const T *p) {
+        vh h; memcpy(&h, p, sizeof h);
+        vu u = __builtin_convertvector(h, vu) << 16;
+        vf f; memcpy(&f, &u, sizeof f); return f;
+    }
+    static T put(float f) {                    // round to nearest even, as PyTorch's .to(bfloat16)
+        uint32_t u; memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40);   // NaN stays NaN
+        return (T)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+};
+struct F32 {
+    typedef float T;
+    static float get(const T *p) { return *p; }
+    static vf load(const T *p) { vf f; memcpy(&f, p, sizeof f); return f; }
+    static T put(float f) { return f; }
+};
+
+static inline vf vexp(vf x) {                  // exp(x) for x <= 0: Cephes' expf polynomial, no calls
+    x = x < -87.0f ? (vf){} - 87.0f : x;
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
+    vf y = p * r * r + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf s; memcpy(&s, &e, sizeof s); return y * s;
+}

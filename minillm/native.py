@@ -1,0 +1,78 @@
+"""Building and loading the hand-written C++ kernels of minillm/csrc (cpu_attention.py, cpu_logits.py) with
+this machine's own compiler, at first use.
+
+    lib = build_library("rows.cpp")                   # a ctypes.CDLL; RuntimeError saying why if it cannot
+    lib = build_library("attention.cpp", {"HD": 64})  # -DHD=64
+
+`g++ -O3 -march=native -fopenmp -shared -fPIC` (or $CXX, else clang++), one library per source and set of
+defines, cached under $MINILLM_KERNEL_CACHE (default ~/.cache/minillm/kernels) by a hash of the sources (the
+.cpp and the headers of csrc/), the compiler and its version, the flags and this CPU's feature flags, so a
+machine never loads a library built for another CPU and an edited source is rebuilt. Built to a temporary
+name and renamed, so two processes building at once do no harm. No compiler, or a failed build: RuntimeError
+with the reason in one line (the callers keep PyTorch's code then).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MINILLM_KERNEL_CACHE") or Path.home() / ".cache" / "minillm" / "kernels")
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler's path ($CXX, else g++, else clang++), or None; inductor needs one too (compiled.py)."""
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (what -march=native builds for): part of the library's cache key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_library(source: str, defines: dict | None = None) -> ctypes.CDLL:
+    """Compile csrc/`source` with `defines` ({name: value} -> -Dname=value) once, cache it, load it."""
+    cxx = find_compiler()
+    what = Path(source).stem
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler found ($CXX, g++ or clang++) to build the {what} kernel")
+    flags = FLAGS + [f"-D{name}={value}" for name, value in sorted((defines or {}).items())]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    texts = [(CSRC / source).read_text()] + [h.read_text() for h in sorted(CSRC.glob("*.h"))]
+    key = hashlib.sha256("\n".join(texts + [cxx, version, " ".join(flags), platform.machine(),
+                                            torch.backends.cpu.get_cpu_capability(), _cpu_flags()]).encode())
+    tag = "".join(f"_{name.lower()}{value}" for name, value in sorted((defines or {}).items()))
+    path = cache_dir() / f"{what}{tag}_{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([cxx, *flags, str(CSRC / source), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode:
+            tmp.unlink(missing_ok=True)
+            first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:200])
+            raise RuntimeError(f"building the {what} kernel failed: {first}")
+        os.replace(tmp, path)           # atomic: a concurrent build of the same key is harmless
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeError(f"loading the {what} kernel failed: {e}") from None
