@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 
 
+from .cpu_logits import argmax
 from .kv_cache import StaticCache
 from .loading import read_checkpoint
 from .model import Transformer
-from .cpu_logits import argmax
 from .sampling import probs_from_logits
 from .tree import Tree
 

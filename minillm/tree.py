@@ -139,8 +139,8 @@ def score(model, cache, tree: Tree):
 
 
 # ----------------------------------------------------------------------------- acceptance
-def _deepest_path(parents, ok: torch.Tensor) -> list[int]:
-    """ok (N,) bool per node 'my token is acceptable after my parent'; the root always is.
+def _deepest_path(parents, ok) -> list[int]:
+    """ok: N bools, one per node, 'my token is acceptable after my parent'; the root always is.
     Returns the longest root path of acceptable nodes (the first of equal depth)."""
     accepted = [True] * len(parents)
     best, best_depth, depth = 0, 0, [0] * len(parents)

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from minillm.bench.timing import median_of_rounds, median_seconds
+from minillm.bench.timing import median_of_rounds, median_seconds, sandwiched
 
 
 def test_median_seconds_counts_warmups_and_resets():
@@ -26,6 +26,21 @@ def test_median_of_rounds_takes_turns_and_drops_the_warmup_rounds():
     medians = median_of_rounds({k: lambda k=k: calls.append(k) or next(figures[k]) for k in "ab"}, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4                   # one call of each key per round, in turn
     assert medians == {"a": 3, "b": 2}
+
+
+def test_sandwiched_times_the_baseline_around_every_measure():
+    calls = []
+    base_seconds = iter([2.0, 4.0, 2.0])                 # a slow spell around "a": the baseline slows down too
+    seconds = {"a": 1.5, "b": 4.0}
+
+    def baseline():
+        calls.append("base")
+        return next(base_seconds)
+
+    base, out = sandwiched(baseline, {k: lambda k=k: calls.append(k) or seconds[k] for k in "ab"})
+    assert calls == ["base", "a", "base", "b", "base"]
+    assert base == [2.0, 4.0, 2.0]
+    assert out == {"a": (1.5, 2.0), "b": (4.0, 0.75)}    # (seconds, mean of the baseline runs beside it / seconds)
 
 
 def test_median_seconds_needs_a_timed_call():

@@ -33,7 +33,8 @@ from .. import cpu_logits
 from ..prepack import linear_kernels
 from ..stack import describe, load_stack
 from ..speculative import expected_speedup
-from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
+from .timing import (machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched,
+                     write_results)
 
 DRAFT_CKPT = DISTILLED_DRAFT
 # Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing. The
@@ -119,7 +120,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     """Every chain drafter, and chapter 6's Token Recycling tree (at most draft_len + 1 nodes), on two prompt
     sets -> {(set, method): {tpf, a, speedup, formula, c, same}};
     out: also write them, with the stack and the machine's settings, as JSON there; repeats: rounds of every
-    set and method, interleaved, each speedup a ratio of medians."""
+    set and method, interleaved, plain decoding timed before, between and after the methods, each speedup the
+    median of a method's ratios to the plain runs beside it (timing.sandwiched)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     torch.set_num_threads(threads)
@@ -152,43 +154,58 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     narrow = one_row_plain(model)
     if narrow is not None:
         decode(narrow, probe, new_tokens, eos_token_id=None)
-    # every (set, method) timed once per round, rounds interleaved, the median kept: on a shared VM a slow
-    # minute falls on every method alike instead of on whichever ran then (plain included, the baseline)
-    runs, times, plains = {}, {}, {}
+    # every (set, method) timed once per round, plain decoding before, between and after the methods of a set
+    # (timing.sandwiched), rounds interleaved: each speedup is the median of its ratios to the plain runs beside
+    # it, so that a slow minute of this shared VM falls on both sides of a ratio, not on a method alone
+    runs, ratios, plains = {}, {}, {}
+
+    def plain_seconds(set_name, prompts):
+        start = time.perf_counter()
+        plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
+        return time.perf_counter() - start
+
+    def narrow_seconds(set_name, prompts):   # what a fixed width costs plain decoding, and whether its tokens move
+        start = time.perf_counter()
+        tokens = [plain_greedy(narrow, ids, new_tokens) for ids in prompts]
+        seconds = time.perf_counter() - start
+        runs[(set_name, "plain, 1-row steps")] = dict(tpf=1.0, a=None, formula=None,
+                                                     same=sum(t == r for t, r in zip(tokens, plains[set_name])))
+        return seconds
+
+    def method_seconds(set_name, prompts, name, make, c):
+        c = cost.get(name, c)
+        drafted = accepted = forwards = produced = same = 0
+        start = time.perf_counter()
+        for ids, reference in zip(prompts, plains[set_name]):
+            r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
+            same += r.tokens == reference
+            drafted, accepted = drafted + r.drafted, accepted + r.accepted
+            forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
+        seconds = time.perf_counter() - start
+        a = accepted / max(drafted, 1)
+        runs[(set_name, name)] = dict(tpf=produced / forwards, a=a, c=c, same=same,
+                                      formula=None if "tree" in name else  # the formula is for chains
+                                      expected_speedup(min(a, 0.999), draft_len, c))
+        return seconds
+
     for _ in progress(range(repeats), desc="bench speculative: rounds of every set and method", total=repeats):
         for set_name, prompts in sets.items():
-            start = time.perf_counter()
-            plain = plains[set_name] = [plain_greedy(model, ids, new_tokens) for ids in prompts]
-            times.setdefault((set_name, "plain"), []).append(time.perf_counter() - start)
             runs[(set_name, "plain")] = dict(tpf=1.0, a=None, formula=None, same=len(prompts))
-            if narrow is not None:  # what a fixed width costs plain decoding, and whether its tokens move
-                start = time.perf_counter()
-                tokens = [plain_greedy(narrow, ids, new_tokens) for ids in prompts]
-                times.setdefault((set_name, "plain, 1-row steps"), []).append(time.perf_counter() - start)
-                runs[(set_name, "plain, 1-row steps")] = dict(tpf=1.0, a=None, formula=None,
-                                                             same=sum(t == r for t, r in zip(tokens, plain)))
-            for name, (make, c) in methods.items():
-                c = cost.get(name, c)
-                drafted = accepted = forwards = produced = same = 0
-                start = time.perf_counter()
-                for ids, reference in zip(prompts, plain):
-                    r = decode(model, ids, new_tokens, make(), draft_len, eos_token_id=None)
-                    same += r.tokens == reference
-                    drafted, accepted = drafted + r.drafted, accepted + r.accepted
-                    forwards, produced = forwards + r.target_forwards, produced + len(r.tokens)
-                times.setdefault((set_name, name), []).append(time.perf_counter() - start)
-                a = accepted / max(drafted, 1)
-                runs[(set_name, name)] = dict(tpf=produced / forwards, a=a, c=c, same=same,
-                                              formula=None if "tree" in name else  # the formula is for chains
-                                              expected_speedup(min(a, 0.999), draft_len, c))
+            measures = {"plain, 1-row steps": lambda s=set_name, p=prompts: narrow_seconds(s, p)} if narrow else {}
+            measures.update({name: lambda s=set_name, p=prompts, n=name, m=make, c=c: method_seconds(s, p, n, m, c)
+                             for name, (make, c) in methods.items()})
+            _, rest = sandwiched(lambda s=set_name, p=prompts: plain_seconds(s, p), measures)
+            ratios.setdefault((set_name, "plain"), []).append(1.0)
+            for name, (_, ratio) in rest.items():
+                ratios.setdefault((set_name, name), []).append(ratio)
     # runs is in table order already: per set plain, the 1-row plain, then the drafters
-    rows = {key: dict(run, speedup=statistics.median(times[(key[0], "plain")]) / statistics.median(times[key]))
-            for key, run in runs.items()}
+    rows = {key: dict(run, speedup=statistics.median(ratios[key])) for key, run in runs.items()}
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
     print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, {new_tokens} new tokens "
-          f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds; one target forward = {1000 * target_s:.0f} ms")
+          f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds, each speedup against the plain runs just before and after it;\n  one "
+          f"target forward = {1000 * target_s:.0f} ms")
     print(f"warm trees: Token Recycling's matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} in "
           f"{warm_seconds:.1f} s (not in the rounds)")
     print(f"{'set':<12}{'method':<29}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
@@ -204,7 +221,8 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     print("formula: (1 - a^(k+1)) / ((1 - a)(k c + 1)), assuming i.i.d. acceptance and a (k+1)-token verify "
           "forward costing one 1-token forward; n-gram drafts are often shorter than k (no match), so its a "
           "is per drafted token. Timings on a shared CPU are noisy.")
-    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model), logits=cpu_logits.describe(),
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+                                     logits=cpu_logits.describe(),
                                      new_tokens=new_tokens, draft_len=draft_len, repeats=repeats,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
                                      warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,

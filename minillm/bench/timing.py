@@ -47,6 +47,20 @@ def median_of_rounds(measures: dict, rounds: int, warmup: int = 0, desc: str | N
     return {key: statistics.median(fs) for key, fs in figures.items()}
 
 
+def sandwiched(baseline, measures: dict) -> tuple[list, dict]:
+    """One round of speedups against a baseline on a shared machine: the baseline (fn() -> seconds) runs before
+    the first of `measures` ({key: fn() -> seconds}), between every two and after the last, and each key's
+    ratio is the mean of the two baseline runs beside it over its own seconds. A slow spell then lands on a
+    measure and the baseline runs around it alike, instead of on some measures and not on a baseline timed
+    once a round. Returns (the baseline's seconds, {key: (seconds, ratio)})."""
+    base, out = [baseline()], {}
+    for key, fn in measures.items():
+        seconds = fn()
+        base.append(baseline())
+        out[key] = (seconds, (base[-2] + base[-1]) / 2 / seconds)
+    return base, out
+
+
 def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
     """Best of `repeats` copies of a large float32 tensor: (bytes read + bytes written) / seconds."""
     src = torch.ones(megabytes * 2 ** 20 // 4)

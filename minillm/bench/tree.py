@@ -26,6 +26,7 @@ the static template's shape (TokenRecycling(dynamic=True)), empty and warm.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -40,7 +41,7 @@ from ..stack import describe, load_stack
 from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
 from ..tree import MergedDrafter, Template, TokenRecycling, Tree, score
 from .speculative import WARM_TEXT, WARM_TOKENS, one_row_plain, warm_recycler
-from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, write_results
+from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched, write_results
 
 ChainDrafters = (NgramDrafter, ModelDrafter)  # draft 4 tokens a forward; tree drafters use their whole template
 
@@ -91,9 +92,10 @@ def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycl
 
 def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None, out=None, repeats: int = 3) -> dict:
     """Every method on the same prompts -> {name: {tokens_per_forward, seconds, same_as_plain, speedup}};
-    seconds: the median of `repeats` rounds, each timing every method once in turn (so a slow spell of a
-    shared machine falls on all of them); out: also write them, with the stack and the machine's settings,
-    as JSON there."""
+    seconds: the median of `repeats` rounds, each timing every method once in turn with plain decoding before,
+    between and after them; speedup: the median of each round's ratio to the plain runs beside it
+    (timing.sandwiched: a slow spell of a shared machine falls on both sides of a ratio); out: also write them,
+    with the stack and the machine's settings, as JSON there."""
     torch.set_num_threads(threads)  # 1 by default: on a shared CPU a second OpenMP thread mostly waits
     stack = stack or {}
     model, tok = load_stack(**stack)
@@ -108,32 +110,44 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
                                            4 if isinstance(drafter, ChainDrafters) else None, eos_token_id=None)
     for net, make in found.values():  # warm-up: every forward width a method uses (compiled: compiles it)
         run(net, make(), prompts[0])
-    results, times = {}, {name: [] for name in found}
+    results, times, ratios = {}, {name: [] for name in found}, {name: [] for name in found}
+
+    def timed(name):
+        net, make = found[name]
+        start = time.perf_counter()
+        runs = [run(net, make(), ids) for ids in prompts]
+        results[name] = dict(tokens_per_forward=sum(len(r.tokens) for r in runs) / sum(r.target_forwards for r in runs),
+                             tokens=[r.tokens for r in runs])
+        return time.perf_counter() - start
+
     for _ in progress(range(repeats), desc="bench tree: rounds of every method", total=repeats):
-        for name, (net, make) in found.items():
-            start = time.perf_counter()
-            runs = [run(net, make(), ids) for ids in prompts]
-            times[name].append(time.perf_counter() - start)
-            results[name] = dict(tokens_per_forward=sum(len(r.tokens) for r in runs) / sum(r.target_forwards for r in runs),
-                                 tokens=[r.tokens for r in runs])
+        # plain decoding before, between and after the others (timing.sandwiched): each speedup against the plain
+        # runs beside it, so that a slow spell of this shared machine cannot fall on a method and miss the baseline
+        others = {name: lambda n=name: timed(n) for name in found if name != "plain"}
+        base, rest = sandwiched(lambda: timed("plain"), others)
+        times["plain"] += base
+        ratios["plain"].append(1.0)
+        for name, (seconds, ratio) in rest.items():
+            times[name].append(seconds)
+            ratios[name].append(ratio)
     reference = results["plain"]["tokens"]
     for name, r in results.items():
-        r["seconds"] = sorted(times[name])[len(times[name]) // 2]
+        r["seconds"] = statistics.median(times[name])
+        r["speedup"] = statistics.median(ratios[name])
         r["same_as_plain"] = sum(t == p for t, p in zip(r.pop("tokens"), reference))
-    base = results["plain"]["seconds"]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, {len(prompts)} prompts x "
-          f"{new_tokens} new tokens, median of {repeats} rounds (a shared CPU: timings are noisy)")
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, "
+          f"{len(prompts)} prompts x {new_tokens} new tokens, median of {repeats} rounds, each speedup against the "
+          f"plain runs just before and after it (a shared CPU: timings are noisy)")
     print(f"warm Token Recycling: its matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} "
           f"in {warm_seconds:.1f} s (not in the rounds)")
     print(f"{'method':<38}{'tokens/forward':>16}{'seconds':>10}{'speedup':>10}{'== plain':>10}")
     for name, r in results.items():
-        r["speedup"] = base / r["seconds"]
         print(f"{name:<38}{r['tokens_per_forward']:>16.2f}{r['seconds']:>10.2f}{r['speedup']:>9.2f}x"
               f"{r['same_as_plain']:>8}/{len(prompts)}")
-    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model), logits=cpu_logits.describe(),
-                                     new_tokens=new_tokens, prompts=len(prompts),
+    write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
+                                     logits=cpu_logits.describe(), new_tokens=new_tokens, prompts=len(prompts),
                                      warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,
                                                   seconds=round(warm_seconds, 2)),
                                      repeats=repeats, memory_bandwidth_gb_s=round(bandwidth, 2),
