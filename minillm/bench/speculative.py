@@ -203,9 +203,9 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     agreement = [verify_agreement(model, ids, tokens) for name in sets for ids, tokens in zip(sets[name], plains[name])]
     bandwidth = memory_bandwidth_gb_s()
     print(machine_line(), f"| memory bandwidth {bandwidth:.1f} GB/s")
-    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, {new_tokens} new tokens "
-          f"x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds, each speedup against the plain runs just before and after it;\n  one "
-          f"target forward = {1000 * target_s:.0f} ms")
+    print(f"SmolLM2-135M, {describe(**stack)} ({linear_kernels(model)}; {cpu_logits.describe()}),\n  greedy, "
+          f"{new_tokens} new tokens x 3 chat prompts per set, draft_len={draft_len}, median of {repeats} rounds, each "
+          f"speedup against the plain runs just before and after it;\n  one target forward = {1000 * target_s:.0f} ms")
     print(f"warm trees: Token Recycling's matrix filled once from {WARM_TOKENS} tokens of {WARM_TEXT.name} in "
           f"{warm_seconds:.1f} s (not in the rounds)")
     print(f"{'set':<12}{'method':<29}{'tokens/forward':>15}{'accept a':>10}{'cost c':>8}"
