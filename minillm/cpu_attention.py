@@ -44,36 +44,22 @@ from . import native
 
 MAX_ROWS = 128        # query rows per kv head (group x T) the kernel takes; csrc MAXR
 MAX_T = 16            # query positions per call; csrc keep[16]
-_LIBS: dict = {}      # head_dim -> loaded library, or the reason it could not be built
 
 
 def build(head_dim: int) -> ctypes.CDLL:
     """Compile (once; cached) and load the kernel for `head_dim`; RuntimeError with the reason if it cannot."""
-    if head_dim in _LIBS:
-        lib = _LIBS[head_dim]
-        if isinstance(lib, str):
-            raise RuntimeError(lib)
-        return lib
-    try:
-        lib = _build(head_dim)
-    except RuntimeError as e:
-        _LIBS[head_dim] = str(e)
-        raise
-    _LIBS[head_dim] = lib
-    return lib
-
-
-def _build(head_dim: int) -> ctypes.CDLL:
     if head_dim % 16 or not 16 <= head_dim <= 512:
         raise RuntimeError(f"the attention kernel takes head_dim a multiple of 16 in [16, 512], not {head_dim}")
-    lib = native.build_library("attention.cpp", {"HD": head_dim})
+    return native.load("attention.cpp", {"HD": head_dim}, setup=lambda lib: _declare(lib, head_dim))
+
+
+def _declare(lib: ctypes.CDLL, head_dim: int) -> None:
     for name in ("minillm_attention_bf16", "minillm_attention_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 5 + [ctypes.c_float]
         fn.restype = ctypes.c_int
     if lib.minillm_attention_head_dim() != head_dim:
         raise RuntimeError(f"{lib._name} was built for another head_dim")
-    return lib
 
 
 def available(head_dim: int, dtype=torch.bfloat16) -> str | None:

@@ -31,25 +31,25 @@ import torch
 
 from . import native
 
-_LIB: list = []        # the loaded library, or the reason it could not be built
 MAX_K = 64             # csrc/rows.cpp MAXK
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    for name in ("minillm_top_rows_bf16", "minillm_top_rows_f32"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+    if lib.minillm_top_rows_max_k() != MAX_K:
+        raise RuntimeError(f"{lib._name} takes k up to {lib.minillm_top_rows_max_k()}, not {MAX_K}")
+
+
 def _lib():
-    if not _LIB:
-        try:
-            lib = native.build_library("rows.cpp")
-            for name in ("minillm_top_rows_bf16", "minillm_top_rows_f32"):
-                fn = getattr(lib, name)
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                fn.restype = ctypes.c_int
-            if lib.minillm_top_rows_max_k() != MAX_K:
-                raise RuntimeError(f"{lib._name} takes k up to {lib.minillm_top_rows_max_k()}, not {MAX_K}")
-            _LIB.append(lib)
-        except RuntimeError as e:
-            _LIB.append(str(e))
-    return _LIB[0]
+    """The loaded library, or the reason (a str) it could not be had."""
+    try:
+        return native.load("rows.cpp", setup=_declare)
+    except RuntimeError as e:
+        return str(e)
 
 
 def available() -> str | None:

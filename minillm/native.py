@@ -3,6 +3,8 @@ this machine's own compiler, at first use.
 
     lib = build_library("rows.cpp")                   # a ctypes.CDLL; RuntimeError saying why if it cannot
     lib = build_library("attention.cpp", {"HD": 64})  # -DHD=64
+    lib = load("rows.cpp", setup=declare)             # once per process: the library, or the same error again
+
 
 `g++ -O3 -march=native -fopenmp -shared -fPIC` (or $CXX, else clang++), one library per source and set of
 defines, cached under $MINILLM_KERNEL_CACHE (default ~/.cache/minillm/kernels) by a hash of the sources (the
@@ -25,6 +27,7 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_LOADED: dict = {}    # (source, defines) -> the loaded, set-up library, or the reason it could not be had
 
 
 def cache_dir() -> Path:
@@ -76,3 +79,22 @@ def build_library(source: str, defines: dict | None = None) -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as e:
         raise RuntimeError(f"loading the {what} kernel failed: {e}") from None
+
+
+def load(source: str, defines: dict | None = None, setup=None) -> ctypes.CDLL:
+    """build_library once per process, then `setup(lib)` (argtypes, checks; may raise RuntimeError): the
+    library is remembered, and so is the reason it could not be built, which is raised again on each call
+    without trying the compiler again."""
+    key = (source, tuple(sorted((defines or {}).items())))
+    if key not in _LOADED:
+        try:
+            lib = build_library(source, defines)
+            if setup is not None:
+                setup(lib)
+            _LOADED[key] = lib
+        except RuntimeError as e:
+            _LOADED[key] = str(e)
+    lib = _LOADED[key]
+    if isinstance(lib, str):
+        raise RuntimeError(lib)
+    return lib

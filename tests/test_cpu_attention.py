@@ -114,7 +114,7 @@ def test_bad_input_says_what_is_wrong():
 
 def test_without_a_compiler_it_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "find_compiler", lambda: None)
-    monkeypatch.setattr(cpu_attention, "_LIBS", {})
+    monkeypatch.setattr(native, "_LOADED", {})
     assert available(48) == "no C++ compiler found ($CXX, g++ or clang++) to build the attention kernel"
     with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
         compile_decode(Transformer(tiny()), widths=(1,), attention="kernel")
@@ -122,11 +122,11 @@ def test_without_a_compiler_it_says_so(monkeypatch, tmp_path):
 
 def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("MINILLM_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_attention, "_LIBS", {})
+    monkeypatch.setattr(native, "_LOADED", {})
     lib = cpu_attention.build(32)
     (built,) = tmp_path.glob("attention_hd32_*.so")
     assert cpu_attention.build(32) is lib and lib.minillm_attention_head_dim() == 32
-    monkeypatch.setattr(cpu_attention, "_LIBS", {})
+    monkeypatch.setattr(native, "_LOADED", {})
     cpu_attention.build(32)                              # a new process: loads the cached library, builds nothing
     assert list(tmp_path.glob("attention_hd32_*")) == [built]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minillm import cpu_logits, native
+from minillm import native
 from minillm.cpu_logits import argmax, argmax_ref, available, topk_lse, topk_lse_ref
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no logits kernel here: {available()}")
@@ -75,8 +75,28 @@ def test_where_the_kernel_cannot_serve_pytorch_answers():
 
 def test_without_a_compiler_pytorch_answers(monkeypatch):
     monkeypatch.setattr(native, "find_compiler", lambda: None)
-    monkeypatch.setattr(cpu_logits, "_LIB", [])
+    monkeypatch.setattr(native, "_LOADED", {})
     assert available() == "no C++ compiler found ($CXX, g++ or clang++) to build the rows kernel"
     x = logits((8, 4000), torch.bfloat16)
     assert torch.equal(argmax(x), argmax_ref(x))
     assert torch.equal(topk_lse(x, 8)[0], topk_lse_ref(x, 8)[0])
+
+
+def test_a_library_is_loaded_once_and_a_failure_remembered(monkeypatch):
+    monkeypatch.setattr(native, "_LOADED", {})
+    calls = []
+    real = native.build_library
+    monkeypatch.setattr(native, "build_library", lambda *a: calls.append(a) or real(*a))
+    assert native.load("rows.cpp") is native.load("rows.cpp") and len(calls) == 1
+    with monkeypatch.context() as m:
+        m.setattr(native, "find_compiler", lambda: None)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+                native.load("rows.cpp", {"X": 1})
+    assert len(calls) == 2                               # the failure is not retried
+
+    def refuse(lib):
+        raise RuntimeError("wrong build")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="wrong build"):
+            native.load("rows.cpp", {"Y": 1}, setup=refuse)
