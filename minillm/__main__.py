@@ -83,9 +83,11 @@ def add_sampling_args(p):
                    help="the same as --special allow")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                    help="triton: attention, RMSNorm and int4 linears run as Triton kernels (chapter 7)")
-    p.add_argument("--tree", default=None, choices=["recycling", "recycling-dynamic", "medusa", "lookup+recycling"],
+    p.add_argument("--tree", default=None, choices=["recycling", "recycling-dynamic", "recycling-pairs", "medusa",
+                                                      "lookup+recycling"],
                    help="tree-verified decoding (chapter 6): Token Recycling (recycling-dynamic: its tree grown best "
-                        "first), Medusa heads, or prompt lookup's chain and Token Recycling merged in one tree; batch 1")
+                        "first; recycling-pairs: that, guesses keyed by the last two tokens), Medusa heads, or "
+                        "prompt lookup's chain and Token Recycling merged in one tree; batch 1")
     p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | distilled | "
                    "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
     p.add_argument("--draft-len", type=int, default=None,

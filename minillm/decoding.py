@@ -43,7 +43,7 @@ from .speculative import accept_chain
 from .tree import MergedDrafter, Tree, TokenRecycling, accept_greedy, accept_typical, score
 
 CACHES = ("none", "static", "paged")
-TREES = ("recycling", "recycling-dynamic", "medusa", "lookup+recycling")
+TREES = ("recycling", "recycling-dynamic", "recycling-pairs", "medusa", "lookup+recycling")
 DISTILLED_DRAFT = DATA_DIR / "smollm2_draft.safetensors"  # made by data/distill_draft.py
 
 
@@ -82,7 +82,8 @@ def check_draft_spec(spec: str):
 def make_drafter(spec, model, stop_below: float | None = None):
     """The one drafter factory. Chains: "ngram" (prompt lookup), "layerskip:N" (the model's first N
     layers), "distilled" (data/smollm2_draft.safetensors) or a draft checkpoint path. Trees:
-    "recycling" (Token Recycling; "recycling-dynamic": its tree grown best first), "medusa" (SmolLM2's
+    "recycling" (Token Recycling; "recycling-dynamic": its tree grown best first; "recycling-pairs": that, its
+    guesses keyed by the last two tokens where it has seen them), "medusa" (SmolLM2's
     committed Medusa heads), "lookup+recycling" (prompt lookup's chain and Token Recycling's tree merged into
     one tree, tree.merge). An object with `propose` is returned as given."""
     if hasattr(spec, "propose"):
@@ -92,8 +93,9 @@ def make_drafter(spec, model, stop_below: float | None = None):
                          f"got {spec!r}")
     if spec == "ngram":
         return NgramDrafter()
-    if spec in ("recycling", "recycling-dynamic"):
-        return TokenRecycling(model.config.vocab_size, dynamic=spec == "recycling-dynamic")
+    if spec in ("recycling", "recycling-dynamic", "recycling-pairs"):
+        return TokenRecycling(model.config.vocab_size, dynamic=spec != "recycling",
+                              context=2 if spec == "recycling-pairs" else 1)
     if spec == "medusa":
         return default_medusa_drafter(model)
     if spec == "lookup+recycling":
@@ -508,7 +510,7 @@ def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | 
     attention_mask (left padding, HF's convention), prefill_chunk, continue_cache.
     draft: speculative decoding (chapter 5), batch size 1: "ngram", "layerskip:N", "distilled", a
         draft checkpoint path or a drafter object, proposing up to draft_len (default 4) tokens a forward.
-    tree: "recycling" | "recycling-dynamic" | "medusa" | "lookup+recycling" | a tree drafter, tree-verified
+    tree: "recycling" | "recycling-dynamic" | "recycling-pairs" | "medusa" | "lookup+recycling" | a tree drafter, tree-verified
         decoding (chapter 6), batch 1.
     At temperature 0 every choice gives the same tokens as plain greedy decoding.
         generate(model, "The capital of France is", 8, tokenizer=tok) -> "The capital of France is Paris..."

@@ -239,30 +239,62 @@ class TokenRecycling:
     tree best first, each new node the candidate whose path (its guesses' probabilities multiplied) is the
     likeliest, as EAGLE-2 does with its draft model's scores: deep where the guesses are confident, wide where
     they are not, instead of the static template's fixed shape (`dynamic_tree_ref` is the slow reference).
+    Two-token keys (`dynamic=True, context=2`, not in the paper): every verified node's top-k is also kept
+    under the pair (its parent's token, its token) -- for the root, (the token before it, the root) -- and a
+    tree's node reads its pair's guesses where that pair was seen, its token's row otherwise (backing off as
+    an n-gram model does): "of" after "because" and "of" after "one" get guesses of their own. The pairs are
+    a dict that grows by at most one entry per verified node (`nbytes()` counts them as packed arrays).
     """
 
-    def __init__(self, vocab_size: int, k: int = 8, template: Template | None = None, dynamic: bool = False):
+    def __init__(self, vocab_size: int, k: int = 8, template: Template | None = None, dynamic: bool = False,
+                 context: int = 1):
         self.k = k
         self.adjacency = torch.zeros(vocab_size, k, dtype=torch.int32)
         self.template = template or Template.budget(depth=3, budget=1)
         if max(self.template.choices) >= k:
             raise ValueError(f"template asks for choice {max(self.template.choices)} but only top-{k} is stored")
+        if context not in (1, 2) or isinstance(context, bool):
+            raise ValueError(f"Token Recycling keys its guesses by the last 1 or 2 tokens, not context={context!r}")
+        if context == 2 and not dynamic:
+            raise ValueError("two-token keys (context=2) need dynamic=True: the static template reads one row "
+                             "per token")
         self.probs = torch.zeros(vocab_size, k) if dynamic else None    # the model's probability of each guess
+        self.context = context
+        self.pairs: dict | None = {} if context == 2 else None   # (previous token, token) -> (guesses, probs)
+        self._proposed = None           # (tokens, parents, token before the root) of the last proposal
 
     @property
     def dynamic(self) -> bool:
         return self.probs is not None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.adjacency, self.probs) if t is not None)
+        pairs = len(self.pairs) * (8 + self.k * (4 + 4)) if self.pairs is not None else 0
+        return pairs + sum(t.numel() * t.element_size() for t in (self.adjacency, self.probs) if t is not None)
 
-    def update(self, tokens, logits):
+    def update(self, tokens, logits, parents=None, before: int | None = None):
         """tokens (N,) each followed by logits (N, V): remember the top-k after each token. A token that occurs
-        more than once keeps its last occurrence's (as if the rows were written one after another)."""
+        more than once keeps its last occurrence's (as if the rows were written one after another).
+        Two-token keys: node i's top-k also goes under (tokens[parents[i]], tokens[i]); parents default to a
+        chain, and the first node's previous token is `before` (None: the first node gets no pair)."""
         tokens = torch.as_tensor(tokens).reshape(-1).tolist()
         n = len(tokens)
         last = {token: i for i, token in enumerate(tokens)}   # each distinct token -> its last occurrence
         rows = logits.reshape(n, -1)
+        if self.pairs is not None:                    # every row's top-k: the pairs take them all
+            values, indices, lse = topk_lse(rows, self.k)
+            probs = (values - lse[:, None]).exp().cpu()
+            parents = range(-1, n - 1) if parents is None else parents
+            guesses, chances = indices.tolist(), probs.tolist()
+            for i, (token, parent) in enumerate(zip(tokens, parents)):
+                previous = tokens[parent] if parent >= 0 else before
+                if previous is not None:
+                    self.pairs[(previous, token)] = (guesses[i], chances[i])
+            if len(last) < n:
+                keep = torch.tensor(list(last.values()))
+                indices, probs = indices[keep], probs[keep]
+            self.adjacency[torch.tensor(list(last))] = indices.to(torch.int32).cpu()
+            self.probs[torch.tensor(list(last))] = probs
+            return
         if len(last) < n:
             rows = rows[torch.tensor(list(last.values()), device=logits.device)]
         distinct = torch.tensor(list(last))
@@ -287,10 +319,12 @@ class TokenRecycling:
 
     def copy(self) -> "TokenRecycling":
         """A drafter with the same template and its own copy of the matrix (a warm start for one request)."""
-        twin = TokenRecycling(len(self.adjacency), self.k, self.template, self.dynamic)
+        twin = TokenRecycling(len(self.adjacency), self.k, self.template, self.dynamic, self.context)
         twin.adjacency.copy_(self.adjacency)
         if self.dynamic:
             twin.probs.copy_(self.probs)
+        if self.pairs is not None:
+            twin.pairs = dict(self.pairs)             # values are replaced, never changed in place
         return twin
 
     @property
@@ -301,23 +335,36 @@ class TokenRecycling:
         """The template filled from the adjacency matrix, rooted at the last token; at most k nodes past the root.
         Dynamic: the k likeliest paths' nodes, grown best first (see the class docstring)."""
         if self.dynamic:
-            return dynamic_tree(context[-1], self.adjacency, self.probs, k)
+            before = context[-2] if len(context) > 1 else None
+            tree = dynamic_tree(context[-1], self.adjacency, self.probs, k, self.pairs, before)
+            self._proposed = (tree.tokens, tree.parents, before)
+            return tree
         return self.template.fill(context[-1], lambda token, depth: self.adjacency[token].tolist()).prefix(k + 1)
 
     def observe(self, tree: Tree, logits, hidden=None):
-        self.update(tree.tokens, logits)
+        before = None                                 # the root's previous token: known for its own proposal
+        if self._proposed is not None:
+            tokens, parents, previous = self._proposed
+            if tree.tokens == tokens[:len(tree)] and tree.parents == parents[:len(tree)]:
+                before = previous
+        self.update(tree.tokens, logits, tree.parents, before)
 
 
-def dynamic_tree(root: int, adjacency, probs, size: int) -> Tree:
+def dynamic_tree(root: int, adjacency, probs, size: int, pairs: dict | None = None,
+                 before: int | None = None) -> Tree:
     """A tree of `size` nodes past the root, grown best first: every node's children are its token's guesses
     (adjacency row), a path's score is the product of its guesses' probabilities, and each step adds the
-    best-scoring candidate whose parent is in the tree (a heap; ties go to the candidate found first)."""
+    best-scoring candidate whose parent is in the tree (a heap; ties go to the candidate found first).
+    With `pairs` ((previous token, token) -> (guesses, probs)), a node whose pair is there takes those guesses
+    instead; the root's previous token is `before`."""
     tokens, parents, heap, found = [int(root)], [-1], [], 0
 
     def offer(node: int, score: float):
         nonlocal found
         token = tokens[node]
-        for guess, p in zip(adjacency[token].tolist(), probs[token].tolist()):
+        previous = tokens[parents[node]] if node else before
+        row = pairs.get((previous, token)) if pairs else None
+        for guess, p in zip(*(row or (adjacency[token].tolist(), probs[token].tolist()))):
             heapq.heappush(heap, (-score * p, found, node, guess))
             found += 1
 
@@ -330,15 +377,22 @@ def dynamic_tree(root: int, adjacency, probs, size: int) -> Tree:
     return Tree(tokens, parents)
 
 
-def dynamic_tree_ref(root: int, adjacency, probs, size: int) -> set[tuple[int, ...]]:
+def dynamic_tree_ref(root: int, adjacency, probs, size: int, pairs: dict | None = None,
+                     before: int | None = None) -> set[tuple[int, ...]]:
     """The slow reference: every path of up to `size` guesses enumerated and scored (k^size of them: for small
     k and size only), the `size` best kept (a path's score never beats its prefix's, so the best ones include
-    their prefixes). Returns the chosen nodes as paths of choice indices from the root."""
-    scored, frontier = [], [((), int(root), 1.0)]
+    their prefixes). Returns the chosen nodes as paths of choice indices from the root (into the pair's
+    guesses where `pairs` has the node's pair, into its token's row otherwise)."""
+    def guesses(previous, token):
+        if pairs and (previous, token) in pairs:
+            return list(zip(*pairs[(previous, token)]))
+        return [(int(adjacency[token][c]), float(probs[token][c])) for c in range(adjacency.shape[1])]
+
+    scored, frontier = [], [((), before, int(root), 1.0)]
     for _ in range(size):
-        frontier = [(path + (c,), int(adjacency[token][c]), score * float(probs[token][c]))
-                    for path, token, score in frontier for c in range(adjacency.shape[1])]
-        scored += [(score, path) for path, _, score in frontier]
+        frontier = [(path + (c,), token, guess, score * p) for path, previous, token, score in frontier
+                    for c, (guess, p) in enumerate(guesses(previous, token))]
+        scored += [(score, path) for path, _, _, score in frontier]
     return {path for _, path in sorted(scored, key=lambda sp: -sp[0])[:size]}
 
 

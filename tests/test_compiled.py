@@ -159,6 +159,6 @@ def test_one_fixed_width_makes_speculative_and_tree_decoding_bit_equal_to_plain_
     agreement = verify_agreement(fixed, ids, plain, width=5)       # the same tokens, 1 vs 5 per forward
     assert agreement["positions"] == 24 and agreement["max_logit_gap"] == 0.0
     eager = fixed.eager_calls
-    for drafter in ("ngram", "recycling"):                          # recycling's 10-node tree: cut to 8
+    for drafter in ("ngram", "recycling", "recycling-pairs"):       # recycling's 10-node tree: cut to 8
         assert decode(fixed, ids, 24, drafter=drafter, draft_len=12, eos_token_id=None).tokens == plain
-    assert fixed.eager_calls == eager + 2                            # the two prompts; no step ran eager
+    assert fixed.eager_calls == eager + 3                            # the three prompts; no step ran eager

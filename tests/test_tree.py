@@ -228,6 +228,54 @@ def test_dynamic_token_recycling_stores_probabilities_and_stays_lossless(tiny_mo
     assert torch.equal(generate(tiny_model, prompt, 30, tree="recycling-dynamic", eos_token_id=None), plain)
 
 
+def test_two_token_keys_back_off_to_the_token_and_match_the_reference():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        vocab, k, size = 10, 3, int(torch.randint(1, 7, (1,), generator=g))
+        adjacency = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
+        probs = torch.rand(vocab, k, generator=g).sort(dim=-1, descending=True).values
+        pairs = {(int(a), int(b)): (torch.randperm(vocab, generator=g)[:k].tolist(),
+                                    torch.rand(k, generator=g).sort(descending=True).values.tolist())
+                 for a, b in torch.randint(0, vocab, (25, 2), generator=g)}
+        tree = dynamic_tree(3, adjacency, probs, size, pairs, before=7)
+        paths = {0: ()}
+        for i in range(1, len(tree)):                     # choice index into the row the node's parent read
+            p = tree.parents[i]
+            previous = tree.tokens[tree.parents[p]] if p else 7
+            row = pairs[(previous, tree.tokens[p])][0] if (previous, tree.tokens[p]) in pairs else \
+                adjacency[tree.tokens[p]].tolist()
+            paths[i] = paths[p] + (row.index(tree.tokens[i]),)
+        assert set(paths.values()) - {()} == dynamic_tree_ref(3, adjacency, probs, size, pairs, before=7)
+    tr = TokenRecycling(20, k=2, dynamic=True, context=2)
+    tr.update(torch.tensor([5, 3, 9, 3]), logits_choosing([3, 9, 3, 4], vocab=20))
+    assert tr.pairs[(5, 3)][0][0] == 9 and tr.pairs[(9, 3)][0][0] == 4 and tr.adjacency[3, 0] == 4
+    assert (None, 5) not in tr.pairs and len(tr.pairs) == 3            # no token before the first: no pair
+    assert tr.propose([5, 3], 1).tokens == [3, 9]                      # the pair (5, 3) says 9, token 3's row 4
+    assert tr.propose([8, 3], 1).tokens == [3, 4]                      # an unseen pair backs off to the row
+    tr.observe(Tree([3, 4], [-1, 0]), logits_choosing([7, 1], vocab=20))  # the proposal just made: before = 8
+    assert tr.pairs[(8, 3)][0][0] == 7 and tr.pairs[(3, 4)][0][0] == 1
+    assert tr.nbytes() == 20 * 2 * (4 + 4) + 5 * (8 + 2 * 8)
+    twin = tr.copy()
+    twin.update(torch.tensor([1, 2]), logits_choosing([0, 0], vocab=20))
+    assert (1, 2) in twin.pairs and (1, 2) not in tr.pairs and twin.context == 2
+    with pytest.raises(ValueError, match="need dynamic=True"):
+        TokenRecycling(20, context=2)
+    with pytest.raises(ValueError, match="last 1 or 2 tokens"):
+        TokenRecycling(20, dynamic=True, context=3)
+
+
+def test_two_token_keys_stay_lossless(tiny_model):
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 5, 17]])
+    plain = generate(tiny_model, prompt, 30, eos_token_id=None)
+    text = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0))
+    warm = TokenRecycling(512, k=4, dynamic=True, context=2).warm_up(tiny_model, text, chunk=100)
+    t = text.tolist()                                     # each chunk's tokens after its first, as pairs
+    assert len(warm.pairs) == len({(a, b) for c in (t[:100], t[100:]) for a, b in zip(c, c[1:])})
+    result = decode(tiny_model, prompt, 30, warm.copy(), 7, eos_token_id=None)
+    assert result.tokens == plain[0, 7:].tolist()
+    assert torch.equal(generate(tiny_model, prompt, 30, tree="recycling-pairs", eos_token_id=None), plain)
+
+
 def test_token_recycling_warm_up(tiny_model):
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
     warm = TokenRecycling(512, k=4).warm_up(tiny_model, ids, chunk=128)
@@ -323,6 +371,12 @@ def test_bench_tree_gives_each_warm_run_its_own_copy(tiny_model):
     assert found["tree: Token Recycling, dynamic"]().dynamic and not found["tree: Token Recycling"]().dynamic
     c = found["tree: Token Recycling, dynamic, warm"]()
     assert c.dynamic and torch.equal(c.probs, dynamic.probs) and c.probs.data_ptr() != dynamic.probs.data_ptr()
+    pairs = TokenRecycling(tiny_model.config.vocab_size, k=4, dynamic=True, context=2).warm_up(tiny_model,
+                                                                                              torch.arange(64))
+    found = methods(tiny_model, warm, dynamic, pairs)
+    assert found["tree: Token Recycling, pairs"]().pairs == {}
+    d = found["tree: Token Recycling, pairs, warm"]()
+    assert d.pairs == pairs.pairs and d.pairs is not pairs.pairs and len(d.pairs) == 63
 
 
 def test_bench_warm_text_comes_from_other_requests_than_the_bench_prompts():

@@ -13,7 +13,8 @@ verify's width, the logits are bit-equal and so are the tokens. With a fixed wid
 "plain, 1-row steps" (the same weights on the usual compiled widths): the price of the fixed width.
 Chapter 6's trees, for comparison: Token Recycling started empty, started warm (its matrix filled once
 from WARM_TEXT before any timing), that warm tree merged with prompt lookup's chain (tree.merge), and
-its dynamic trees (grown best first from the guesses' probabilities), empty and warm.
+its dynamic trees (grown best first from the guesses' probabilities), empty and warm, and those with
+two-token keys ("pairs": TokenRecycling(context=2), guesses kept per (previous token, token) too).
 `stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
 """
 from __future__ import annotations
@@ -59,11 +60,12 @@ OPEN_ENDED = [
 ]
 
 
-def warm_recycler(model, tok, dynamic: bool = False) -> tuple[TokenRecycling, float]:
+def warm_recycler(model, tok, dynamic: bool = False, context: int = 1) -> tuple[TokenRecycling, float]:
     """Token Recycling's matrix filled from the first WARM_TOKENS tokens of WARM_TEXT (SmolLM2's answers to other
-    requests than the benches'), and the seconds that took; dynamic: a drafter that grows dynamic trees."""
+    requests than the benches'), and the seconds that took; dynamic: a drafter that grows dynamic trees;
+    context=2: one that keys its guesses by two tokens as well."""
     start = time.perf_counter()
-    warm = TokenRecycling(model.config.vocab_size, dynamic=dynamic).warm_up(
+    warm = TokenRecycling(model.config.vocab_size, dynamic=dynamic, context=context).warm_up(
         model, tok.encode(WARM_TEXT.read_text())[:WARM_TOKENS])
     return warm, time.perf_counter() - start
 
@@ -144,6 +146,10 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
     warm_dynamic, _ = warm_recycler(model, tok, dynamic=True)     # chapter 6: trees grown best first
     methods["recycling tree, dynamic"] = (lambda: TokenRecycling(model.config.vocab_size, dynamic=True), 0.0)
     methods["recycling tree, dynamic, warm"] = (warm_dynamic.copy, 0.0)
+    warm_pairs, _ = warm_recycler(model, tok, dynamic=True, context=2)   # and keyed by two tokens where seen
+    methods["recycling tree, pairs"] = (lambda: TokenRecycling(model.config.vocab_size, dynamic=True, context=2),
+                                        0.0)
+    methods["recycling tree, pairs, warm"] = (warm_pairs.copy, 0.0)
     probe = sets["open-ended"][0]
     target_s = forward_cost(model, probe)
     cost = {f"layerskip:{n}": forward_cost(early_exit_model(model, n), probe) / target_s for n in layers}

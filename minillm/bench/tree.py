@@ -22,7 +22,8 @@ the timed rounds, from the first WARM_TOKENS tokens of data/recycling_warm.txt (
 process would carry from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
 "lookup + recycling, warm" merges prompt lookup's chain and that warm tree into one tree (tree.merge).
 "Token Recycling, dynamic" grows each tree best first from the guesses' stored probabilities instead of
-the static template's shape (TokenRecycling(dynamic=True)), empty and warm.
+the static template's shape (TokenRecycling(dynamic=True)), empty and warm; "pairs" does that with its
+guesses kept per (previous token, token) too, read where the pair was seen (TokenRecycling(context=2)).
 """
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ def cost_per_size(model, prefix_len: int = 64, sizes=(1, 2, 4, 8, 16, 32, 64), r
     return out
 
 
-def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycling | None = None) -> dict:
+def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycling | None = None,
+            warm_pairs: TokenRecycling | None = None) -> dict:
     """name -> a fresh drafter (None: plain decoding). Every one goes through decoding.decode.
-    warm, warm_dynamic: filled Token Recycling drafters (static and dynamic trees); each run of a warm
-    method gets its own copy."""
+    warm, warm_dynamic, warm_pairs: filled Token Recycling drafters (static trees, dynamic ones, dynamic ones
+    with two-token keys); each run of a warm method gets its own copy."""
     vocab = model.config.vocab_size
     found = {"plain": lambda: None, "chain: prompt lookup (ch5)": lambda: NgramDrafter()}
     if DISTILLED_DRAFT.exists():
@@ -85,6 +87,9 @@ def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycl
     found["tree: Token Recycling, dynamic"] = lambda: TokenRecycling(vocab, dynamic=True)
     if warm_dynamic is not None:
         found["tree: Token Recycling, dynamic, warm"] = warm_dynamic.copy
+    found["tree: Token Recycling, pairs"] = lambda: TokenRecycling(vocab, dynamic=True, context=2)
+    if warm_pairs is not None:
+        found["tree: Token Recycling, pairs, warm"] = warm_pairs.copy
     if (DATA_DIR / HEADS_PATH).exists():
         found["tree: Medusa heads"] = lambda: default_medusa_drafter(model)
     return found
@@ -102,7 +107,8 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
     prompts = [torch.tensor([tok.encode(p, allowed_special="all")]) for p in PROMPTS]
     warm, warm_seconds = warm_recycler(model, tok)
     warm_dynamic, _ = warm_recycler(model, tok, dynamic=True)
-    found = {name: (model, make) for name, make in methods(model, warm, warm_dynamic).items()}
+    warm_pairs, _ = warm_recycler(model, tok, dynamic=True, context=2)
+    found = {name: (model, make) for name, make in methods(model, warm, warm_dynamic, warm_pairs).items()}
     narrow = one_row_plain(model)
     if narrow is not None:  # a fixed width: what it costs plain decoding, and whether plain's tokens move
         found["plain, 1-row steps"] = (narrow, lambda: None)
