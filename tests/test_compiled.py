@@ -57,6 +57,18 @@ def test_greedy_tokens_equal_eager_plain_speculative_and_tree(tiny_model, fast):
         assert result.tokens == expected[0, 9:].tolist()
 
 
+def test_the_rope_table_gives_rope_cos_sin_bit_for_bit(fast):
+    from minillm.model import rope_cos_sin
+
+    c = fast.config
+    for positions in (torch.tensor([[0]]), torch.tensor([[37, 38, 39, 40, 41, 42, 43, 44]]),
+                      torch.tensor([[5, 9, 2, 60], [0, 1, 1, 3]]), torch.tensor([[c.max_seq_len + 3]])):
+        want = rope_cos_sin(positions, c.head_dim, c.rope_theta)     # the last: past the table, computed
+        got = fast._rope(positions, 64)
+        assert all(torch.equal(g, w) and g.shape == w.shape for g, w in zip(got, want))
+    assert len(fast._rope_table[0]) == max(64, c.max_seq_len)
+
+
 def test_a_second_model_compiles_its_own_graphs(tiny_model, fast):
     """dynamo keeps graphs per code object and runs eager, without a word, past its recompile limit:
     each wrapper compiles its own copies of the functions, so a quantized model still compiles."""
