@@ -185,21 +185,33 @@ def test_token_recycling_update_keeps_the_last_occurrence():
     assert torch.equal(fast.adjacency[4], logits[5].topk(3).indices.to(torch.int32))
 
 
-def choice_paths(tree: Tree, adjacency) -> set:
-    """Each node past the root as its path of choice indices (which guess of its parent's row it is)."""
+def choice_paths(tree: Tree, adjacency, pairs=None, before=None) -> set:
+    """Each node past the root as its path of choice indices (which guess of the row its parent read it is: the
+    parent's pair's, where `pairs` has it, else the parent's token's)."""
     paths = {0: ()}
     for i in range(1, len(tree)):
         p = tree.parents[i]
-        paths[i] = paths[p] + (adjacency[tree.tokens[p]].tolist().index(tree.tokens[i]),)
+        key = (tree.tokens[tree.parents[p]] if p else before, tree.tokens[p])
+        row = pairs[key][0] if pairs and key in pairs else adjacency[tree.tokens[p]].tolist()
+        paths[i] = paths[p] + (row.index(tree.tokens[i]),)
     return set(paths.values()) - {()}
+
+
+def random_guesses(vocab: int, k: int, g, pairs: int = 0):
+    """A random adjacency matrix, its sorted probabilities, and `pairs` random two-token keys' guesses."""
+    adjacency = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
+    probs = torch.rand(vocab, k, generator=g).sort(dim=-1, descending=True).values
+    keyed = {(int(a), int(b)): (torch.randperm(vocab, generator=g)[:k].tolist(),
+                                torch.rand(k, generator=g).sort(descending=True).values.tolist())
+             for a, b in torch.randint(0, vocab, (pairs, 2), generator=g)}
+    return adjacency, probs, keyed
 
 
 def test_dynamic_tree_keeps_the_likeliest_paths_as_the_reference_enumerates_them():
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
-        vocab, k, size = 12, 3, int(torch.randint(1, 7, (1,), generator=g))
-        adjacency = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
-        probs = torch.rand(vocab, k, generator=g).sort(dim=-1, descending=True).values
+        size = int(torch.randint(1, 7, (1,), generator=g))
+        adjacency, probs, _ = random_guesses(12, 3, g)
         tree = dynamic_tree(3, adjacency, probs, size)
         assert len(tree) == size + 1 and tree.tokens[0] == 3
         assert choice_paths(tree, adjacency) == dynamic_tree_ref(3, adjacency, probs, size)
@@ -231,21 +243,11 @@ def test_dynamic_token_recycling_stores_probabilities_and_stays_lossless(tiny_mo
 def test_two_token_keys_back_off_to_the_token_and_match_the_reference():
     g = torch.Generator().manual_seed(1)
     for trial in range(30):
-        vocab, k, size = 10, 3, int(torch.randint(1, 7, (1,), generator=g))
-        adjacency = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
-        probs = torch.rand(vocab, k, generator=g).sort(dim=-1, descending=True).values
-        pairs = {(int(a), int(b)): (torch.randperm(vocab, generator=g)[:k].tolist(),
-                                    torch.rand(k, generator=g).sort(descending=True).values.tolist())
-                 for a, b in torch.randint(0, vocab, (25, 2), generator=g)}
+        size = int(torch.randint(1, 7, (1,), generator=g))
+        adjacency, probs, pairs = random_guesses(10, 3, g, pairs=25)
         tree = dynamic_tree(3, adjacency, probs, size, pairs, before=7)
-        paths = {0: ()}
-        for i in range(1, len(tree)):                     # choice index into the row the node's parent read
-            p = tree.parents[i]
-            previous = tree.tokens[tree.parents[p]] if p else 7
-            row = pairs[(previous, tree.tokens[p])][0] if (previous, tree.tokens[p]) in pairs else \
-                adjacency[tree.tokens[p]].tolist()
-            paths[i] = paths[p] + (row.index(tree.tokens[i]),)
-        assert set(paths.values()) - {()} == dynamic_tree_ref(3, adjacency, probs, size, pairs, before=7)
+        assert choice_paths(tree, adjacency, pairs, before=7) == dynamic_tree_ref(3, adjacency, probs, size, pairs,
+                                                                                   before=7)
     tr = TokenRecycling(20, k=2, dynamic=True, context=2)
     tr.update(torch.tensor([5, 3, 9, 3]), logits_choosing([3, 9, 3, 4], vocab=20))
     assert tr.pairs[(5, 3)][0][0] == 9 and tr.pairs[(9, 3)][0][0] == 4 and tr.adjacency[3, 0] == 4
