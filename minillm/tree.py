@@ -278,30 +278,22 @@ class TokenRecycling:
         chain, and the first node's previous token is `before` (None: the first node gets no pair)."""
         tokens = torch.as_tensor(tokens).reshape(-1).tolist()
         n = len(tokens)
-        last = {token: i for i, token in enumerate(tokens)}   # each distinct token -> its last occurrence
-        rows = logits.reshape(n, -1)
-        if self.pairs is not None:                    # every row's top-k: the pairs take them all
-            values, indices, lse = topk_lse(rows, self.k)
-            probs = (values - lse[:, None]).exp().cpu()
+        values, indices, lse = topk_lse(logits.reshape(n, -1), self.k, lse=self.dynamic)   # cpu_logits.py's kernel
+        indices = indices.to(torch.int32).cpu()
+        probs = (values - lse[:, None]).exp().cpu() if self.dynamic else None   # softmax of the top-k only
+        if self.pairs is not None:                    # every node's top-k under (its parent's token, its token)
             parents = range(-1, n - 1) if parents is None else parents
             guesses, chances = indices.tolist(), probs.tolist()
             for i, (token, parent) in enumerate(zip(tokens, parents)):
                 previous = tokens[parent] if parent >= 0 else before
                 if previous is not None:
                     self.pairs[(previous, token)] = (guesses[i], chances[i])
-            if len(last) < n:
-                keep = torch.tensor(list(last.values()))
-                indices, probs = indices[keep], probs[keep]
-            self.adjacency[torch.tensor(list(last))] = indices.to(torch.int32).cpu()
-            self.probs[torch.tensor(list(last))] = probs
-            return
-        if len(last) < n:
-            rows = rows[torch.tensor(list(last.values()), device=logits.device)]
+        last = {token: i for i, token in enumerate(tokens)}   # each distinct token -> its last occurrence
+        keep = torch.tensor(list(last.values()))
         distinct = torch.tensor(list(last))
-        values, indices, lse = topk_lse(rows, self.k, lse=self.probs is not None)   # cpu_logits.py's kernel
-        self.adjacency[distinct] = indices.to(torch.int32).cpu()
-        if self.probs is not None:                    # softmax, of the top-k only: exp(logit - logsumexp(row))
-            self.probs[distinct] = (values - lse[:, None]).exp().cpu()
+        self.adjacency[distinct] = indices[keep]
+        if probs is not None:
+            self.probs[distinct] = probs[keep]
 
     def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
         """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`
