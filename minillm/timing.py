@@ -37,14 +37,38 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1, reset=None) -> float:
     return statistics.median(times)
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # the instructions bfloat16 matmuls run on, where the CPU has them
+
+
+def cpu_info(cpuinfo: str | None = None) -> tuple[str, list[str]]:
+    """(the CPU's model name, which of BF16_FLAGS it has), from /proc/cpuinfo on Linux (or the text given);
+    elsewhere (platform.processor(), []). Two CPUs of one capability (AVX512) can run bfloat16 matmuls on
+    different units: an AMD EPYC (Zen 4) on avx512_bf16, an Intel Xeon (Sapphire Rapids on) on AMX tiles too."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return platform.processor() or "unknown CPU", []
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())      # the first processor's entry
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name") or platform.processor() or "unknown CPU", [f for f in BF16_FLAGS if f in flags]
+
+
 def machine_line() -> str:
-    """CPU capability, threads and versions: printed above every table of figures."""
-    return (f"CPU {platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    """CPU, capability, bfloat16 instructions, threads and versions: printed above every table of figures."""
+    name, bf16 = cpu_info()
+    return (f"CPU {name} ({platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, bfloat16 on "
+            f"{' + '.join(bf16) or 'no bf16 instructions'}), {torch.get_num_threads()} thread(s), torch {torch.__version__}")
 
 
 def machine_settings() -> dict:
     """What every results file records about where and when it was measured."""
+    name, bf16 = cpu_info()
     return dict(threads=torch.get_num_threads(), torch=torch.__version__,
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=machine_line(),
-                date=time.strftime("%Y-%m-%d"), load_average_at_end=round(os.getloadavg()[0], 1))
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu=name, bf16_instructions=bf16,
+                machine=machine_line(), date=time.strftime("%Y-%m-%d"),
+                load_average_at_end=round(os.getloadavg()[0], 1))

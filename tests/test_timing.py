@@ -61,3 +61,20 @@ def test_peak_rss_sees_memory_held_inside_the_block_only():
         del block
     assert held.peak_mb > before.peak_mb + 200
     assert held._thread is not None and not held._thread.is_alive()   # the sampler stopped with the block
+
+
+def test_the_machine_line_names_the_cpu_and_its_bfloat16_instructions(monkeypatch):
+    from minillm import timing
+
+    zen4 = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert timing.cpu_info(zen4) == ("AMD EPYC 9R14 96-Core Processor", ["avx512_bf16"])
+    assert timing.cpu_info("model name : Xeon\nflags : avx512_bf16 amx_tile amx_bf16\n") == \
+        ("Xeon", ["avx512_bf16", "amx_bf16"])
+    assert timing.cpu_info("flags : avx2 fma\n")[1] == []          # an AVX2 CPU: no bfloat16 instructions
+    monkeypatch.setattr(timing, "cpu_info", lambda: ("AMD EPYC 9R14 96-Core Processor", []))
+    line = timing.machine_line()
+    assert line.startswith("CPU AMD EPYC 9R14 96-Core Processor (") and "no bf16 instructions" in line
+    assert "capability" in line and "thread(s)" in line
+    settings = timing.machine_settings()
+    assert settings["cpu"] == "AMD EPYC 9R14 96-Core Processor" and settings["bf16_instructions"] == []
