@@ -8,6 +8,7 @@ times whole calls with perf_counter, so a call must take well over a microsecond
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -40,16 +41,23 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1, reset=None) -> float:
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # the instructions bfloat16 matmuls run on, where the CPU has them
 
 
+@functools.cache
+def _proc_cpuinfo() -> str | None:
+    """/proc/cpuinfo, read once a process (machine_line and machine_settings both ask); None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cpu_info(cpuinfo: str | None = None) -> tuple[str, list[str]]:
     """(the CPU's model name, which of BF16_FLAGS it has), from /proc/cpuinfo on Linux (or the text given);
     elsewhere (platform.processor(), []). Two CPUs of one capability (AVX512) can run bfloat16 matmuls on
     different units: an AMD EPYC (Zen 4) on avx512_bf16, an Intel Xeon (Sapphire Rapids on) on AMX tiles too."""
+    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return platform.processor() or "unknown CPU", []
+        return platform.processor() or "unknown CPU", []
     fields = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
