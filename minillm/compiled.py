@@ -239,7 +239,7 @@ class CompiledDecoder(nn.Module):
         without a drafter (else its row would sit in a prompt-wide eager forward only in plain decoding)."""
         return type(cache) is StaticCache and not self.reason_eager
 
-    def _forward_static(self, idx, positions, slots, mask, cache):
+    def _forward_static(self, idx, positions, slots, mask, cache, given_positions: bool = True):
         """Transformer.forward's outline (embed -> blocks -> norm -> head) with the blocks and the head
         compiled: regional compilation, so one block graph is compiled once, not thirty."""
         model = self.model
@@ -250,7 +250,7 @@ class CompiledDecoder(nn.Module):
             attn.__dict__["attn_fn"] = math
         try:
             x = model.tok_embeddings(idx)
-            cos, sin = self._rope(positions, cache.max_len)
+            cos, sin = self._rope(positions, cache.max_len, checked=given_positions)
             for i, layer in enumerate(model.layers):
                 x = self._block(layer, x, cos, sin, mask, cache.k[i], cache.v[i], slots)
             return self._head(model, x)
@@ -258,16 +258,18 @@ class CompiledDecoder(nn.Module):
             for attn in swapped:
                 attn.__dict__["attn_fn"] = attention_sdpa
 
-    def _rope(self, positions, length: int):
+    def _rope(self, positions, length: int, checked: bool = True):
         """rope_cos_sin(positions), read from a table of every position below `length` (built once, bit-equal,
         tested): computing it costs ~30 us a step, and at 8 positions PyTorch's cos took ~140 us (profiled,
-        AVX512, 2 threads: its vectorized cos on 512 values enters a threaded path; on 64 it does not)."""
+        AVX512, 2 threads: its vectorized cos on 512 values enters a threaded path; on 64 it does not).
+        checked: whether positions may fall off the table (the caller's own positions; two reads of values off
+        the tensor); forward's own, counted from the cache's length, stay below its max_len and skip that."""
         table = self._rope_table
         if table is None or len(table[0]) < length or table[0].device != positions.device:
             cos, sin = rope_cos_sin(torch.arange(max(length, self.config.max_seq_len), device=positions.device)[None],
                                     self.config.head_dim, self.config.rope_theta)
             table = self._rope_table = (cos[0, 0], sin[0, 0])
-        if int(positions.max()) >= len(table[0]) or int(positions.min()) < 0:    # given positions off the table
+        if checked and (int(positions.max()) >= len(table[0]) or int(positions.min()) < 0):   # off the table
             return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         return table[0][positions][:, None], table[1][positions][:, None]
 
@@ -279,6 +281,7 @@ class CompiledDecoder(nn.Module):
             self.eager_calls += 1
             return self.model(idx, positions, mask, cache, return_hidden)
         start = cache.length
+        given = positions is not None                 # the caller's: _rope checks them against its table
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         key_positions = cache.begin(positions)                      # (B, start + T); cache.length += T
@@ -292,7 +295,7 @@ class CompiledDecoder(nn.Module):
         pos_w = torch.cat([positions, positions[:, -1:].expand(B, pad)], dim=1)
         slots = torch.arange(start, start + width, device=idx.device)
         try:
-            logits, hidden = self._forward_static(idx_w, pos_w, slots, full, cache)
+            logits, hidden = self._forward_static(idx_w, pos_w, slots, full, cache, given)
         except Exception as e:  # inductor could not build it here: say so once, then run eager
             self.reason_eager = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)

@@ -66,6 +66,8 @@ def test_the_rope_table_gives_rope_cos_sin_bit_for_bit(fast):
         want = rope_cos_sin(positions, c.head_dim, c.rope_theta)     # the last: past the table, computed
         got = fast._rope(positions, 64)
         assert all(torch.equal(g, w) and g.shape == w.shape for g, w in zip(got, want))
+        if int(positions.max()) < c.max_seq_len:       # forward's own positions: read off the table unchecked
+            assert all(torch.equal(g, w) for g, w in zip(fast._rope(positions, 64, checked=False), want))
     assert len(fast._rope_table[0]) == max(64, c.max_seq_len)
 
 
