@@ -375,8 +375,14 @@ def test_bench_quant_times_widths_in_turns_and_splits_the_eight_token_step():
     for h in hooks:
         h.remove()
     assert len(linears) == 7 * model.config.n_layers + 1 and set(rows_seen) == set(linears)
-    assert all(sorted(rows) == [1, 1, 8, 8] for rows in rows_seen.values())     # a warm-up round, a timed one
-    assert set(ms) == {"body", "head"} and all(v > 0 for part in ms.values() for v in part.values())
+    first = set(m for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    for m, rows in rows_seen.items():       # a warm-up round, a timed one; the first block's also once per block
+        calls = 1 + (model.config.n_layers if m in first else 0)                 # "body in cache"
+        assert sorted(rows) == [1] * 2 * calls + [8] * 2 * calls
+    assert set(ms) == {"body", "head", "body in cache", "body_mb"}
+    assert all(v > 0 for part in ("body", "head", "body in cache") for v in ms[part].values())
+    body_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears if m is not model.output)
+    assert ms["body_mb"] == round(body_bytes / 1e6, 1)
     row = {"forward_ms": {"compiled": {"1": 10.0, "8": 13.0}}, "linear_ms": {"body": {"1": 6.0, "8": 7.0},
                                                                               "head": {"1": 1.0, "8": 1.5}}}
     assert eight_token_extra(row) == {"step": 3.0, "blocks": 1.0, "head": 0.5, "rest": 1.5}

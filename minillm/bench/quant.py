@@ -103,10 +103,14 @@ def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
     """Median milliseconds of calling every linear of the 30 blocks in turn ("body"), and the output head, on
     T rows: the matmuls of a T-token step alone, weights read from memory as in a step (the body's are several
     times the CPU's last-level cache), timed in turns. Whatever a T-token step costs beyond these is attention,
-    norms, rotary and the calls between them."""
+    norms, rotary and the calls between them. Also "body in cache": the first block's linears called once per
+    block, the same calls on weights re-read from the caches (one block's: 1.8-14 MB): where that costs about
+    what "body" costs, the kernels are bound by their arithmetic on this CPU, not by memory. "body_mb": the
+    bytes of the body's weights as stored, which "body" streams once per call round."""
     dtype = model.tok_embeddings.weight.dtype
-    body = [m for m in model.layers.modules() if hasattr(m, "in_features") and not list(m.children())]
-    parts = {"body": body, "head": [model.output]}
+    linears = lambda mod: [m for m in mod.modules() if hasattr(m, "in_features") and not list(m.children())]  # noqa: E731
+    body = linears(model.layers)
+    parts = {"body": body, "head": [model.output], "body in cache": linears(model.layers[0]) * len(model.layers)}
     xs = {(T, k): torch.randn(T, k, dtype=dtype) for T in widths for k in {m.in_features for m in body + [model.output]}}
 
     def call(part, T):
@@ -118,7 +122,9 @@ def linear_costs(model, widths=(1, 8), repeats: int = 11) -> dict:
     with torch.inference_mode():
         ms = median_of_rounds({(part, T): lambda p=part, T=T: call(p, T) for part in parts for T in widths},
                               repeats, warmup=1)
-    return {part: {T: round(1e3 * ms[part, T], 2) for T in widths} for part in parts}
+    out = {part: {T: round(1e3 * ms[part, T], 2) for T in widths} for part in parts}
+    out["body_mb"] = round(sum(model_bytes(m) for m in body) / 1e6, 1)
+    return out
 
 
 def decode_rounds(racers: dict, prompt, new_tokens: int, rounds: int = 3) -> dict:
@@ -265,6 +271,16 @@ def print_table(result: dict):
             attn = r.get("attention", {})
             print(f"{r['label']:<27}{pair(c):>16}{pair(lin['body']):>16}{pair(lin['head']):>14}{extra['rest']:>+10.1f}"
                   f"  {attn.get('1 row', '?')} | {attn.get('wider', '?')}")
+    cached = [r for r in rows if "body in cache" in r.get("linear_ms", {})]     # (results files before 2026-12-03: none)
+    if cached:
+        print("\nthe blocks' linears on 1 row (ms): weights streamed from memory, as in a step, against one block's "
+              "weights\nre-read from the caches as often; about equal: bound by the kernels' arithmetic here, not by memory")
+        print(f"{'model':<27}{'streamed':>10}{'in cache':>10}{'MB':>8}{'streamed at':>14}")
+    for r in cached:
+        lin = r["linear_ms"]
+        body = _at(lin["body"], 1)
+        print(f"{r['label']:<27}{body:>10.2f}{_at(lin['body in cache'], 1):>10.2f}{lin['body_mb']:>8.1f}"
+              f"{lin['body_mb'] / body:>9.1f} GB/s")
     for r in rows:
         if "compiled, unfused" in r.get("forward_ms", {}):
             fused, apart = r["forward_ms"]["compiled"], r["forward_ms"]["compiled, unfused"]
