@@ -40,7 +40,9 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                `fuse=False` leaves them apart.
     weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
                (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
-               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them.
+               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them. One-row
+               steps of bfloat16 and quantized linears run on cpu_gemv's kernel where measured no slower
+               (its sums in another order: not bit-equal to the 8-row kernels'; one fixed width never uses it).
                Both change the wrapped model's modules in place; with fusion its state dict holds `wqkv` and
                `w13` instead of the parts: wrap a copy to keep the original layout.
 

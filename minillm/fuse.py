@@ -17,7 +17,8 @@ What fuses: plain nn.Linears without bias (prepack.py's PackedLinears too, into 
 Int4Linears (same group size) or Int8Linears of quant/formats.py, whose rows are stored independently
 (int4 groups run along a row, int8 has one scale a row), so stacking their rows stacks the same integers
 and scales: the fused int4/int8 layer holds exactly the values of the parts. It keeps the parts' kernel
-(impl, activation dtype, chapter 7's matvec_fn) where they agree. Anything else (mixed kinds, a bias, a
+(impl, activation dtype, chapter 7's matvec_fn) where they agree; where a part ran one-row inputs on cpu_gemv's
+kernel, whether the fused layer does is measured again on its wider shape. Anything else (mixed kinds, a bias, a
 custom module) is left as it was.
 
 Not handled: training (the fused weight is a new tensor, not the parts' Parameters) and saving a fused
@@ -55,7 +56,7 @@ def fuse_linears(linears) -> nn.Module | None:
         fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         fused.weight = nn.Parameter(w, requires_grad=False)
         if all(type(m) is PackedLinear for m in linears):     # the parts' kernel: prepacked again
-            return PackedLinear.from_linear(fused)
+            return PackedLinear.from_linear(fused, gemv="auto" if any(m.gemv for m in linears) else False)
         return fused
     if kind is Int4Linear:
         if not _same(m.group_size for m in linears):
@@ -67,7 +68,8 @@ def fuse_linears(linears) -> nn.Module | None:
     else:
         return None
     same_kernel = _same((m.impl, m.act_dtype) for m in linears)
-    fused.set_impl(linears[0].impl if same_kernel else "auto", linears[0].act_dtype if same_kernel else None)
+    fused.set_impl(linears[0].impl if same_kernel else "auto", linears[0].act_dtype if same_kernel else None,
+                   gemv="auto" if any(m.gemv for m in linears) else False)   # measured again on the wider shape
     if _same(m.matvec_fn for m in linears) and linears[0].matvec_fn is not None:
         fused.matvec_fn = linears[0].matvec_fn
     return fused

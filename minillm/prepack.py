@@ -23,6 +23,12 @@ state dict and the reference still read), +270 MB for SmolLM2 in bfloat16.
 Which kernel runs is measured, per weight shape, dtype and thread count, never assumed (a machine
 without oneDNN, or one where its reorder does not pay, keeps F.linear); `PACK_CHOICES` holds the
 timings and `repr(module)` says `kernel=onednn-prepacked`.
+
+One row (a decode step) can run on another kernel: cpu_gemv's, written for one row of bfloat16 (32 weights an
+instruction, four rows at a time, prefetching ahead). `PackedLinear.from_linear` measures it against the
+prepacked copy per weight shape (`gemv_pays`, `GEMV_CHOICES`) and `repr` says `1 row: gemv` where it runs. On an
+Intel Xeon VM it ran the 120 body matmuls of a bfloat16 step in 8.3 ms against oneDNN's 15.1 (cpu_gemv.py); its
+outputs differ from F.linear's by float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
 """
 from __future__ import annotations
 
@@ -32,9 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
+GEMV_CHOICES: dict = {}     # (out, in, threads) -> (one row on cpu_gemv's kernel?, {"gemv": ms, "prepacked": ms})
+GEMV_TOLERANCE = 0.1
 _PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
@@ -99,19 +108,26 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> None:
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy."""
+    """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy; one-row
+    bfloat16 inputs on cpu_gemv's kernel instead where it measured no slower (`gemv`, see gemv_pays)."""
+    gemv: bool = False
 
     def forward(self, x):
         if (x.device.type != "cpu" or self.bias is not None or x.dtype != self.weight.dtype
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the op has no backward
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the ops have no backward
             return F.linear(x, self.weight, self.bias)
+        if self.gemv and x.shape[:-1].numel() == 1:
+            return cpu_gemv.gemv_bf16(x, self.weight)
         return prepacked_linear(x, self.weight)
 
     def forward_ref(self, x):
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rows: int = 8) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, rows: int = 8, gemv="auto") -> PackedLinear:
+        """gemv: one-row inputs on cpu_gemv's kernel: "auto" (where gemv_pays), True (where it runs) or False."""
+        if gemv not in (True, False, "auto"):
+            raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
         if linear.bias is not None:
             raise ValueError("PackedLinear takes linears without a bias (SmolLM2's have none)")
         module = cls.__new__(cls)
@@ -119,10 +135,12 @@ class PackedLinear(nn.Linear):
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.weight, module.bias = linear.weight, None     # the same Parameter: a tied head stays tied
         pack_weight(module.weight, rows)
+        module.gemv = gemv_pays(module) if gemv == "auto" else bool(gemv) and gemv_unavailable(module.weight) is None
         return module
 
     def kernel(self) -> str:
-        return "onednn-prepacked" if _packed_copy(self.weight) is not None else "plain (weight changed since packing)"
+        name = "onednn-prepacked" if _packed_copy(self.weight) is not None else "plain (weight changed since packing)"
+        return name + (", 1 row: gemv" if self.gemv else "")
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -144,6 +162,36 @@ def pays(linear: nn.Linear, rows: int = 8, repeats: int = 7) -> bool:
                 lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
         PACK_CHOICES[key] = {k: round(v, 4) for k, v in times.items()}
     return PACK_CHOICES[key]["prepacked"] < PACK_CHOICES[key]["plain"]
+
+
+def gemv_unavailable(weight: torch.Tensor) -> str | None:
+    """None if cpu_gemv's bfloat16 kernel takes this weight here, else why not."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] % 32 or weight.stride(1) != 1:
+        return f"the gemv kernel takes bfloat16 weights with contiguous rows of a multiple of 32, not {weight.dtype} " \
+               f"{tuple(weight.shape)}"
+    return cpu_gemv.available()
+
+
+@torch.no_grad()
+def gemv_pays(module: PackedLinear, repeats: int = 9) -> bool:
+    """Whether one-row inputs should run on cpu_gemv's kernel (bfloat16 weights, where it runs here): measured once
+    per (shape, threads) against the prepacked copy, weights in cache, in turns, and kept unless more than
+    GEMV_TOLERANCE slower (as quant/formats.py's QuantLinear._choose_gemv, and for the same reason: a decode
+    step streams its weights, where the kernel gains most). GEMV_CHOICES holds the timings."""
+    w = module.weight
+    if gemv_unavailable(w):
+        return False
+    key = (w.shape[0], w.shape[1], torch.get_num_threads())
+    if key not in GEMV_CHOICES:
+        x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
+        calls = {"gemv": lambda: cpu_gemv.gemv_bf16(x, w), "prepacked": lambda: prepacked_linear(x, w)}
+        times = {k: [] for k in calls}
+        for _ in range(3):
+            for k, call in calls.items():
+                times[k].append(1e3 * median_seconds(call, repeats))
+        best = {k: round(min(v), 4) for k, v in times.items()}
+        GEMV_CHOICES[key] = (best["gemv"] <= (1 + GEMV_TOLERANCE) * best["prepacked"], best)
+    return GEMV_CHOICES[key][0]
 
 
 def prepack_linears(model: nn.Module, rows: int = 8, measure: bool = True) -> int:
@@ -168,7 +216,13 @@ def packed_count(model: nn.Module) -> int:
 
 
 def linear_kernels(model: nn.Module) -> str:
-    """What the benches print: "211 linears oneDNN-prepacked, 0 plain" (quantized linears are not counted)."""
+    """What the benches print: "121 linears oneDNN-prepacked (121 with one row on cpu_gemv), 0 plain", and for
+    quantized models how many run one row on cpu_gemv's kernel."""
     packed = packed_count(model)
     plain = sum(isinstance(m, nn.Linear) for m in model.modules()) - packed
-    return f"{packed} linears oneDNN-prepacked, {plain} plain"
+    gemv = sum(isinstance(m, PackedLinear) and m.gemv for m in model.modules())
+    quantized = [m for m in model.modules() if hasattr(m, "gemv") and not isinstance(m, nn.Linear)]
+    out = f"{packed} linears oneDNN-prepacked ({gemv} with one row on cpu_gemv), {plain} plain"
+    if quantized:
+        out += f"; {sum(m.gemv for m in quantized)} of {len(quantized)} quantized with one row on cpu_gemv"
+    return out

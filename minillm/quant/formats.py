@@ -29,7 +29,9 @@ vectorized for bfloat16 activations; fed float32 they run scalar code (one 1536 
 AVX2 CPU: int8 1.37 ms with float32 activations, 0.13 ms with bfloat16; int4 g64 2.03 vs 0.17 ms; a
 float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtype` (bfloat16 by default)
 and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
-on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs.
+on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs. One-row inputs
+(decode steps) can run on cpu_gemv's kernel instead, written for one row (exact weights, activations rounded to
+bfloat16, float32 sums): "auto" measures it too (`_choose_gemv`, `GEMV_CHOICES`) and `repr` says `1 row: gemv`.
 The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
 head its own Int8Linear (in float32 the head is a fifth of SmolLM2's bytes, read at every decode step).
 
@@ -42,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import cpu_gemv
 from ..timing import median_seconds
 
 DEFAULT_IMPL = "auto"  # measured at load: see QuantLinear
@@ -152,6 +155,10 @@ PACKED_INT4_GROUPS = (32, 64, 128, 256)   # the group sizes aten._weight_int4pac
 IMPLS = ("ref", "packed", "auto")
 # Which forward each shape chose on this machine: (class, out, in, group, threads) -> (impl, act_dtype, times)
 KERNEL_CHOICES: dict = {}
+# Whether one-row inputs run on cpu_gemv's kernel: (class, out, in, group, impl, threads) -> (bool, {"gemv": ms, "kernel": ms})
+GEMV_CHOICES: dict = {}
+GEMV_TOLERANCE = 0.1
+GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class QuantLinear(nn.Module):
@@ -175,27 +182,77 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     matvec_fn = None  # a kernel (module, x) for one-token inputs (chapter 7's int4_matvec); None: below
+    gemv: bool = False  # one-row inputs on cpu_gemv's kernel (chosen by set_impl)
 
     def forward(self, x):
         if self.matvec_fn is not None and x.shape[:-1].numel() == 1:
             return self.matvec_fn(self, x)
+        if self.gemv and x.shape[:-1].numel() == 1 and x.device.type == "cpu" and x.dtype in GEMV_DTYPES:
+            return self.forward_gemv(x)
         if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
             return self.forward_packed(x)
         return self.forward_ref(x)
 
-    def set_impl(self, impl: str, act_dtype: torch.dtype | None = None):
-        """"ref" | "packed" (activations cast to act_dtype, default bfloat16) | "auto" (measure, keep the fastest)."""
+    def set_impl(self, impl: str, act_dtype: torch.dtype | None = None, gemv=None):
+        """"ref" | "packed" (activations cast to act_dtype, default bfloat16) | "auto" (measure, keep the fastest).
+        gemv: one-row inputs on cpu_gemv's kernel: True, False, or "auto" (where it measures no slower than the
+        kernel chosen for them; see _choose_gemv); None (the default): "auto" with impl "auto", else False."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if act_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"act_dtype must be torch.float32 or torch.bfloat16, got {act_dtype!r}")
+        if gemv not in (None, True, False, "auto"):
+            raise ValueError(f"gemv must be True, False, 'auto' or None, got {gemv!r}")
+        gemv = ("auto" if impl == "auto" else False) if gemv is None else gemv
         if impl == "auto":
             impl, act_dtype = self._choose()
         elif impl == "packed":
             self._check_packed()
             act_dtype = act_dtype or torch.bfloat16
         self.impl, self.act_dtype = impl, act_dtype or torch.float32
+        self.gemv = False
+        if gemv is True:
+            why = self._gemv_unavailable()
+            if why:
+                raise ValueError(f"{type(self).__name__}(in={self.in_features}, out={self.out_features}): {why}")
+            self._prepare_gemv()
+            self.gemv = True
+        elif gemv == "auto":
+            self.gemv = self._choose_gemv()
         return self
+
+    def _prepare_gemv(self):
+        """Whatever the kernel reads beside the module's own buffers, made once (before any compiled graph sees it)."""
+
+    def _gemv_unavailable(self) -> str | None:
+        """None if cpu_gemv's kernel takes this layer here, else why not."""
+        return cpu_gemv.available()
+
+    def forward_gemv(self, x):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _choose_gemv(self, repeats: int = 9) -> bool:
+        """Whether one-row inputs should run on cpu_gemv's kernel: measured once per shape and thread count against
+        the kernel chosen for one row, weights in cache, in turns. The kernel is kept unless it measures more than
+        GEMV_TOLERANCE slower: a decode step streams its weights from memory, where the kernel's prefetching gains
+        most, and in cache the two measure about even (cpu_gemv's docstring)."""
+        if self._gemv_unavailable():
+            return False
+        self._prepare_gemv()
+        key = (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
+               self.impl, torch.get_num_threads())
+        if key not in GEMV_CHOICES:
+            x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0))
+            times = {"gemv": [], "kernel": []}
+            for _ in range(3):
+                self.gemv = True
+                times["gemv"].append(_median_ms(self, x, repeats))
+                self.gemv = False
+                times["kernel"].append(_median_ms(self, x, repeats))
+            best = {k: round(min(v), 4) for k, v in times.items()}
+            GEMV_CHOICES[key] = (best["gemv"] <= (1 + GEMV_TOLERANCE) * best["kernel"], best)
+        return GEMV_CHOICES[key][0]
 
     def _check_packed(self):
         pass
@@ -226,7 +283,8 @@ class QuantLinear(nn.Module):
         return self
 
     def kernel(self) -> str:
-        return "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
+        name = "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
+        return name + (", 1 row: gemv" if self.gemv else "")
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -264,6 +322,21 @@ class Int4Linear(QuantLinear):
         self.register_buffer("aten_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
         self.register_buffer("aten_sz_float32", scales_and_zeros, persistent=False)
         self.register_buffer("aten_sz_bfloat16", scales_and_zeros.bfloat16(), persistent=False)
+
+    def _gemv_unavailable(self) -> str | None:
+        g, K = self.group_size, self.in_features
+        if K % 64 or not (g == 32 or g % 64 == 0):
+            return f"the gemv kernel takes in_features a multiple of 64 and group size 32 or a multiple of 64, not {K}, {g}"
+        return cpu_gemv.available()
+
+    def _prepare_gemv(self):
+        if "gemv_scales" not in self._buffers:        # float32 copies of the scales and offsets, for the kernel
+            self.register_buffer("gemv_scales", self.scales.float(), persistent=False)
+            self.register_buffer("gemv_offsets", self.offsets.float(), persistent=False)
+
+    def forward_gemv(self, x):
+        self._prepare_gemv()
+        return cpu_gemv.gemv_int4(x, self.packed, self.gemv_scales, self.gemv_offsets, self.group_size)
 
     def _check_packed(self):
         if self.group_size not in PACKED_INT4_GROUPS:
@@ -327,6 +400,14 @@ class Int8Linear(QuantLinear):
     def _packed_mm(self, x2, act_dtype):
         scales = self.scales_bfloat16 if act_dtype == torch.bfloat16 else self.scales
         return torch.ops.aten._weight_int8pack_mm(x2, self.weight, scales)
+
+    def _gemv_unavailable(self) -> str | None:
+        if self.in_features % 32:
+            return f"the gemv kernel takes in_features a multiple of 32, not {self.in_features}"
+        return cpu_gemv.available()
+
+    def forward_gemv(self, x):
+        return cpu_gemv.gemv_int8(x, self.weight, self.scales)
 
 
 def replace_linears(model, make_module, skip=("output",)):

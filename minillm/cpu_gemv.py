@@ -1,0 +1,95 @@
+"""One row of activations times a weight matrix, for bfloat16, int8 and packed int4 weights, as a hand-written CPU
+kernel (csrc/gemv.cpp): the linears of a decode step, which read every weight once for a single row.
+
+Why a kernel of our own: a decode step's linears should run at the memory's speed, and on some CPUs PyTorch's
+do not. Measured on an Intel Xeon VM (AVX512 with avx512_bf16 and AMX, 2 threads, the 120 body matmuls of
+SmolLM2's 30 blocks with q/k/v and gate/up fused, weights streamed from memory, copy bandwidth ~25 GB/s):
+bfloat16, oneDNN prepacked 15.1 ms (14 GB/s) against this kernel's 8.3 ms (26 GB/s); int4 g64, PyTorch's packed
+kernel 5.9 ms against 3.8 ms. What the kernel does differently (csrc/gemv.cpp says how): 32 weights per
+vdpbf16ps instruction, four rows at a time, and a software prefetch ahead in each row (without it: 1.4-1.6x
+slower; with one stream per core the hardware prefetcher alone kept too few lines in flight).
+
+    from minillm import cpu_gemv
+    cpu_gemv.available()                          # None, or the one-line reason it cannot run here
+    y = cpu_gemv.gemv_bf16(x, w)                   # == F.linear(x, w) for x (..., K) holding one row, w bfloat16
+    y = cpu_gemv.gemv_int8(x, w, scales)           # w int8 (N, K), scales float32 (N,): per-row symmetric
+    y = cpu_gemv.gemv_int4(x, packed, scales, offsets, group_size)   # quant.formats' packed layout, float32 scales
+
+Each has a reference beside it (`*_ref`: dequantize, round x to bfloat16, matmul in float32), and
+tests/test_cpu_gemv.py holds them together. The kernels round x to bfloat16 (as PyTorch's packed kernels fed
+bfloat16 do) but keep the weights exact: int4 and int8 values are exact in bfloat16 and float32, the products
+exact in float32, the sums float32 in another order than the reference's. So they agree with the reference to
+float32 rounding (relative error ~1e-6), closer than PyTorch's packed int4 kernel (~3e-3: it rounds the
+dequantized weights to bfloat16).
+
+Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (prepack.py) measure, once per weight shape
+and thread count, this kernel against theirs on one row, and keep the faster for one-row inputs; `repr` says
+which (`1 row: gemv`). Wider inputs (prefill, verify steps) keep PyTorch's kernels. The kernels are ops of
+PyTorch's dispatcher (`torch.ops.minillm.gemv_*`, registered in C++: the library is built against PyTorch's
+headers), so a compiled decode step calls each as one op, for ~2 us (the same op with a Python body cost ~10 us
+more a call, more than the kernel saved on int4).
+
+Needs AVX512-BF16: on a CPU without it (or without a C++ compiler) `available()` says why and nothing changes.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import native
+
+
+def _setup(lib) -> None:
+    if not lib.minillm_gemv_available():
+        raise RuntimeError("the gemv kernel needs AVX512-BF16 instructions, which this CPU (or compiler) lacks")
+
+
+def _lib():
+    """The loaded library (its ops registered), or the reason (a str) it could not be had."""
+    try:
+        return native.load("gemv.cpp", setup=_setup, with_torch=True)
+    except RuntimeError as e:
+        return str(e)
+
+
+def available() -> str | None:
+    """None if the kernels run here (building them if needed), else why not."""
+    lib = _lib()
+    return lib if isinstance(lib, str) else None
+
+
+def _op(name: str):
+    why = available()
+    if why:
+        raise RuntimeError(f"cpu_gemv.{name}: {why}")
+    return getattr(torch.ops.minillm, name).default
+
+
+def gemv_bf16(x, w):
+    """x (..., K) holding one row, float32 or bfloat16; w bfloat16 (N, K) -> (..., N) in x's dtype: F.linear(x, w)."""
+    return _op("gemv_bf16")(x, w)
+
+
+def gemv_int8(x, w, scales):
+    """w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T for one row x."""
+    return _op("gemv_int8")(x, w, scales)
+
+
+def gemv_int4(x, packed, scales, offsets, group_size: int):
+    """packed uint8 (N, K / 2) in quant.formats' layout, scales and offsets float32 (N, K / group_size)."""
+    return _op("gemv_int4")(x, packed, scales, offsets, group_size)
+
+
+def gemv_bf16_ref(x, w):
+    return (x.to(torch.bfloat16).float() @ w.float().t()).to(x.dtype)
+
+
+def gemv_int8_ref(x, w, scales):
+    return (x.float() @ w.float().t() * scales).to(x.dtype)
+
+
+def gemv_int4_ref(x, packed, scales, offsets, group_size: int):
+    """Unpack (byte j: column 2j low nibble, 2j + 1 high), dequantize group by group, matmul."""
+    N = packed.shape[0]
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(N, -1, group_size).float()     # (N, G, g)
+    w = (q * scales.float()[..., None] + offsets.float()[..., None]).reshape(N, -1)
+    return (x.to(torch.bfloat16).float() @ w.t()).to(x.dtype)

@@ -1,0 +1,291 @@
+// One row times a weight matrix (a decode step's linears) on the CPU, for bfloat16, int8 and packed int4 weights:
+// the kernels behind minillm/cpu_gemv.py (read its docstring first). Built there at first use:
+//     g++ -O3 -march=native -fopenmp -shared -fPIC gemv.cpp
+// A decode step reads every weight once for one row of activations, so its linears should run at the
+// memory's speed. What PyTorch's kernels lose on some CPUs (cpu_gemv.py has the figures), and what this file
+// does instead:
+//   - each row of W is one dot product with x, in vdpbf16ps (bfloat16 pairs multiplied, summed into float32;
+//     products are exact, the sums float32): 32 weights an instruction;
+//   - four rows at a time, so x's vectors are loaded once for four rows and four sums run side by side;
+//   - a software prefetch PF bytes ahead in each row: with one stream per core the hardware prefetcher alone
+//     kept too few lines in flight, and the kernels waited on memory (measured: 1.4-1.6x slower without);
+//   - int4: the two nibbles of a byte are looked up in a 16-entry table of bfloat16 values 0..15 (vpermw),
+//     the activations split once per call into the even and odd columns the low and high nibbles hold,
+//     each group's dot product scaled once, and the offsets added as offset * (sum of x over the group).
+// Needs AVX512-BF16 (and AVX512-BW): where the compiler's target lacks them this file compiles to a library
+// whose minillm_gemv_available() returns 0 and whose ops refuse to run, and the callers keep PyTorch's kernels.
+// Built against PyTorch's headers (native.py, torch=True): the ops are registered with its dispatcher.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "vec.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_GEMV 1
+#else
+#define HAVE_GEMV 0
+#endif
+
+#define PF 4096           // bytes prefetched ahead in a row
+#define RB 4              // rows at a time
+
+extern "C" int minillm_gemv_available(void) { return HAVE_GEMV; }
+
+#if HAVE_GEMV
+template <class E>
+static void to_bf16(const typename E::T *x, uint16_t *out, int K) {
+    for (int k = 0; k < K; k++) out[k] = BF16::put(E::get(x + k));
+}
+
+template <class E>
+static void put_row(typename E::T *y, long n, float v) { y[n] = E::put(v); }
+
+// y (N) = W (N, K) x (K); W bfloat16, row-major with row stride ldw (elements). K % 32 == 0.
+template <class E>
+static int gemv_bf16(const typename E::T *x, const uint16_t *w, long ldw, typename E::T *y, int N, int K) {
+    if (K % 32) return 1;
+    std::vector<uint16_t> xb(K + 32);
+    uint16_t *xa = xb.data() + ((64 - ((uintptr_t)xb.data() & 63)) & 63) / 2;     // 64-byte aligned
+    to_bf16<E>(x, xa, K);
+    int blocks = (N + RB - 1) / RB;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
+        __m512 acc[RB];
+        const uint16_t *row[RB];
+        for (int r = 0; r < RB; r++) {
+            acc[r] = _mm512_setzero_ps();
+            row[r] = w + (long)(n0 + (r < rows ? r : 0)) * ldw;        // a short block repeats its first row
+        }
+        for (int k = 0; k < K; k += 32) {
+            __m512bh xv = (__m512bh)_mm512_load_si512(xa + k);
+            for (int r = 0; r < RB; r++) {
+                _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(row[r] + k), xv);
+            }
+        }
+        for (int r = 0; r < rows; r++) put_row<E>(y, n0 + r, _mm512_reduce_add_ps(acc[r]));
+    }
+    return 0;
+}
+
+// y (N) = scales[n] * (W (N, K) int8 x); K % 32 == 0. The int8 values become float32 (exact) and meet x in
+// float32 FMAs: int8 -> bfloat16 has no single instruction, and this kernel waits on memory either way.
+template <class E>
+static int gemv_int8(const typename E::T *x, const int8_t *w, const float *scales, typename E::T *y, int N, int K) {
+    if (K % 32) return 1;
+    std::vector<float> xf(K + 16);
+    float *xa = xf.data() + ((64 - ((uintptr_t)xf.data() & 63)) & 63) / 4;
+    for (int k = 0; k < K; k++) xa[k] = E::get(x + k);
+    int blocks = (N + RB - 1) / RB;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
+        __m512 acc[RB];
+        const int8_t *row[RB];
+        for (int r = 0; r < RB; r++) {
+            acc[r] = _mm512_setzero_ps();
+            row[r] = w + (long)(n0 + (r < rows ? r : 0)) * K;
+        }
+        for (int k = 0; k < K; k += 32) {
+            __m512 x0 = _mm512_load_ps(xa + k), x1 = _mm512_load_ps(xa + k + 16);
+            for (int r = 0; r < RB; r++) {
+                _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k + 16))));
+                acc[r] = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, acc[r]));
+            }
+        }
+        for (int r = 0; r < rows; r++) put_row<E>(y, n0 + r, scales[n0 + r] * _mm512_reduce_add_ps(acc[r]));
+    }
+    return 0;
+}
+
+// y (N) = W x with W[n, k] = scales[n, k / g] * q[n, k] + offsets[n, k / g], q in [0, 15] packed two a byte
+// (byte j of a row: column 2j low nibble, 2j + 1 high), scales and offsets float32 (N, K / g).
+// K % 64 == 0 and g = 32 or a multiple of 64.
+template <class E>
+static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float *scales, const float *offsets,
+                     typename E::T *y, int N, int K, int g) {
+    if (K % 64 || !(g == 32 || g % 64 == 0) || K % g) return 1;
+    const int G = K / g, C = K / 64;
+    // xs: per 64-column chunk, its 32 even columns then its 32 odd ones (bfloat16); xsum: per group, the sum
+    // of the bfloat16-rounded x, which each group's offset multiplies
+    std::vector<uint16_t> xsv(K + 32);
+    uint16_t *xs = xsv.data() + ((64 - ((uintptr_t)xsv.data() & 63)) & 63) / 2;
+    std::vector<float> xsum(G, 0.0f);
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < 32; j++) {
+            int k = 64 * c + 2 * j;
+            uint16_t e = BF16::put(E::get(x + k)), o = BF16::put(E::get(x + k + 1));
+            xs[64 * c + j] = e;
+            xs[64 * c + 32 + j] = o;
+            xsum[k / g] += BF16::get(&e) + BF16::get(&o);
+        }
+    const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,       // bfloat16 15..0
+        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
+        0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    const __m512i low = _mm512_set1_epi16(15);
+    const long rb = K / 2;
+    const int cpg = g >= 64 ? g / 64 : 1;              // chunks a scale covers (g = 32: a chunk holds two groups)
+    const int steps = g >= 64 ? G : C;
+    int blocks = (N + RB - 1) / RB;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
+        __m512 acc[RB];
+        const uint8_t *row[RB];
+        const float *sc[RB];
+        for (int r = 0; r < RB; r++) {
+            int n = n0 + (r < rows ? r : 0);
+            acc[r] = _mm512_setzero_ps();
+            row[r] = packed + (long)n * rb;
+            sc[r] = scales + (long)n * G;
+        }
+        for (int s = 0; s < steps; s++) {
+            __m512 p[RB];
+            for (int r = 0; r < RB; r++) p[r] = _mm512_setzero_ps();
+            for (int c = s * cpg; c < (s + 1) * cpg; c++) {
+                __m512bh xe = (__m512bh)_mm512_load_si512(xs + 64 * c), xo = (__m512bh)_mm512_load_si512(xs + 64 * c + 32);
+                for (int r = 0; r < RB; r++) {
+                    const uint8_t *a = row[r] + 32 * c;
+                    _mm_prefetch((const char *)a + PF, _MM_HINT_T0);
+                    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)a));
+                    p[r] = _mm512_dpbf16_ps(p[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table), xe);
+                    p[r] = _mm512_dpbf16_ps(p[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table), xo);
+                }
+            }
+            for (int r = 0; r < RB; r++) {
+                // float32 lane i of p sums columns 4i..4i+3 of the chunk: lanes 0-7 the first 32, 8-15 the next
+                __m512 sv = g >= 64 ? _mm512_set1_ps(sc[r][s])
+                                    : _mm512_insertf32x8(_mm512_set1_ps(sc[r][2 * s]), _mm256_set1_ps(sc[r][2 * s + 1]), 1);
+                acc[r] = _mm512_fmadd_ps(p[r], sv, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            float v = _mm512_reduce_add_ps(acc[r]);
+            const float *of = offsets + (long)(n0 + r) * G;
+            for (int i = 0; i < G; i++) v += of[i] * xsum[i];
+            put_row<E>(y, n0 + r, v);
+        }
+    }
+    return 0;
+}
+#endif
+
+// The ops torch sees: torch.ops.minillm.gemv_bf16 / gemv_int8 / gemv_int4, registered when the library is loaded,
+// so that a compiled graph calls each as one op through the dispatcher (a Python op cost ~10 us more a call, x 121
+// linears a step). The same function serves the Meta key (shapes only) and the CPU key (checks, then the kernel).
+static void check_x(const at::Tensor &x, int64_t K, const char *what) {
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.numel() == K, what, " takes one row of ", K,
+                " activations, got shape ", x.sizes());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
+                " takes float32 or bfloat16 activations, got ", x.scalar_type());
+}
+
+static at::Tensor out_like(const at::Tensor &x, int64_t N) {
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return at::empty(shape, x.options());
+}
+
+static void check_cpu(std::initializer_list<const at::Tensor *> ts, const char *what) {
+    for (auto t : ts) TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), what, " takes contiguous CPU tensors");
+}
+
+static void check_status(int status, const char *what) {
+    TORCH_CHECK(status != 2, what, ": this library was built without AVX512-BF16 (cpu_gemv.available() says so)");
+    TORCH_CHECK(status == 0, what, ": the kernel does not take these shapes (status ", status, ")");
+}
+
+#if HAVE_GEMV
+#define KERNEL(call) call
+#else
+#define KERNEL(call) 2
+#endif
+
+static at::Tensor gemv_bf16_op(const at::Tensor &x, const at::Tensor &w) {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 32 == 0,
+                "gemv_bf16 takes a bfloat16 weight (out, in) with in a multiple of 32, got ", w.scalar_type(), " ", w.sizes());
+    check_x(x, w.size(1), "gemv_bf16");
+    at::Tensor y = out_like(x, w.size(0));
+    if (x.is_meta()) return y;
+    TORCH_CHECK(w.stride(1) == 1, "gemv_bf16 takes a weight with contiguous rows");
+    at::Tensor xc = x.contiguous();
+    check_cpu({&xc, &y}, "gemv_bf16");
+    TORCH_CHECK(w.device().is_cpu(), "gemv_bf16 takes CPU tensors");
+    int N = w.size(0), K = w.size(1);
+    const uint16_t *wp = (const uint16_t *)w.data_ptr();
+    int status = xc.scalar_type() == at::kBFloat16
+        ? KERNEL((gemv_bf16<BF16>((const uint16_t *)xc.data_ptr(), wp, w.stride(0), (uint16_t *)y.data_ptr(), N, K)))
+        : KERNEL((gemv_bf16<F32>(xc.data_ptr<float>(), wp, w.stride(0), y.data_ptr<float>(), N, K)));
+    check_status(status, "gemv_bf16");
+    return y;
+}
+
+static at::Tensor gemv_int8_op(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales) {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) % 32 == 0,
+                "gemv_int8 takes an int8 weight (out, in) with in a multiple of 32, got ", w.scalar_type(), " ", w.sizes());
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == w.size(0),
+                "gemv_int8 takes float32 scales (out,), got ", scales.scalar_type(), " ", scales.sizes());
+    check_x(x, w.size(1), "gemv_int8");
+    at::Tensor y = out_like(x, w.size(0));
+    if (x.is_meta()) return y;
+    at::Tensor xc = x.contiguous();
+    check_cpu({&xc, &w, &scales, &y}, "gemv_int8");
+    int N = w.size(0), K = w.size(1);
+    const int8_t *wp = (const int8_t *)w.data_ptr();
+    const float *sp = scales.data_ptr<float>();
+    int status = xc.scalar_type() == at::kBFloat16
+        ? KERNEL((gemv_int8<BF16>((const uint16_t *)xc.data_ptr(), wp, sp, (uint16_t *)y.data_ptr(), N, K)))
+        : KERNEL((gemv_int8<F32>(xc.data_ptr<float>(), wp, sp, y.data_ptr<float>(), N, K)));
+    check_status(status, "gemv_int8");
+    return y;
+}
+
+static at::Tensor gemv_int4_op(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &scales,
+                               const at::Tensor &offsets, int64_t g) {
+    TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "gemv_int4 takes packed uint8 weights (out, in / 2), got ",
+                packed.scalar_type(), " ", packed.sizes());
+    int64_t N = packed.size(0), K = 2 * packed.size(1);
+    TORCH_CHECK(K % 64 == 0 && g > 0 && K % g == 0 && (g == 32 || g % 64 == 0), "gemv_int4 takes in_features a multiple of 64 "
+                "and a group size of 32 or a multiple of 64 dividing it, got in_features ", K, ", group size ", g);
+    for (auto t : {&scales, &offsets})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == K / g,
+                    "gemv_int4 takes float32 scales and offsets (", N, ", ", K / g, "), got ", t->scalar_type(), " ", t->sizes());
+    check_x(x, K, "gemv_int4");
+    at::Tensor y = out_like(x, N);
+    if (x.is_meta()) return y;
+    at::Tensor xc = x.contiguous();
+    check_cpu({&xc, &packed, &scales, &offsets, &y}, "gemv_int4");
+    const uint8_t *pp = packed.data_ptr<uint8_t>();
+    const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
+    int status = xc.scalar_type() == at::kBFloat16
+        ? KERNEL((gemv_int4<BF16>((const uint16_t *)xc.data_ptr(), pp, sp, op, (uint16_t *)y.data_ptr(), N, K, g)))
+        : KERNEL((gemv_int4<F32>(xc.data_ptr<float>(), pp, sp, op, y.data_ptr<float>(), N, K, g)));
+    check_status(status, "gemv_int4");
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(minillm, m) {
+    m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+    m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+    m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+    m.impl("gemv_bf16", &gemv_bf16_op);
+    m.impl("gemv_int8", &gemv_int8_op);
+    m.impl("gemv_int4", &gemv_int4_op);
+}
+TORCH_LIBRARY_IMPL(minillm, Meta, m) {
+    m.impl("gemv_bf16", &gemv_bf16_op);
+    m.impl("gemv_int8", &gemv_int8_op);
+    m.impl("gemv_int4", &gemv_int4_op);
+}

@@ -1,0 +1,138 @@
+"""cpu_gemv's one-row kernels against their references, the errors they give, and how the linears use them."""
+import pytest
+import torch
+
+from minillm import cpu_gemv
+from minillm.prepack import PackedLinear
+from minillm.prepack import available as prepack_available
+from minillm.quant.formats import Int4Linear, Int8Linear, QuantLinear
+
+needs_gemv = pytest.mark.skipif(cpu_gemv.available() is not None, reason=str(cpu_gemv.available()))
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _close(got, want, dtype):
+    """float32 activations: float32 rounding (sums in another order); bfloat16: the output's own rounding."""
+    scale = want.float().abs().max()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    return (got.float() - want.float()).abs().max() <= tol * scale
+
+
+def _int4(N, K, group_size, symmetric, seed):
+    torch.manual_seed(seed)
+    m = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False), group_size=group_size, symmetric=symmetric, impl="ref")
+    return m, m.scales.float(), m.offsets.float()
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K", [(7, 64), (9, 576), (130, 1536)])
+def test_bf16_and_int8_kernels_agree_with_their_references(dtype, N, K):
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(1, 1, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    got = cpu_gemv.gemv_bf16(x, w)
+    assert got.shape == (1, 1, N) and got.dtype == dtype and _close(got, cpu_gemv.gemv_bf16_ref(x, w), dtype)
+    wide = torch.randn(N, K + 32, generator=g).bfloat16()          # rows further apart than K: a view's stride
+    assert _close(cpu_gemv.gemv_bf16(x, wide[:, :K]), cpu_gemv.gemv_bf16_ref(x, wide[:, :K]), dtype)
+    q = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False), impl="ref")
+    got = cpu_gemv.gemv_int8(x, q.weight, q.scales)
+    assert _close(got, cpu_gemv.gemv_int8_ref(x, q.weight, q.scales), dtype)
+    assert _close(got, (x.float() @ q.dequantize().t()).to(dtype), dtype)         # the format's own dequantize
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,symmetric", [(32, False), (64, True), (64, False), (128, True)])
+@pytest.mark.parametrize("N,K", [(5, 128), (576, 1536), (3, 768)])
+def test_int4_kernel_agrees_with_its_reference_and_the_formats_dequantize(dtype, group_size, symmetric, N, K):
+    m, scales, offsets = _int4(N, K, group_size, symmetric, seed=N + K)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K)).to(dtype)
+    ref = cpu_gemv.gemv_int4_ref(x, m.packed, scales, offsets, group_size)
+    assert torch.equal(ref, (x.bfloat16().float() @ m.dequantize().t()).to(dtype))  # the reference is the format's
+    got = cpu_gemv.gemv_int4(x, m.packed, scales, offsets, group_size)
+    assert got.shape == (1, N) and got.dtype == dtype and _close(got, ref, dtype)
+
+
+@needs_gemv
+def test_bad_inputs_get_one_line_errors_naming_the_problem():
+    m, scales, offsets = _int4(8, 128, 64, True, seed=0)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="one row of 128 activations, got shape \\[2, 128\\]"):
+        cpu_gemv.gemv_int4(torch.randn(2, 128), m.packed, scales, offsets, 64)
+    with pytest.raises(RuntimeError, match="group size of 32 or a multiple of 64"):
+        cpu_gemv.gemv_int4(x, m.packed, scales, offsets, 48)
+    with pytest.raises(RuntimeError, match="float32 scales and offsets"):
+        cpu_gemv.gemv_int4(x, m.packed, m.scales, m.offsets, 64)                 # float16, as stored
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 activations"):
+        cpu_gemv.gemv_bf16(x.half(), torch.zeros(4, 128, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16 weight"):
+        cpu_gemv.gemv_bf16(x, torch.zeros(4, 128))
+    with pytest.raises(RuntimeError, match="in a multiple of 32"):
+        cpu_gemv.gemv_int8(torch.randn(1, 40), torch.zeros(4, 40, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(RuntimeError, match="float32 scales \\(out,\\)"):
+        cpu_gemv.gemv_int8(x, torch.zeros(4, 128, dtype=torch.int8), torch.ones(5))
+    with pytest.raises(RuntimeError) as raised:
+        cpu_gemv.gemv_int4(torch.randn(2, 128), m.packed, scales, offsets, 64)
+    assert len(str(raised.value).strip().splitlines()) == 1
+
+
+@needs_gemv
+@torch.inference_mode()
+def test_the_ops_run_inside_a_compiled_graph():
+    m, scales, offsets = _int4(64, 128, 64, True, seed=3)
+    w = torch.randn(32, 128).bfloat16()
+
+    def step(x):
+        h = torch.nn.functional.silu(cpu_gemv.gemv_bf16(x, w))          # (1, 32)
+        return cpu_gemv.gemv_int4(torch.cat([h, h, h, h], -1), m.packed, scales, offsets, 64) * 2
+
+    x = torch.randn(1, 128).bfloat16()
+    compiled = torch.compile(step, dynamic=False)
+    assert torch.equal(compiled(x), step(x))
+
+
+@needs_gemv
+@torch.inference_mode()
+def test_quantized_linears_run_one_row_on_the_kernel_and_wider_inputs_as_before():
+    m, _, _ = _int4(96, 128, 64, True, seed=4)
+    m.set_impl("packed", gemv=True)
+    assert m.gemv and "1 row: gemv" in repr(m)
+    x = torch.randn(1, 128)
+    assert _close(m(x), m.forward_ref(x.bfloat16().float()), torch.float32)     # the kernel rounds x to bfloat16
+    assert torch.equal(m(x), m.forward_gemv(x)) and not torch.equal(m(x), m.forward_packed(x))
+    x8 = torch.randn(8, 128)
+    assert torch.equal(m(x8), m.forward_packed(x8))                    # wider: the packed kernel, as before
+    q = Int8Linear.from_linear(torch.nn.Linear(128, 40, bias=False), impl="packed").set_impl("packed", gemv=True)
+    assert _close(q(x), q.forward_ref(x), torch.float32)
+    m.set_impl("packed")                                              # an explicit impl, no gemv unless asked
+    assert not m.gemv and "gemv" not in m.kernel()
+    m.set_impl("auto")                                                # auto: measured, and the timings kept
+    key = ("Int4Linear", 96, 128, 64, m.impl, torch.get_num_threads())
+    from minillm.quant.formats import GEMV_CHOICES
+    assert GEMV_CHOICES[key][0] == m.gemv and set(GEMV_CHOICES[key][1]) == {"gemv", "kernel"}
+
+
+def test_gemv_true_where_the_kernel_cannot_take_the_layer_is_refused():
+    m, _, _ = _int4(16, 96, 32, False, seed=5)                       # in_features 96: not a multiple of 64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        m.set_impl("ref", gemv=True)
+    with pytest.raises(ValueError, match="gemv must be"):
+        m.set_impl("ref", gemv="yes")
+    assert isinstance(m, QuantLinear) and not m.set_impl("auto").gemv      # auto never picks what cannot run
+
+
+@needs_gemv
+@pytest.mark.skipif(prepack_available(torch.bfloat16) is not None, reason=str(prepack_available(torch.bfloat16)))
+@torch.inference_mode()
+def test_a_prepacked_bfloat16_linear_runs_one_row_on_the_kernel():
+    torch.manual_seed(6)
+    linear = torch.nn.Linear(64, 96, bias=False).bfloat16()
+    packed = PackedLinear.from_linear(linear, gemv=True)
+    assert packed.gemv and packed.kernel() == "onednn-prepacked, 1 row: gemv"
+    x = torch.randn(1, 64).bfloat16()
+    assert torch.equal(packed(x), cpu_gemv.gemv_bf16(x, linear.weight))
+    assert _close(packed(x), packed.forward_ref(x), torch.bfloat16)
+    x8 = torch.randn(8, 64).bfloat16()
+    assert torch.equal(packed(x8), packed.forward_ref(x8))            # wider: the prepacked copy, same bits
+    assert not PackedLinear.from_linear(linear.float(), gemv=True).gemv  # float32 weights: not the kernel's
