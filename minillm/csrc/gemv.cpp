@@ -47,23 +47,37 @@ static void to_bf16(const typename E::T *x, uint16_t *out, int K) {
 template <class E>
 static void put_row(typename E::T *y, long n, float v) { y[n] = E::put(v); }
 
+// The first 64-byte aligned element of v (v holds 64 bytes more than it needs).
+template <class T>
+static T *aligned64(std::vector<T> &v) {
+    return v.data() + ((64 - ((uintptr_t)v.data() & 63)) & 63) / sizeof(T);
+}
+
+// Block b's RB rows of w (row stride ld), their sums zeroed; a short last block repeats its first row, and
+// only the `rows` returned are written out.
+template <class T>
+static int block_rows(const T *w, long ld, int b, int N, const T **row, __m512 *acc) {
+    int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
+    for (int r = 0; r < RB; r++) {
+        acc[r] = _mm512_setzero_ps();
+        row[r] = w + (long)(n0 + (r < rows ? r : 0)) * ld;
+    }
+    return rows;
+}
+
 // y (N) = W (N, K) x (K); W bfloat16, row-major with row stride ldw (elements). K % 32 == 0.
 template <class E>
 static int gemv_bf16(const typename E::T *x, const uint16_t *w, long ldw, typename E::T *y, int N, int K) {
     if (K % 32) return 1;
     std::vector<uint16_t> xb(K + 32);
-    uint16_t *xa = xb.data() + ((64 - ((uintptr_t)xb.data() & 63)) & 63) / 2;     // 64-byte aligned
+    uint16_t *xa = aligned64(xb);
     to_bf16<E>(x, xa, K);
-    int blocks = (N + RB - 1) / RB;
+    const int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
         __m512 acc[RB];
         const uint16_t *row[RB];
-        for (int r = 0; r < RB; r++) {
-            acc[r] = _mm512_setzero_ps();
-            row[r] = w + (long)(n0 + (r < rows ? r : 0)) * ldw;        // a short block repeats its first row
-        }
+        int n0 = b * RB, rows = block_rows(w, ldw, b, N, row, acc);
         for (int k = 0; k < K; k += 32) {
             __m512bh xv = (__m512bh)_mm512_load_si512(xa + k);
             for (int r = 0; r < RB; r++) {
@@ -82,18 +96,14 @@ template <class E>
 static int gemv_int8(const typename E::T *x, const int8_t *w, const float *scales, typename E::T *y, int N, int K) {
     if (K % 32) return 1;
     std::vector<float> xf(K + 16);
-    float *xa = xf.data() + ((64 - ((uintptr_t)xf.data() & 63)) & 63) / 4;
-    for (int k = 0; k < K; k++) xa[k] = E::get(x + k);
+    float *xa = aligned64(xf);
+    for (int k = 0; k < K; k++) xa[k] = E::get(x + k);         // float32: the int8 weights meet it in FMAs
     int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
         __m512 acc[RB];
         const int8_t *row[RB];
-        for (int r = 0; r < RB; r++) {
-            acc[r] = _mm512_setzero_ps();
-            row[r] = w + (long)(n0 + (r < rows ? r : 0)) * K;
-        }
+        int n0 = b * RB, rows = block_rows(w, K, b, N, row, acc);
         for (int k = 0; k < K; k += 32) {
             __m512 x0 = _mm512_load_ps(xa + k), x1 = _mm512_load_ps(xa + k + 16);
             for (int r = 0; r < RB; r++) {
@@ -119,7 +129,7 @@ static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float 
     // xs: per 64-column chunk, its 32 even columns then its 32 odd ones (bfloat16); xsum: per group, the sum
     // of the bfloat16-rounded x, which each group's offset multiplies
     std::vector<uint16_t> xsv(K + 32);
-    uint16_t *xs = xsv.data() + ((64 - ((uintptr_t)xsv.data() & 63)) & 63) / 2;
+    uint16_t *xs = aligned64(xsv);
     std::vector<float> xsum(G, 0.0f);
     for (int c = 0; c < C; c++)
         for (int j = 0; j < 32; j++) {
@@ -139,16 +149,11 @@ static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float 
     int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
         __m512 acc[RB];
         const uint8_t *row[RB];
         const float *sc[RB];
-        for (int r = 0; r < RB; r++) {
-            int n = n0 + (r < rows ? r : 0);
-            acc[r] = _mm512_setzero_ps();
-            row[r] = packed + (long)n * rb;
-            sc[r] = scales + (long)n * G;
-        }
+        int n0 = b * RB, rows = block_rows(packed, rb, b, N, row, acc);
+        for (int r = 0; r < RB; r++) sc[r] = scales + (row[r] - packed) / rb * G;
         for (int s = 0; s < steps; s++) {
             __m512 p[RB];
             for (int r = 0; r < RB; r++) p[r] = _mm512_setzero_ps();
