@@ -36,6 +36,12 @@ from __future__ import annotations
 import torch
 
 from . import native
+from .timing import median_seconds
+
+# The one-row kernel is kept where it measures at most this much slower than the layer's own, weights in cache: a
+# decode step streams its weights from memory, where the kernel's prefetching gains most, and in cache the int4
+# kernels measure about even (Xeon VM: 30 blocks' int4 weights streamed 4.3 ms against 5.9-6.3; in cache a tie).
+TOLERANCE = 0.1
 
 
 def _setup(lib) -> None:
@@ -77,6 +83,18 @@ def gemv_int8(x, w, scales):
 def gemv_int4(x, packed, scales, offsets, group_size: int):
     """packed uint8 (N, K / 2) in quant.formats' layout, scales and offsets float32 (N, K / group_size)."""
     return _op("gemv_int4")(x, packed, scales, offsets, group_size)
+
+
+def pays(gemv, other: str, kernel, repeats: int = 9):
+    """(whether to run one row on the kernel, {"gemv": ms, other: ms}): both calls timed in turns, three rounds,
+    each keeping its best median; the kernel kept unless more than TOLERANCE slower."""
+    calls = {"gemv": gemv, other: kernel}
+    times = {k: [] for k in calls}
+    for _ in range(3):
+        for k, call in calls.items():
+            times[k].append(1e3 * median_seconds(call, repeats))
+    best = {k: round(min(v), 4) for k, v in times.items()}
+    return best["gemv"] <= (1 + TOLERANCE) * best[other], best
 
 
 def gemv_bf16_ref(x, w):

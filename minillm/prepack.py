@@ -43,7 +43,6 @@ from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
 GEMV_CHOICES: dict = {}     # (out, in, threads) -> (one row on cpu_gemv's kernel?, {"gemv": ms, "prepacked": ms})
-GEMV_TOLERANCE = 0.1
 _PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
@@ -173,24 +172,16 @@ def gemv_unavailable(weight: torch.Tensor) -> str | None:
 
 
 @torch.no_grad()
-def gemv_pays(module: PackedLinear, repeats: int = 9) -> bool:
+def gemv_pays(module: PackedLinear) -> bool:
     """Whether one-row inputs should run on cpu_gemv's kernel (bfloat16 weights, where it runs here): measured once
-    per (shape, threads) against the prepacked copy, weights in cache, in turns, and kept unless more than
-    GEMV_TOLERANCE slower (as quant/formats.py's QuantLinear._choose_gemv, and for the same reason: a decode
-    step streams its weights, where the kernel gains most). GEMV_CHOICES holds the timings."""
+    per (shape, threads) against the prepacked copy (cpu_gemv.pays, as quant/formats.py's QuantLinear does)."""
     w = module.weight
     if gemv_unavailable(w):
         return False
     key = (w.shape[0], w.shape[1], torch.get_num_threads())
     if key not in GEMV_CHOICES:
         x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
-        calls = {"gemv": lambda: cpu_gemv.gemv_bf16(x, w), "prepacked": lambda: prepacked_linear(x, w)}
-        times = {k: [] for k in calls}
-        for _ in range(3):
-            for k, call in calls.items():
-                times[k].append(1e3 * median_seconds(call, repeats))
-        best = {k: round(min(v), 4) for k, v in times.items()}
-        GEMV_CHOICES[key] = (best["gemv"] <= (1 + GEMV_TOLERANCE) * best["prepacked"], best)
+        GEMV_CHOICES[key] = cpu_gemv.pays(lambda: cpu_gemv.gemv_bf16(x, w), "prepacked", lambda: prepacked_linear(x, w))
     return GEMV_CHOICES[key][0]
 
 

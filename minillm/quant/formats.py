@@ -157,7 +157,6 @@ IMPLS = ("ref", "packed", "auto")
 KERNEL_CHOICES: dict = {}
 # Whether one-row inputs run on cpu_gemv's kernel: (class, out, in, group, impl, threads) -> (bool, {"gemv": ms, "kernel": ms})
 GEMV_CHOICES: dict = {}
-GEMV_TOLERANCE = 0.1
 GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -232,11 +231,9 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def _choose_gemv(self, repeats: int = 9) -> bool:
+    def _choose_gemv(self) -> bool:
         """Whether one-row inputs should run on cpu_gemv's kernel: measured once per shape and thread count against
-        the kernel chosen for one row, weights in cache, in turns. The kernel is kept unless it measures more than
-        GEMV_TOLERANCE slower: a decode step streams its weights from memory, where the kernel's prefetching gains
-        most, and in cache the two measure about even (cpu_gemv's docstring)."""
+        the kernel chosen for one row (cpu_gemv.pays: kept unless more than cpu_gemv.TOLERANCE slower)."""
         if self._gemv_unavailable():
             return False
         self._prepare_gemv()
@@ -244,14 +241,8 @@ class QuantLinear(nn.Module):
                self.impl, torch.get_num_threads())
         if key not in GEMV_CHOICES:
             x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0))
-            times = {"gemv": [], "kernel": []}
-            for _ in range(3):
-                self.gemv = True
-                times["gemv"].append(_median_ms(self, x, repeats))
-                self.gemv = False
-                times["kernel"].append(_median_ms(self, x, repeats))
-            best = {k: round(min(v), 4) for k, v in times.items()}
-            GEMV_CHOICES[key] = (best["gemv"] <= (1 + GEMV_TOLERANCE) * best["kernel"], best)
+            self.gemv = False                                  # self(x): the layer's own kernel
+            GEMV_CHOICES[key] = cpu_gemv.pays(lambda: self.forward_gemv(x), "kernel", lambda: self(x))
         return GEMV_CHOICES[key][0]
 
     def _check_packed(self):
