@@ -43,7 +43,7 @@ GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--
          "--head": lambda a: a.head != "float", "--compile": lambda a: a.compile, "--draft": lambda a: bool(a.draft),
          "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
          "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse",
-         "--fixed-width": lambda a: a.fixed_width is not None}
+         "--fixed-width": lambda a: a.fixed_width is not None, "--consistent": lambda a: a.consistent}
 
 
 def flags_given(args, *flags) -> list[str]:
@@ -108,9 +108,17 @@ def add_fixed_width_arg(p):
                    help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
                         "int4 too) at the price of a W-wide plain step; drafts are cut to W - 1 tokens")
+    p.add_argument("--consistent", action="store_true",
+                   help="with --compile: every width computes a token's logits alike (linears on cpu_gemv, attention "
+                        "on cpu_attention: bfloat16/quantized weights, AVX512-BF16), so plain and speculative/tree "
+                        "decoding give the same tokens with plain steps of one row")
 
 
 def check_fixed_width(args) -> None:
+    if args.consistent and not args.compile:
+        raise ValueError("--consistent is a kind of compiled step: add --compile")
+    if args.consistent and args.fixed_width is not None:
+        raise ValueError("--consistent and --fixed-width are two ways to the same tokens: choose one")
     if args.fixed_width is None:
         return
     if not args.compile:
@@ -165,7 +173,7 @@ def cmd_generate(args, chat: bool = False) -> int:
         if chosen:
             raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile, fixed_width=args.fixed_width)
+                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent)
     if args.fast:
         stack = choose_fast(args)
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
@@ -204,11 +212,11 @@ def cmd_generate(args, chat: bool = False) -> int:
         if model.config.vocab_size != tok.vocab_size:
             raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
     else:
-        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None}, progress=True)
+        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None, "consistent": False}, progress=True)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
-        model = compile_stack(model, stack.get("fixed_width"))
+        model = compile_stack(model, stack.get("fixed_width"), stack.get("consistent", False))
     label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
     if len(prompts) > 1:
         run_batch(model, tok, prompt_ids, args, label)
@@ -390,7 +398,7 @@ def choose_fast(args) -> dict:
     from .stack import fastest_lossless
 
     chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--draft", "--tree", "--cache",
-                         "--kernels", "--fixed-width")
+                         "--kernels", "--fixed-width", "--consistent")
     if chosen:
         raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
     best = fastest_lossless()
@@ -471,8 +479,8 @@ def cmd_bench(args) -> int:
     if args.dtype is None:  # serve: float32's multi-row matmuls would cost the batch its TPOT (chapter 9)
         args.dtype = "bfloat16" if args.what == "serve" else "float32"
     check_fixed_width(args)
-    if (args.compile or args.fixed_width is not None) and args.what not in ("speculative", "tree"):
-        raise ValueError(f"--compile and --fixed-width are for bench speculative and tree; bench {args.what} "
+    if (args.compile or args.fixed_width is not None or args.consistent) and args.what not in ("speculative", "tree"):
+        raise ValueError(f"--compile, --fixed-width and --consistent are for bench speculative and tree; bench {args.what} "
                          f"chooses its own steps")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
@@ -521,7 +529,7 @@ def cmd_bench(args) -> int:
 
         bench_dispatch()
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile, fixed_width=args.fixed_width)
+                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent)
     if args.what == "tree":
         from .bench.tree import bench_tree
 

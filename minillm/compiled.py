@@ -40,11 +40,20 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
                `fuse=False` leaves them apart.
     weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
                (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
-               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them. One-row
-               steps of bfloat16 and quantized linears run on cpu_gemv's kernel where measured no slower
-               (its sums in another order: not bit-equal to the 8-row kernels'; one fixed width never uses it).
+               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them. Steps of up
+               to 16 rows of bfloat16 and quantized linears run on cpu_gemv's kernel up to the widest width it
+               measured no slower at (its sums in another order than oneDNN's: not bit-equal to them).
                Both change the wrapped model's modules in place; with fusion its state dict holds `wqkv` and
                `w13` instead of the parts: wrap a copy to keep the original layout.
+
+The same logits at every width (`compile_decode(model, consistent=True)`, `--compile --consistent`): every
+linear runs on cpu_gemv's kernel and every layer attends with cpu_attention's, at every width. Both compute a
+row from that row's inputs alone, by the same instructions in the same order whatever the width, and the rest
+of the step (norms, RoPE, SwiGLU) works row by row; so a token's logits from a 1-row decode step and from an
+8-row verify step are bit-equal (tested on the tiny config; SmolLM2 in bfloat16 and int4 + int8 head: every
+logit of 24 tokens equal at widths 2, 5, 8 and 16), and plain and speculative/tree decoding give the same tokens
+while plain decoding keeps its 1-row steps. Needs the kernels (AVX512-BF16) and bfloat16 or quantized weights:
+where they cannot run, ValueError says why, and a fixed width is the way left.
 
 One width for everything (`compile_decode(model, widths=(8,))`, `--compile --fixed-width 8`): plain
 decoding then pads each token to 8 rows and a verify step of up to 8 tokens runs the same graph, so a
@@ -75,7 +84,9 @@ from . import cpu_attention, native
 from .kv_cache import StaticCache
 from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
 from .fuse import fuse_projections, fused_count
-from .prepack import packed_count, prepack_linears
+from .prepack import PackedLinear, gemv_unavailable, packed_count, prepack_linears
+from .quant.formats import QuantLinear
+from . import cpu_gemv
 from .timing import median_seconds
 
 WIDTHS = (1, 2, 4, 8, 16)
@@ -160,10 +171,12 @@ class CompiledDecoder(nn.Module):
     """A Transformer whose short forwards over a StaticCache run compiled; see the module docstring."""
 
     def __init__(self, model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
-                 attention: str = "auto", fuse: bool = True):
+                 attention: str = "auto", fuse: bool = True, consistent: bool = False):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if consistent and attention == "inductor":
+            raise ValueError("compile_decode(consistent=True) attends with the kernel at every width, not 'inductor'")
         if not hasattr(model, "layers") or not hasattr(model, "config"):
             raise ValueError(f"compile_decode takes a minillm Transformer, got {type(model).__name__}")
         widths = tuple(sorted(widths))
@@ -172,11 +185,17 @@ class CompiledDecoder(nn.Module):
         self.model, self.config, self.widths = model, model.config, widths
         self.reason_eager = _compiler_missing()     # None while compiling is possible
         dtype = model.tok_embeddings.weight.dtype
-        self.attention_choice = attention
+        self.attention_choice = "kernel" if consistent else attention
         self.no_kernel = ("not asked for" if attention == "inductor" else self.reason_eager
                           or cpu_attention.available(model.config.head_dim, dtype))
+        if consistent:
+            attention = "kernel"
+            if max(widths) > cpu_gemv.MAX_ROWS:
+                raise ValueError(f"compile_decode(consistent=True) takes widths up to {cpu_gemv.MAX_ROWS} (cpu_gemv's), "
+                                 f"got {widths}")
         if attention == "kernel" and self.no_kernel:
-            raise ValueError(f"compile_decode(attention='kernel'): {self.no_kernel}")
+            raise ValueError(f"compile_decode(attention='kernel'{', consistent=True' * consistent}): {self.no_kernel}")
+        self.consistent = consistent
         self.attention = {}                          # rows (1, or wider) -> "kernel" or "inductor", at first use
         self.compiled_calls = self.eager_calls = 0
         self._rope_table = None                      # (cos, sin) of every position, at first use (_rope)
@@ -185,6 +204,8 @@ class CompiledDecoder(nn.Module):
         self.fused = fused_count(model)
         if prepack:                                  # leaves the linears alone where oneDNN cannot take them
             prepack_linears(model, max(widths))
+        if consistent:                               # every linear on cpu_gemv at every width: rows computed alike
+            gemv_everywhere(model)
         self.prepacked = packed_count(model)       # how many linears run prepacked (also those of an earlier wrap)
         if self.reason_eager:
             warnings.warn(f"compile_decode: {self.reason_eager}; running eager", RuntimeWarning, stacklevel=2)
@@ -211,7 +232,7 @@ class CompiledDecoder(nn.Module):
     def extra_repr(self) -> str:
         chosen = ", ".join(f"{'1 row' if rows == 1 else 'wider'}: {name}" for rows, name in sorted(self.attention.items()))
         return (f"widths={self.widths}, fused projections={self.fused}, prepacked linears={self.prepacked}, "
-                f"attention={self.attention_choice}"
+                f"attention={self.attention_choice}" + (", consistent" if self.consistent else "")
                 + (f" ({chosen})" if chosen else "") + (f", eager: {self.reason_eager}" if self.reason_eager else ""))
 
     def attention_for(self, width: int):
@@ -309,9 +330,33 @@ class CompiledDecoder(nn.Module):
 
 
 def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
-                   attention: str = "auto", fuse: bool = True) -> CompiledDecoder:
+                   attention: str = "auto", fuse: bool = True, consistent: bool = False) -> CompiledDecoder:
     """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above);
     prepack: swap its plain linears for oneDNN-prepacked ones where measured faster (prepack.py);
     attention: "kernel" (cpu_attention.py), "inductor" (the fused math), or "auto", the faster where measured;
-    fuse: stack each block's q/k/v and gate/up projections into one matmul each (fuse.py), in place."""
-    return CompiledDecoder(model, widths, mode, prepack, attention, fuse)
+    fuse: stack each block's q/k/v and gate/up projections into one matmul each (fuse.py), in place;
+    consistent: a token's logits the same at every width (module docstring), or ValueError saying why not here."""
+    return CompiledDecoder(model, widths, mode, prepack, attention, fuse, consistent)
+
+
+def gemv_everywhere(model) -> None:
+    """Every linear of `model` on cpu_gemv's kernel for up to cpu_gemv.MAX_ROWS rows (compile_decode(consistent=True)):
+    prepacked and plain bfloat16 ones and quantized ones alike; ValueError naming the first it cannot take."""
+    why = cpu_gemv.available()
+    if why:
+        raise ValueError(f"compile_decode(consistent=True): {why}")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                try:
+                    child.set_impl(child.impl, child.act_dtype, gemv=True)
+                except ValueError as e:
+                    raise ValueError(f"compile_decode(consistent=True): {name}: {e}") from None
+            elif isinstance(child, nn.Linear):
+                if gemv_unavailable(child.weight) or child.bias is not None:
+                    raise ValueError(f"compile_decode(consistent=True): {name}: "
+                                     f"{gemv_unavailable(child.weight) or 'a linear with a bias'} "
+                                     f"(cpu_gemv takes bfloat16, int8 and int4 weights)")
+                packed = child if isinstance(child, PackedLinear) else PackedLinear.from_linear(child, gemv=False)
+                packed.gemv_rows = cpu_gemv.MAX_ROWS
+                setattr(module, name, packed)

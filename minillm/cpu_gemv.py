@@ -1,5 +1,6 @@
-"""One row of activations times a weight matrix, for bfloat16, int8 and packed int4 weights, as a hand-written CPU
-kernel (csrc/gemv.cpp): the linears of a decode step, which read every weight once for a single row.
+"""A few rows of activations times a weight matrix, for bfloat16, int8 and packed int4 weights, as a hand-written CPU
+kernel (csrc/gemv.cpp): the linears of a decode step (one row) and of a verify step (up to 16), which read every
+weight once for those few rows.
 
 Why a kernel of our own: a decode step's linears should run at the memory's speed, and on some CPUs PyTorch's
 do not. Measured on an Intel Xeon VM (AVX512 with avx512_bf16 and AMX, 2 threads, the 120 body matmuls of
@@ -11,7 +12,7 @@ slower; with one stream per core the hardware prefetcher alone kept too few line
 
     from minillm import cpu_gemv
     cpu_gemv.available()                          # None, or the one-line reason it cannot run here
-    y = cpu_gemv.gemv_bf16(x, w)                   # == F.linear(x, w) for x (..., K) holding one row, w bfloat16
+    y = cpu_gemv.gemv_bf16(x, w)                   # == F.linear(x, w) for x (..., K), w bfloat16 (N, K)
     y = cpu_gemv.gemv_int8(x, w, scales)           # w int8 (N, K), scales float32 (N,): per-row symmetric
     y = cpu_gemv.gemv_int4(x, packed, scales, offsets, group_size)   # quant.formats' packed layout, float32 scales
 
@@ -22,9 +23,16 @@ exact in float32, the sums float32 in another order than the reference's. So the
 float32 rounding (relative error ~1e-6), closer than PyTorch's packed int4 kernel (~3e-3: it rounds the
 dequantized weights to bfloat16).
 
+Each row of x is summed by the same instructions in the same order whatever the number of rows, so row m of an
+8-row call is bit-equal to a 1-row call on row m alone (tested): a verify step's logits can be exactly a decode
+step's, which is what keeps speculative and tree decoding lossless in bfloat16 and int4 (chapters 5-6). Each
+weight is read once for all the rows (four rows of W and four of x at a time in registers), so 8 rows cost little
+more than 1 where one row waits on memory.
+
 Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (prepack.py) measure, once per weight shape
-and thread count, this kernel against theirs on one row, and keep the faster for one-row inputs; `repr` says
-which (`1 row: gemv`). Wider inputs (prefill, verify steps) keep PyTorch's kernels. The kernels are ops of
+and thread count, this kernel against theirs at widths 1, 2, 4, 8 and 16 (`rows_paying`), and run inputs up to
+the widest width where it paid on it; `repr` says up to how many rows (`1-16 rows: gemv`). Wider inputs (prefill)
+keep PyTorch's kernels. The kernels are ops of
 PyTorch's dispatcher (`torch.ops.minillm.gemv_*`, registered in C++: the library is built against PyTorch's
 headers), so a compiled decode step calls each as one op, for ~2 us (the same op with a Python body cost ~10 us
 more a call, more than the kernel saved on int4).
@@ -71,18 +79,24 @@ def _op(name: str):
 
 
 def gemv_bf16(x, w):
-    """x (..., K) holding one row, float32 or bfloat16; w bfloat16 (N, K) -> (..., N) in x's dtype: F.linear(x, w)."""
+    """x (..., K) float32 or bfloat16, a few rows; w bfloat16 (N, K) -> (..., N) in x's dtype: F.linear(x, w)."""
     return _op("gemv_bf16")(x, w)
 
 
 def gemv_int8(x, w, scales):
-    """w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T for one row x."""
+    """w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T."""
     return _op("gemv_int8")(x, w, scales)
 
 
 def gemv_int4(x, packed, scales, offsets, group_size: int):
     """packed uint8 (N, K / 2) in quant.formats' layout, scales and offsets float32 (N, K / group_size)."""
     return _op("gemv_int4")(x, packed, scales, offsets, group_size)
+
+
+# The widths a caller measures the kernel at (a decode step's one row, the compiled verify widths of chapters 5-6),
+# and the most rows it is ever given: beyond that the weights are worth packing for a real matmul kernel.
+WIDTHS = (1, 2, 4, 8, 16)
+MAX_ROWS = WIDTHS[-1]
 
 
 def pays(gemv, other: str, kernel, repeats: int = 9):
@@ -95,6 +109,24 @@ def pays(gemv, other: str, kernel, repeats: int = 9):
             times[k].append(1e3 * median_seconds(call, repeats))
     best = {k: round(min(v), 4) for k, v in times.items()}
     return best["gemv"] <= (1 + TOLERANCE) * best[other], best
+
+
+def rows_paying(gemv, other: str, kernel, make_x, widths=WIDTHS):
+    """(the most rows of x to run on the kernel: the widest of `widths` up to which it paid at every width, 0 where
+    it did not pay on one row; {width: {"gemv": ms, other: ms}}). gemv and kernel take x = make_x(width)."""
+    rows, times = 0, {}
+    for width in widths:
+        x = make_x(width)
+        ok, times[width] = pays(lambda: gemv(x), other, lambda: kernel(x))
+        if not ok:
+            break
+        rows = width
+    return rows, times
+
+
+def describe(rows: int) -> str:
+    """What repr says of a layer taking up to `rows` rows on the kernel: "", ", 1 row: gemv", ", 1-16 rows: gemv"."""
+    return "" if rows <= 0 else ", 1 row: gemv" if rows == 1 else f", 1-{rows} rows: gemv"
 
 
 def gemv_bf16_ref(x, w):

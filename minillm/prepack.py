@@ -24,11 +24,12 @@ Which kernel runs is measured, per weight shape, dtype and thread count, never a
 without oneDNN, or one where its reorder does not pay, keeps F.linear); `PACK_CHOICES` holds the
 timings and `repr(module)` says `kernel=onednn-prepacked`.
 
-One row (a decode step) can run on another kernel: cpu_gemv's, written for one row of bfloat16 (32 weights an
-instruction, four rows at a time, prefetching ahead). `PackedLinear.from_linear` measures it against the
-prepacked copy per weight shape (`gemv_pays`, `GEMV_CHOICES`) and `repr` says `1 row: gemv` where it runs. On an
-Intel Xeon VM it ran the 120 body matmuls of a bfloat16 step in 8.3 ms against oneDNN's 15.1 (cpu_gemv.py); its
-outputs differ from F.linear's by float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
+A few rows (a decode step, a verify step) can run on another kernel: cpu_gemv's, written for them (32 bfloat16
+weights an instruction, four rows of the weight at a time, prefetching ahead, each weight read once for all the
+rows). `PackedLinear.from_linear` measures it against the prepacked copy per weight shape at widths 1 to 16
+(`gemv_rows_paying`, `GEMV_CHOICES`) and `repr` says up to how many rows it runs (`1-16 rows: gemv`). On an Intel
+Xeon VM it ran the 120 body matmuls of a bfloat16 step in 8.3 ms against oneDNN's 15.1 (cpu_gemv.py); its outputs
+differ from F.linear's by float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from . import cpu_gemv
 from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
-GEMV_CHOICES: dict = {}     # (out, in, threads) -> (one row on cpu_gemv's kernel?, {"gemv": ms, "prepacked": ms})
+GEMV_CHOICES: dict = {}     # (out, in, threads) -> (up to how many rows on cpu_gemv, {width: {"gemv": ms, "prepacked": ms}})
 _PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
@@ -107,15 +108,19 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> None:
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy; one-row
-    bfloat16 inputs on cpu_gemv's kernel instead where it measured no slower (`gemv`, see gemv_pays)."""
-    gemv: bool = False
+    """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy; bfloat16
+    inputs of up to `gemv_rows` rows on cpu_gemv's kernel instead, where it measured no slower (gemv_rows_paying)."""
+    gemv_rows: int = 0
+
+    @property
+    def gemv(self) -> bool:
+        return self.gemv_rows > 0
 
     def forward(self, x):
         if (x.device.type != "cpu" or self.bias is not None or x.dtype != self.weight.dtype
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the ops have no backward
             return F.linear(x, self.weight, self.bias)
-        if self.gemv and x.shape[:-1].numel() == 1:
+        if 0 < x.shape[:-1].numel() <= self.gemv_rows and self.weight.stride(1) == 1:   # reads the weight as it is now
             return cpu_gemv.gemv_bf16(x, self.weight)
         return prepacked_linear(x, self.weight)
 
@@ -124,7 +129,8 @@ class PackedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: int = 8, gemv="auto") -> PackedLinear:
-        """gemv: one-row inputs on cpu_gemv's kernel: "auto" (where gemv_pays), True (where it runs) or False."""
+        """gemv: inputs of a few rows on cpu_gemv's kernel: "auto" (up to the widest where it paid: gemv_rows_paying),
+        True (up to cpu_gemv.MAX_ROWS rows, where it runs) or False."""
         if gemv not in (True, False, "auto"):
             raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
         if linear.bias is not None:
@@ -134,12 +140,15 @@ class PackedLinear(nn.Linear):
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.weight, module.bias = linear.weight, None     # the same Parameter: a tied head stays tied
         pack_weight(module.weight, rows)
-        module.gemv = gemv_pays(module) if gemv == "auto" else bool(gemv) and gemv_unavailable(module.weight) is None
+        if gemv == "auto":
+            module.gemv_rows = gemv_rows_paying(module)
+        else:
+            module.gemv_rows = cpu_gemv.MAX_ROWS if gemv and gemv_unavailable(module.weight) is None else 0
         return module
 
     def kernel(self) -> str:
         name = "onednn-prepacked" if _packed_copy(self.weight) is not None else "plain (weight changed since packing)"
-        return name + (", 1 row: gemv" if self.gemv else "")
+        return name + cpu_gemv.describe(self.gemv_rows)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -172,16 +181,18 @@ def gemv_unavailable(weight: torch.Tensor) -> str | None:
 
 
 @torch.no_grad()
-def gemv_pays(module: PackedLinear) -> bool:
-    """Whether one-row inputs should run on cpu_gemv's kernel (bfloat16 weights, where it runs here): measured once
-    per (shape, threads) against the prepacked copy (cpu_gemv.pays, as quant/formats.py's QuantLinear does)."""
+def gemv_rows_paying(module: PackedLinear) -> int:
+    """Up to how many rows inputs should run on cpu_gemv's kernel (bfloat16 weights, where it runs here): measured
+    once per (shape, threads) against the prepacked copy at cpu_gemv.WIDTHS (cpu_gemv.rows_paying, as
+    quant/formats.py's QuantLinear does); 0 where it did not pay on one row."""
     w = module.weight
     if gemv_unavailable(w):
-        return False
+        return 0
     key = (w.shape[0], w.shape[1], torch.get_num_threads())
     if key not in GEMV_CHOICES:
-        x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
-        GEMV_CHOICES[key] = cpu_gemv.pays(lambda: cpu_gemv.gemv_bf16(x, w), "prepacked", lambda: prepacked_linear(x, w))
+        GEMV_CHOICES[key] = cpu_gemv.rows_paying(lambda x: cpu_gemv.gemv_bf16(x, w), "prepacked",
+                                                 lambda x: prepacked_linear(x, w), lambda rows: torch.randn(
+                                                     rows, w.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16())
     return GEMV_CHOICES[key][0]
 
 
@@ -207,13 +218,23 @@ def packed_count(model: nn.Module) -> int:
 
 
 def linear_kernels(model: nn.Module) -> str:
-    """What the benches print: "121 linears oneDNN-prepacked (121 with one row on cpu_gemv), 0 plain", and for
-    quantized models how many run one row on cpu_gemv's kernel."""
+    """What the benches print: "121 linears oneDNN-prepacked (cpu_gemv: 121 up to 16 rows), 0 plain", and for
+    quantized models how many run a few rows on cpu_gemv's kernel, and up to how many."""
     packed = packed_count(model)
     plain = sum(isinstance(m, nn.Linear) for m in model.modules()) - packed
-    gemv = sum(isinstance(m, PackedLinear) and m.gemv for m in model.modules())
-    quantized = [m for m in model.modules() if hasattr(m, "gemv") and not isinstance(m, nn.Linear)]
-    out = f"{packed} linears oneDNN-prepacked ({gemv} with one row on cpu_gemv), {plain} plain"
+    out = f"{packed} linears oneDNN-prepacked ({_on_gemv([m for m in model.modules() if isinstance(m, PackedLinear)])})" \
+          f", {plain} plain"
+    quantized = [m for m in model.modules() if hasattr(m, "gemv_rows") and not isinstance(m, nn.Linear)]
     if quantized:
-        out += f"; {sum(m.gemv for m in quantized)} of {len(quantized)} quantized with one row on cpu_gemv"
+        out += f"; of {len(quantized)} quantized, {_on_gemv(quantized)}"
     return out
+
+
+def _on_gemv(modules) -> str:
+    """"cpu_gemv: 121 up to 16 rows", "cpu_gemv: 120 up to 16 rows, 1 up to 1 row", "cpu_gemv: none"."""
+    counts = {}
+    for m in modules:
+        if m.gemv_rows:
+            counts[m.gemv_rows] = counts.get(m.gemv_rows, 0) + 1
+    parts = [f"{n} up to {rows} row{'s' * (rows > 1)}" for rows, n in sorted(counts.items(), reverse=True)]
+    return "cpu_gemv: " + (", ".join(parts) or "none")

@@ -16,16 +16,17 @@ from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
                compile: bool = False, symmetric: bool | None = None, progress: bool = False,
-               fixed_width: int | None = None):
+               fixed_width: int | None = None, consistent: bool = False):
     """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
     data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
     symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly;
     progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer (the GGUF's conversion shows its
     own bar where stderr is a terminal); fixed_width: with compile, every decode and verify step runs the
-    one graph of this width (compiled.py: plain and speculative decoding then make the same tokens)."""
-    if fixed_width is not None and not compile:
-        raise ValueError("fixed_width is a width of the compiled step: give compile=True (--compile) too")
+    one graph of this width (compiled.py: plain and speculative decoding then make the same tokens);
+    consistent: with compile, every width computes a token's logits alike (compiled.py), the other way to that."""
+    if (fixed_width is not None or consistent) and not compile:
+        raise ValueError("fixed_width and consistent are kinds of compiled step: give compile=True (--compile) too")
     model, tok = load_pretrained("smollm2-135m", dtype=dtype, progress=None if progress else False)
     calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
     options = dict(act_order=True) if quant == "gptq" else {}
@@ -36,17 +37,20 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
         model = quantize(model, quant, group_size=group_size, symmetric=symmetric, calibration=calibration, head=head,
                          **options)
     if compile:
-        model = compile_stack(model, fixed_width)
+        model = compile_stack(model, fixed_width, consistent)
     return model, tok
 
 
-def compile_stack(model, fixed_width: int | None = None):
-    """compile_decode with the usual widths, or with the one width `fixed_width` (compiled.py)."""
-    return compile_decode(model, widths=(fixed_width,)) if fixed_width is not None else compile_decode(model)
+def compile_stack(model, fixed_width: int | None = None, consistent: bool = False):
+    """compile_decode with the usual widths, or with the one width `fixed_width`, or consistent (compiled.py)."""
+    if fixed_width is not None:
+        return compile_decode(model, widths=(fixed_width,))
+    return compile_decode(model, consistent=consistent)
 
 
 def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
-             compile: bool = False, symmetric: bool | None = None, fixed_width: int | None = None) -> str:
+             compile: bool = False, symmetric: bool | None = None, fixed_width: int | None = None,
+             consistent: bool = False) -> str:
     """A short name for a stack: "bfloat16, int4 g64 + int8 head, compiled (fixed width 8)"."""
     parts = [str(dtype).replace("torch.", "")]
     if quant != "none":
@@ -55,7 +59,8 @@ def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GRO
     elif head:
         parts.append("int8 head")
     if compile:
-        parts.append("compiled" + (f" (fixed width {fixed_width})" if fixed_width is not None else ""))
+        parts.append("compiled" + (f" (fixed width {fixed_width})" if fixed_width is not None else "")
+                     + (" (consistent)" if consistent else ""))
     return ", ".join(parts)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minillm
+from minillm import cpu_gemv
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +66,26 @@ def test_fixed_width_makes_prompt_lookup_give_plain_decodings_tokens_in_bfloat16
     assert drafted["new_token_ids"] == plain["new_token_ids"] and len(plain["new_token_ids"]) == 12
 
 
+@pytest.mark.skipif(cpu_gemv.available() is not None, reason=str(cpu_gemv.available()))
+def test_consistent_steps_make_prompt_lookup_give_plain_decodings_tokens_in_bfloat16():
+    argv = ("generate", "--prompt", "Repeat exactly: the cat sat on the mat, the cat sat on the mat", "--dtype",
+            "bfloat16", "--compile", "--consistent", "--max-new-tokens", "12", "--json")
+    plain, drafted = run(*argv), run(*argv, "--draft", "ngram", "--draft-len", "7")
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    plain, drafted = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert plain["stack"] == "bfloat16, compiled (consistent)" and drafted["stack"].endswith(", drafter ngram")
+    assert drafted["new_token_ids"] == plain["new_token_ids"] and len(plain["new_token_ids"]) == 12
+
+
 def test_fixed_width_is_a_width_of_the_compiled_step():
     for argv, message in [(("generate", "--prompt", "hi", "--fixed-width", "8"), "add --compile"),
                           (("generate", "--prompt", "hi", "--compile", "--fixed-width", "0"), "in [1, 64], got 0"),
                           (("bench", "quant", "--compile"), "are for bench speculative and tree"),
-                          (("bench", "tree", "--fixed-width", "8"), "add --compile")]:
+                          (("bench", "tree", "--fixed-width", "8"), "add --compile"),
+                          (("generate", "--prompt", "hi", "--consistent"), "--consistent is a kind of compiled step"),
+                          (("generate", "--prompt", "hi", "--compile", "--consistent", "--fixed-width", "8"),
+                           "choose one"),
+                          (("bench", "quant", "--compile", "--consistent"), "are for bench speculative and tree")]:
         proc = run(*argv)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
 

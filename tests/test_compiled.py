@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from minillm import compiled
+from minillm import compiled, cpu_attention, cpu_gemv
 from minillm.compiled import compile_decode
 from minillm.decoding import decode, generate
 from minillm.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
+from minillm.prepack import PackedLinear
 
 WIDTHS = (1, 4)  # two buckets: enough to test bucketing, few enough to compile in seconds
 
@@ -122,6 +123,9 @@ def test_stack_names_what_it_builds():
     assert describe() == "float32"
     assert describe("bfloat16", "int4", 64, "int8", True) == "bfloat16, int4 g64 + int8 head, compiled"
     assert describe("bfloat16", compile=True, fixed_width=8) == "bfloat16, compiled (fixed width 8)"
+    assert describe("bfloat16", compile=True, consistent=True) == "bfloat16, compiled (consistent)"
+    with pytest.raises(ValueError, match="give compile=True"):
+        load_stack(consistent=True)
     with pytest.raises(ValueError, match="give compile=True"):
         load_stack(fixed_width=8)
     assert describe(quant="int8") == "float32, int8"
@@ -176,3 +180,35 @@ def test_one_fixed_width_makes_speculative_and_tree_decoding_bit_equal_to_plain_
     for drafter in ("ngram", "recycling", "recycling-pairs"):       # recycling's 10-node tree: cut to 8
         assert decode(fixed, ids, 24, drafter=drafter, draft_len=12, eos_token_id=None).tokens == plain
     assert fixed.eager_calls == eager + 3                            # the three prompts; no step ran eager
+
+
+needs_kernels = pytest.mark.skipif(cpu_gemv.available() is not None or cpu_attention.available(16, torch.bfloat16) is not None,
+                                   reason=f"{cpu_gemv.available()} / {cpu_attention.available(16, torch.bfloat16)}")
+
+
+@needs_kernels
+@torch.inference_mode()
+def test_consistent_steps_give_a_token_the_same_logits_at_every_width():
+    """consistent=True: linears on cpu_gemv and attention on cpu_attention at every width, so a verify step's row
+    is bit-equal to the decode step that would have computed it (greedy speculation stays exact in bfloat16)."""
+    torch.manual_seed(3)
+    model = Transformer(tiny()).eval().bfloat16()
+    fast = compile_decode(model, widths=(1, 4), consistent=True)
+    assert "consistent" in repr(fast) and all(m.gemv_rows == 16 for m in model.modules() if isinstance(m, PackedLinear))
+    ids = torch.randint(0, 512, (1, 14), generator=torch.Generator().manual_seed(4))
+    one, wide = StaticCache(model.config, 1, 64, dtype=torch.bfloat16), StaticCache(model.config, 1, 64, dtype=torch.bfloat16)
+    fast(ids[:, :7], cache=one), fast(ids[:, :7], cache=wide)         # the prompt: eager, the same in both
+    rows = torch.cat([fast(ids[:, t:t + 1], cache=one) for t in range(7, 14)], dim=1)
+    together = torch.cat([fast(ids[:, 7:11], cache=wide), fast(ids[:, 11:14], cache=wide)], dim=1)   # 4, then 3 padded to 4
+    assert fast.compiled_calls == 9 and torch.equal(rows, together)
+    plain = compile_decode(Transformer(tiny()).eval().bfloat16(), widths=(1, 4), attention="inductor")
+    assert not plain.consistent
+
+
+def test_consistent_refuses_what_it_cannot_make_consistent():
+    model = Transformer(tiny()).eval()                                # float32 weights: not cpu_gemv's
+    why = cpu_gemv.available()
+    with pytest.raises(ValueError, match=why or "float32"):
+        compile_decode(model, widths=(1, 4), consistent=True)
+    with pytest.raises(ValueError, match="widths up to 16|not 'inductor'"):
+        compile_decode(model, widths=(1, 32), consistent=True, attention="auto" if why is None else "inductor")

@@ -191,6 +191,10 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             if label == FUSE_COMPARE:
                 others["compiled, unfused"] = racers[label, "compiled, unfused"] = compile_decode(
                     copy.deepcopy(model), fuse=False)
+            try:        # every width on the row-consistent kernels (compiled.py), where they take this model
+                others["compiled, consistent"] = compile_decode(copy.deepcopy(model), consistent=True)
+            except ValueError as e:
+                row["consistent"] = str(e)
             if others:
                 for key, costs in forward_costs_in_turns(dict(others, compiled=fast), context_ids).items():
                     row["forward_ms"][key] = {T: round(s * 1e3, 2) for T, s in costs.items()}
@@ -257,7 +261,7 @@ def print_table(result: dict):
             cells = [(_at(e, T) / _at(e, 1), _at(c, T) / _at(c, 1)) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
             for key, name in (("compiled, inductor attention", "  inductor attention"),
-                              ("compiled, unfused", "  projections unfused")):
+                              ("compiled, unfused", "  projections unfused"), ("compiled, consistent", "  consistent")):
                 if key in r["forward_ms"]:
                     other = r["forward_ms"][key]
                     print(f"{name:<27}" + "".join(f"{'':>7} {_at(other, T) / _at(other, 1):<5.2f}" for T in WIDTHS))

@@ -1,12 +1,14 @@
-// One row times a weight matrix (a decode step's linears) on the CPU, for bfloat16, int8 and packed int4 weights:
-// the kernels behind minillm/cpu_gemv.py (read its docstring first). Built there at first use:
+// A few rows times a weight matrix (the linears of a decode step, 1 row, and of a verify step, up to 16) on the
+// CPU, for bfloat16, int8 and packed int4 weights: the kernels behind minillm/cpu_gemv.py (read its docstring
+// first). Built there at first use:
 //     g++ -O3 -march=native -fopenmp -shared -fPIC gemv.cpp
 // A decode step reads every weight once for one row of activations, so its linears should run at the
-// memory's speed. What PyTorch's kernels lose on some CPUs (cpu_gemv.py has the figures), and what this file
+// memory's speed, and a verify step's few rows should cost little more. What PyTorch's kernels lose on some CPUs (cpu_gemv.py has the figures), and what this file
 // does instead:
 //   - each row of W is one dot product with x, in vdpbf16ps (bfloat16 pairs multiplied, summed into float32;
 //     products are exact, the sums float32): 32 weights an instruction;
-//   - four rows at a time, so x's vectors are loaded once for four rows and four sums run side by side;
+//   - four rows of W at a time, so x's vectors are loaded once for four rows and four sums run side by side,
+//     and up to four rows of x against each, so a weight loaded (and, int4, unpacked) once serves them all;
 //   - a software prefetch PF bytes ahead in each row: with one stream per core the hardware prefetcher alone
 //     kept too few lines in flight, and the kernels waited on memory (measured: 1.4-1.6x slower without);
 //   - int4: the two nibbles of a byte are looked up in a 16-entry table of bfloat16 values 0..15 (vpermw),
@@ -40,12 +42,9 @@ extern "C" int minillm_gemv_available(void) { return HAVE_GEMV; }
 
 #if HAVE_GEMV
 template <class E>
-static void to_bf16(const typename E::T *x, uint16_t *out, int K) {
-    for (int k = 0; k < K; k++) out[k] = BF16::put(E::get(x + k));
+static void to_bf16(const typename E::T *x, uint16_t *out, long n) {
+    for (long k = 0; k < n; k++) out[k] = BF16::put(E::get(x + k));
 }
-
-template <class E>
-static void put_row(typename E::T *y, long n, float v) { y[n] = E::put(v); }
 
 // The first 64-byte aligned element of v (v holds 64 bytes more than it needs).
 template <class T>
@@ -53,92 +52,121 @@ static T *aligned64(std::vector<T> &v) {
     return v.data() + ((64 - ((uintptr_t)v.data() & 63)) & 63) / sizeof(T);
 }
 
-// Block b's RB rows of w (row stride ld), their sums zeroed; a short last block repeats its first row, and
-// only the `rows` returned are written out.
+// Block b's RB rows of w (row stride ld); a short last block repeats its first row, and only the `rows`
+// returned are written out.
 template <class T>
-static int block_rows(const T *w, long ld, int b, int N, const T **row, __m512 *acc) {
+static int block_rows(const T *w, long ld, int b, int N, const T **row) {
     int n0 = b * RB, rows = N - n0 < RB ? N - n0 : RB;
-    for (int r = 0; r < RB; r++) {
-        acc[r] = _mm512_setzero_ps();
-        row[r] = w + (long)(n0 + (r < rows ? r : 0)) * ld;
-    }
+    for (int r = 0; r < RB; r++) row[r] = w + (long)(n0 + (r < rows ? r : 0)) * ld;
     return rows;
 }
 
-// y (N) = W (N, K) x (K); W bfloat16, row-major with row stride ldw (elements). K % 32 == 0.
+// Every kernel below runs over blocks of RB rows of W, and within a block over the M rows of x MB at a time
+// (sums[MB][R] stay in registers: R * MB <= 16). Each (row of W, row of x) pair is summed by the same
+// instructions in the same order whatever M and the blocking are, so row m of an M-row call is bit-equal to a
+// one-row call on row m alone: a verify step and a decode step get the same numbers (tests/test_cpu_gemv.py).
+template <class F>
+static void over_rows(int M, F &&block) {       // block(m0, mb) for each slice of at most 4 rows of x
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        switch (M - m0 < 4 ? M - m0 : 4) {
+        case 1: block.template operator()<1>(m0); break;
+        case 2: block.template operator()<2>(m0); break;
+        case 3: block.template operator()<3>(m0); break;
+        default: block.template operator()<4>(m0); break;
+        }
+    }
+}
+
+// y (M, N) = x (M, K) W (N, K)^T; W bfloat16, row-major with row stride ldw (elements). K % 32 == 0.
 template <class E>
-static int gemv_bf16(const typename E::T *x, const uint16_t *w, long ldw, typename E::T *y, int N, int K) {
+static int gemv_bf16(const typename E::T *x, int M, const uint16_t *w, long ldw, typename E::T *y, int N, int K) {
     if (K % 32) return 1;
-    std::vector<uint16_t> xb(K + 32);
-    uint16_t *xa = aligned64(xb);
-    to_bf16<E>(x, xa, K);
+    std::vector<uint16_t> xb((long)M * K + 32);
+    uint16_t *xa = aligned64(xb);                   // x in bfloat16, row m at xa + m K (64-byte aligned: K % 32 == 0)
+    to_bf16<E>(x, xa, (long)M * K);
     const int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        __m512 acc[RB];
         const uint16_t *row[RB];
-        int n0 = b * RB, rows = block_rows(w, ldw, b, N, row, acc);
-        for (int k = 0; k < K; k += 32) {
-            __m512bh xv = (__m512bh)_mm512_load_si512(xa + k);
-            for (int r = 0; r < RB; r++) {
-                _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(row[r] + k), xv);
-            }
-        }
-        for (int r = 0; r < rows; r++) put_row<E>(y, n0 + r, _mm512_reduce_add_ps(acc[r]));
+        int n0 = b * RB, rows = block_rows(w, ldw, b, N, row);
+        over_rows(M, [&]<int MB>(int m0) {
+            __m512 acc[MB][RB];
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
+            const uint16_t *xm = xa + (long)m0 * K;
+            for (int k = 0; k < K; k += 32)
+                for (int r = 0; r < RB; r++) {
+                    _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
+                    __m512bh wv = (__m512bh)_mm512_loadu_si512(row[r] + k);
+                    for (int m = 0; m < MB; m++)
+                        acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv, (__m512bh)_mm512_load_si512(xm + (long)m * K + k));
+                }
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < rows; r++) y[(long)(m0 + m) * N + n0 + r] = E::put(_mm512_reduce_add_ps(acc[m][r]));
+        });
     }
     return 0;
 }
 
-// y (N) = scales[n] * (W (N, K) int8 x); K % 32 == 0. The int8 values become float32 (exact) and meet x in
-// float32 FMAs: int8 -> bfloat16 has no single instruction, and this kernel waits on memory either way.
+// y (M, N) = scales[n] * (x W^T), W int8 (N, K); K % 32 == 0. The int8 values become float32 (exact) and meet x
+// in float32 FMAs: int8 -> bfloat16 has no single instruction, and this kernel waits on memory either way.
 template <class E>
-static int gemv_int8(const typename E::T *x, const int8_t *w, const float *scales, typename E::T *y, int N, int K) {
+static int gemv_int8(const typename E::T *x, int M, const int8_t *w, const float *scales, typename E::T *y, int N, int K) {
     if (K % 32) return 1;
-    std::vector<float> xf(K + 16);
-    float *xa = aligned64(xf);
-    for (int k = 0; k < K; k++) xa[k] = E::get(x + k);         // float32: the int8 weights meet it in FMAs
-    int blocks = (N + RB - 1) / RB;
+    std::vector<float> xf((long)M * K + 16);
+    float *xa = aligned64(xf);                      // float32: the int8 weights meet it in FMAs
+    for (long k = 0; k < (long)M * K; k++) xa[k] = E::get(x + k);
+    const int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        __m512 acc[RB];
         const int8_t *row[RB];
-        int n0 = b * RB, rows = block_rows(w, K, b, N, row, acc);
-        for (int k = 0; k < K; k += 32) {
-            __m512 x0 = _mm512_load_ps(xa + k), x1 = _mm512_load_ps(xa + k + 16);
-            for (int r = 0; r < RB; r++) {
-                _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k))));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k + 16))));
-                acc[r] = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, acc[r]));
-            }
-        }
-        for (int r = 0; r < rows; r++) put_row<E>(y, n0 + r, scales[n0 + r] * _mm512_reduce_add_ps(acc[r]));
+        int n0 = b * RB, rows = block_rows(w, K, b, N, row);
+        over_rows(M, [&]<int MB>(int m0) {
+            __m512 acc[MB][RB];
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
+            const float *xm = xa + (long)m0 * K;
+            for (int k = 0; k < K; k += 32)
+                for (int r = 0; r < RB; r++) {
+                    _mm_prefetch((const char *)(row[r] + k) + PF, _MM_HINT_T0);
+                    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k))));
+                    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row[r] + k + 16))));
+                    for (int m = 0; m < MB; m++) {
+                        const float *xk = xm + (long)m * K + k;
+                        acc[m][r] = _mm512_fmadd_ps(w1, _mm512_load_ps(xk + 16), _mm512_fmadd_ps(w0, _mm512_load_ps(xk), acc[m][r]));
+                    }
+                }
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < rows; r++)
+                    y[(long)(m0 + m) * N + n0 + r] = E::put(scales[n0 + r] * _mm512_reduce_add_ps(acc[m][r]));
+        });
     }
     return 0;
 }
 
-// y (N) = W x with W[n, k] = scales[n, k / g] * q[n, k] + offsets[n, k / g], q in [0, 15] packed two a byte
+// y (M, N) = x W^T with W[n, k] = scales[n, k / g] * q[n, k] + offsets[n, k / g], q in [0, 15] packed two a byte
 // (byte j of a row: column 2j low nibble, 2j + 1 high), scales and offsets float32 (N, K / g).
-// K % 64 == 0 and g = 32 or a multiple of 64.
+// K % 64 == 0 and g = 32 or a multiple of 64. Rows of W two at a time within a block where x has several rows
+// (a group's partial sums and the running sums, 2 x MB each, must stay in registers), all four where it has one.
 template <class E>
-static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float *scales, const float *offsets,
+static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const float *scales, const float *offsets,
                      typename E::T *y, int N, int K, int g) {
     if (K % 64 || !(g == 32 || g % 64 == 0) || K % g) return 1;
     const int G = K / g, C = K / 64;
-    // xs: per 64-column chunk, its 32 even columns then its 32 odd ones (bfloat16); xsum: per group, the sum
-    // of the bfloat16-rounded x, which each group's offset multiplies
-    std::vector<uint16_t> xsv(K + 32);
+    // xs: per row of x and 64-column chunk, its 32 even columns then its 32 odd ones (bfloat16); xsum: per row
+    // and group, the sum of the bfloat16-rounded x, which each group's offset multiplies
+    std::vector<uint16_t> xsv((long)M * K + 32);
     uint16_t *xs = aligned64(xsv);
-    std::vector<float> xsum(G, 0.0f);
-    for (int c = 0; c < C; c++)
-        for (int j = 0; j < 32; j++) {
-            int k = 64 * c + 2 * j;
-            uint16_t e = BF16::put(E::get(x + k)), o = BF16::put(E::get(x + k + 1));
-            xs[64 * c + j] = e;
-            xs[64 * c + 32 + j] = o;
-            xsum[k / g] += BF16::get(&e) + BF16::get(&o);
-        }
+    std::vector<float> xsum((long)M * G, 0.0f);
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < C; c++)
+            for (int j = 0; j < 32; j++) {
+                long k = (long)m * K + 64 * c + 2 * j;
+                uint16_t e = BF16::put(E::get(x + k)), o = BF16::put(E::get(x + k + 1));
+                xs[k - 2 * j + j] = e;
+                xs[k - 2 * j + 32 + j] = o;
+                xsum[(long)m * G + (64 * c + 2 * j) / g] += BF16::get(&e) + BF16::get(&o);
+            }
     const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,       // bfloat16 15..0
         0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
         0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
@@ -146,40 +174,64 @@ static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float 
     const long rb = K / 2;
     const int cpg = g >= 64 ? g / 64 : 1;              // chunks a scale covers (g = 32: a chunk holds two groups)
     const int steps = g >= 64 ? G : C;
-    int blocks = (N + RB - 1) / RB;
-    #pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        __m512 acc[RB];
-        const uint8_t *row[RB];
-        const float *sc[RB];
-        int n0 = b * RB, rows = block_rows(packed, rb, b, N, row, acc);
-        for (int r = 0; r < RB; r++) sc[r] = scales + (row[r] - packed) / rb * G;
+    // R rows of W (row[0..R), scales sc) against MB rows of x from m0: the sums out[m][r], offsets not yet added
+    auto block = [&]<int R, int MB>(const uint8_t *const *row, const float *const *sc, int m0, float (*out)[RB]) {
+        __m512 acc[MB][R];
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+        const uint16_t *xm = xs + (long)m0 * K;
         for (int s = 0; s < steps; s++) {
-            __m512 p[RB];
-            for (int r = 0; r < RB; r++) p[r] = _mm512_setzero_ps();
-            for (int c = s * cpg; c < (s + 1) * cpg; c++) {
-                __m512bh xe = (__m512bh)_mm512_load_si512(xs + 64 * c), xo = (__m512bh)_mm512_load_si512(xs + 64 * c + 32);
-                for (int r = 0; r < RB; r++) {
+            __m512 p[MB][R];
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < R; r++) p[m][r] = _mm512_setzero_ps();
+            for (int c = s * cpg; c < (s + 1) * cpg; c++)
+                for (int r = 0; r < R; r++) {
                     const uint8_t *a = row[r] + 32 * c;
                     _mm_prefetch((const char *)a + PF, _MM_HINT_T0);
                     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)a));
-                    p[r] = _mm512_dpbf16_ps(p[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table), xe);
-                    p[r] = _mm512_dpbf16_ps(p[r], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table), xo);
+                    __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
+                    __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+                    for (int m = 0; m < MB; m++) {
+                        const uint16_t *xc = xm + (long)m * K + 64 * c;
+                        p[m][r] = _mm512_dpbf16_ps(p[m][r], lo, (__m512bh)_mm512_load_si512(xc));
+                        p[m][r] = _mm512_dpbf16_ps(p[m][r], hi, (__m512bh)_mm512_load_si512(xc + 32));
+                    }
                 }
-            }
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < R; r++) {
                 // float32 lane i of p sums columns 4i..4i+3 of the chunk: lanes 0-7 the first 32, 8-15 the next
                 __m512 sv = g >= 64 ? _mm512_set1_ps(sc[r][s])
                                     : _mm512_insertf32x8(_mm512_set1_ps(sc[r][2 * s]), _mm256_set1_ps(sc[r][2 * s + 1]), 1);
-                acc[r] = _mm512_fmadd_ps(p[r], sv, acc[r]);
+                for (int m = 0; m < MB; m++) acc[m][r] = _mm512_fmadd_ps(p[m][r], sv, acc[m][r]);
             }
         }
-        for (int r = 0; r < rows; r++) {
-            float v = _mm512_reduce_add_ps(acc[r]);
-            const float *of = offsets + (long)(n0 + r) * G;
-            for (int i = 0; i < G; i++) v += of[i] * xsum[i];
-            put_row<E>(y, n0 + r, v);
-        }
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+    };
+    const int blocks = (N + RB - 1) / RB;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *row[RB];
+        const float *sc[RB];
+        int n0 = b * RB, rows = block_rows(packed, rb, b, N, row);
+        for (int r = 0; r < RB; r++) sc[r] = scales + (row[r] - packed) / rb * G;
+        over_rows(M, [&]<int MB>(int m0) {
+            float out[MB][RB];
+            if (M == 1) {
+                block.template operator()<RB, 1>(row, sc, m0, out);
+            } else {
+                float half[MB][RB];
+                block.template operator()<2, MB>(row, sc, m0, out);
+                block.template operator()<2, MB>(row + 2, sc + 2, m0, half);
+                for (int m = 0; m < MB; m++) out[m][2] = half[m][0], out[m][3] = half[m][1];
+            }
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < rows; r++) {
+                    float v = out[m][r];
+                    const float *of = offsets + (long)(n0 + r) * G, *xg = xsum.data() + (long)(m0 + m) * G;
+                    for (int i = 0; i < G; i++) v += of[i] * xg[i];
+                    y[(long)(m0 + m) * N + n0 + r] = E::put(v);
+                }
+        });
     }
     return 0;
 }
@@ -189,8 +241,8 @@ static int gemv_int4(const typename E::T *x, const uint8_t *packed, const float 
 // so that a compiled graph calls each as one op through the dispatcher (a Python op cost ~10 us more a call, x 121
 // linears a step). The same function serves the Meta key (shapes only) and the CPU key (checks, then the kernel).
 static void check_x(const at::Tensor &x, int64_t K, const char *what) {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.numel() == K, what, " takes one row of ", K,
-                " activations, got shape ", x.sizes());
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, what, " takes activations (..., ", K, "), got shape ", x.sizes());
+    TORCH_CHECK(x.numel() / K <= (1 << 20), what, " takes at most 2^20 rows, got ", x.numel() / K);
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
                 " takes float32 or bfloat16 activations, got ", x.scalar_type());
 }
@@ -226,11 +278,12 @@ static at::Tensor gemv_bf16_op(const at::Tensor &x, const at::Tensor &w) {
     at::Tensor xc = x.contiguous();
     check_cpu({&xc, &y}, "gemv_bf16");
     TORCH_CHECK(w.device().is_cpu(), "gemv_bf16 takes CPU tensors");
-    int N = w.size(0), K = w.size(1);
+    int N = w.size(0), K = w.size(1), M = xc.numel() / K;
+    if (M == 0) return y;
     const uint16_t *wp = (const uint16_t *)w.data_ptr();
     int status = xc.scalar_type() == at::kBFloat16
-        ? KERNEL((gemv_bf16<BF16>((const uint16_t *)xc.data_ptr(), wp, w.stride(0), (uint16_t *)y.data_ptr(), N, K)))
-        : KERNEL((gemv_bf16<F32>(xc.data_ptr<float>(), wp, w.stride(0), y.data_ptr<float>(), N, K)));
+        ? KERNEL((gemv_bf16<BF16>((const uint16_t *)xc.data_ptr(), M, wp, w.stride(0), (uint16_t *)y.data_ptr(), N, K)))
+        : KERNEL((gemv_bf16<F32>(xc.data_ptr<float>(), M, wp, w.stride(0), y.data_ptr<float>(), N, K)));
     check_status(status, "gemv_bf16");
     return y;
 }
@@ -245,12 +298,13 @@ static at::Tensor gemv_int8_op(const at::Tensor &x, const at::Tensor &w, const a
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
     check_cpu({&xc, &w, &scales, &y}, "gemv_int8");
-    int N = w.size(0), K = w.size(1);
+    int N = w.size(0), K = w.size(1), M = xc.numel() / K;
+    if (M == 0) return y;
     const int8_t *wp = (const int8_t *)w.data_ptr();
     const float *sp = scales.data_ptr<float>();
     int status = xc.scalar_type() == at::kBFloat16
-        ? KERNEL((gemv_int8<BF16>((const uint16_t *)xc.data_ptr(), wp, sp, (uint16_t *)y.data_ptr(), N, K)))
-        : KERNEL((gemv_int8<F32>(xc.data_ptr<float>(), wp, sp, y.data_ptr<float>(), N, K)));
+        ? KERNEL((gemv_int8<BF16>((const uint16_t *)xc.data_ptr(), M, wp, sp, (uint16_t *)y.data_ptr(), N, K)))
+        : KERNEL((gemv_int8<F32>(xc.data_ptr<float>(), M, wp, sp, y.data_ptr<float>(), N, K)));
     check_status(status, "gemv_int8");
     return y;
 }
@@ -270,11 +324,13 @@ static at::Tensor gemv_int4_op(const at::Tensor &x, const at::Tensor &packed, co
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
     check_cpu({&xc, &packed, &scales, &offsets, &y}, "gemv_int4");
+    int M = xc.numel() / K;
+    if (M == 0) return y;
     const uint8_t *pp = packed.data_ptr<uint8_t>();
     const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
     int status = xc.scalar_type() == at::kBFloat16
-        ? KERNEL((gemv_int4<BF16>((const uint16_t *)xc.data_ptr(), pp, sp, op, (uint16_t *)y.data_ptr(), N, K, g)))
-        : KERNEL((gemv_int4<F32>(xc.data_ptr<float>(), pp, sp, op, y.data_ptr<float>(), N, K, g)));
+        ? KERNEL((gemv_int4<BF16>((const uint16_t *)xc.data_ptr(), M, pp, sp, op, (uint16_t *)y.data_ptr(), N, K, g)))
+        : KERNEL((gemv_int4<F32>(xc.data_ptr<float>(), M, pp, sp, op, y.data_ptr<float>(), N, K, g)));
     check_status(status, "gemv_int4");
     return y;
 }

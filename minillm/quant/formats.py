@@ -29,9 +29,10 @@ vectorized for bfloat16 activations; fed float32 they run scalar code (one 1536 
 AVX2 CPU: int8 1.37 ms with float32 activations, 0.13 ms with bfloat16; int4 g64 2.03 vs 0.17 ms; a
 float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtype` (bfloat16 by default)
 and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
-on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs. One-row inputs
-(decode steps) can run on cpu_gemv's kernel instead, written for one row (exact weights, activations rounded to
-bfloat16, float32 sums): "auto" measures it too (`_choose_gemv`, `GEMV_CHOICES`) and `repr` says `1 row: gemv`.
+on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs. Inputs of a
+few rows (decode and verify steps) can run on cpu_gemv's kernel instead, written for them (exact weights,
+activations rounded to bfloat16, float32 sums, each row's numbers the same whatever the width): "auto" measures
+it too, at widths 1 to 16 (`_choose_gemv`, `GEMV_CHOICES`), and `repr` says up to how many rows (`1-16 rows: gemv`).
 The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
 head its own Int8Linear (in float32 the head is a fifth of SmolLM2's bytes, read at every decode step).
 
@@ -155,7 +156,7 @@ PACKED_INT4_GROUPS = (32, 64, 128, 256)   # the group sizes aten._weight_int4pac
 IMPLS = ("ref", "packed", "auto")
 # Which forward each shape chose on this machine: (class, out, in, group, threads) -> (impl, act_dtype, times)
 KERNEL_CHOICES: dict = {}
-# Whether one-row inputs run on cpu_gemv's kernel: (class, out, in, group, impl, threads) -> (bool, {"gemv": ms, "kernel": ms})
+# Up to how many rows inputs run on cpu_gemv's kernel: (class, out, in, group, impl, threads) -> (rows, {width: {"gemv": ms, "kernel": ms}})
 GEMV_CHOICES: dict = {}
 GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -181,12 +182,17 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     matvec_fn = None  # a kernel (module, x) for one-token inputs (chapter 7's int4_matvec); None: below
-    gemv: bool = False  # one-row inputs on cpu_gemv's kernel (chosen by set_impl)
+    gemv_rows: int = 0  # inputs of up to this many rows on cpu_gemv's kernel (chosen by set_impl; 0: none)
+
+    @property
+    def gemv(self) -> bool:
+        return self.gemv_rows > 0
 
     def forward(self, x):
-        if self.matvec_fn is not None and x.shape[:-1].numel() == 1:
+        rows = x.shape[:-1].numel()
+        if self.matvec_fn is not None and rows == 1:
             return self.matvec_fn(self, x)
-        if self.gemv and x.shape[:-1].numel() == 1 and x.device.type == "cpu" and x.dtype in GEMV_DTYPES:
+        if 0 < rows <= self.gemv_rows and x.device.type == "cpu" and x.dtype in GEMV_DTYPES:
             return self.forward_gemv(x)
         if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
             return self.forward_packed(x)
@@ -194,8 +200,9 @@ class QuantLinear(nn.Module):
 
     def set_impl(self, impl: str, act_dtype: torch.dtype | None = None, gemv=None):
         """"ref" | "packed" (activations cast to act_dtype, default bfloat16) | "auto" (measure, keep the fastest).
-        gemv: one-row inputs on cpu_gemv's kernel: True, False, or "auto" (where it measures no slower than the
-        kernel chosen for them; see _choose_gemv); None (the default): "auto" with impl "auto", else False."""
+        gemv: inputs of a few rows (a decode step, a verify step) on cpu_gemv's kernel: True (up to cpu_gemv.MAX_ROWS
+        rows), False, or "auto" (up to the widest it measures no slower than the kernel chosen for them at; see
+        _choose_gemv); None (the default): "auto" with impl "auto", else False."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if act_dtype not in (None, torch.float32, torch.bfloat16):
@@ -209,15 +216,15 @@ class QuantLinear(nn.Module):
             self._check_packed()
             act_dtype = act_dtype or torch.bfloat16
         self.impl, self.act_dtype = impl, act_dtype or torch.float32
-        self.gemv = False
+        self.gemv_rows = 0
         if gemv is True:
             why = self._gemv_unavailable()
             if why:
                 raise ValueError(f"{type(self).__name__}(in={self.in_features}, out={self.out_features}): {why}")
             self._prepare_gemv()
-            self.gemv = True
+            self.gemv_rows = cpu_gemv.MAX_ROWS
         elif gemv == "auto":
-            self.gemv = self._choose_gemv()
+            self.gemv_rows = self._choose_gemv()
         return self
 
     def _prepare_gemv(self):
@@ -231,18 +238,19 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def _choose_gemv(self) -> bool:
-        """Whether one-row inputs should run on cpu_gemv's kernel: measured once per shape and thread count against
-        the kernel chosen for one row (cpu_gemv.pays: kept unless more than cpu_gemv.TOLERANCE slower)."""
+    def _choose_gemv(self) -> int:
+        """Up to how many rows inputs should run on cpu_gemv's kernel: measured once per shape and thread count against
+        the layer's own kernel at cpu_gemv.WIDTHS (cpu_gemv.rows_paying: kept unless more than cpu_gemv.TOLERANCE
+        slower)."""
         if self._gemv_unavailable():
-            return False
+            return 0
         self._prepare_gemv()
         key = (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
                self.impl, torch.get_num_threads())
         if key not in GEMV_CHOICES:
-            x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0))
-            self.gemv = False                                  # self(x): the layer's own kernel
-            GEMV_CHOICES[key] = cpu_gemv.pays(lambda: self.forward_gemv(x), "kernel", lambda: self(x))
+            self.gemv_rows = 0                                 # self(x): the layer's own kernel
+            GEMV_CHOICES[key] = cpu_gemv.rows_paying(self.forward_gemv, "kernel", self, lambda rows: torch.randn(
+                rows, self.in_features, generator=torch.Generator().manual_seed(0)))
         return GEMV_CHOICES[key][0]
 
     def _check_packed(self):
@@ -275,7 +283,7 @@ class QuantLinear(nn.Module):
 
     def kernel(self) -> str:
         name = "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
-        return name + (", 1 row: gemv" if self.gemv else "")
+        return name + cpu_gemv.describe(self.gemv_rows)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
