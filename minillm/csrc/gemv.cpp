@@ -62,7 +62,7 @@ static int block_rows(const T *w, long ld, int b, int N, const T **row) {
 }
 
 // Every kernel below runs over blocks of RB rows of W, and within a block over the M rows of x MB at a time
-// (sums[MB][R] stay in registers: R * MB <= 16). Each (row of W, row of x) pair is summed by the same
+// (their RB x MB sums in registers). Each (row of W, row of x) pair is summed by the same
 // instructions in the same order whatever M and the blocking are, so row m of an M-row call is bit-equal to a
 // one-row call on row m alone: a verify step and a decode step get the same numbers (tests/test_cpu_gemv.py).
 template <class F>
@@ -146,8 +146,7 @@ static int gemv_int8(const typename E::T *x, int M, const int8_t *w, const float
 
 // y (M, N) = x W^T with W[n, k] = scales[n, k / g] * q[n, k] + offsets[n, k / g], q in [0, 15] packed two a byte
 // (byte j of a row: column 2j low nibble, 2j + 1 high), scales and offsets float32 (N, K / g).
-// K % 64 == 0 and g = 32 or a multiple of 64. Rows of W two at a time within a block where x has several rows
-// (a group's partial sums and the running sums, 2 x MB each, must stay in registers), all four where it has one.
+// K % 64 == 0 and g = 32 or a multiple of 64.
 template <class E>
 static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const float *scales, const float *offsets,
                      typename E::T *y, int N, int K, int g) {
@@ -174,18 +173,20 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
     const long rb = K / 2;
     const int cpg = g >= 64 ? g / 64 : 1;              // chunks a scale covers (g = 32: a chunk holds two groups)
     const int steps = g >= 64 ? G : C;
-    // R rows of W (row[0..R), scales sc) against MB rows of x from m0: the sums out[m][r], offsets not yet added
-    auto block = [&]<int R, int MB>(const uint8_t *const *row, const float *const *sc, int m0, float (*out)[RB]) {
-        __m512 acc[MB][R];
+    // the block's RB rows of W (row, scales sc) against MB rows of x from m0: the sums out[m][r], offsets not yet
+    // added (a group's partial sums p and the running sums acc, 16 vectors each at four rows of x, fill the
+    // registers and spill a little; two rows of W at a time measured no faster)
+    auto block = [&]<int MB>(const uint8_t *const *row, const float *const *sc, int m0, float (*out)[RB]) {
+        __m512 acc[MB][RB];
         for (int m = 0; m < MB; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+            for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
         const uint16_t *xm = xs + (long)m0 * K;
         for (int s = 0; s < steps; s++) {
-            __m512 p[MB][R];
+            __m512 p[MB][RB];
             for (int m = 0; m < MB; m++)
-                for (int r = 0; r < R; r++) p[m][r] = _mm512_setzero_ps();
+                for (int r = 0; r < RB; r++) p[m][r] = _mm512_setzero_ps();
             for (int c = s * cpg; c < (s + 1) * cpg; c++)
-                for (int r = 0; r < R; r++) {
+                for (int r = 0; r < RB; r++) {
                     const uint8_t *a = row[r] + 32 * c;
                     _mm_prefetch((const char *)a + PF, _MM_HINT_T0);
                     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)a));
@@ -197,7 +198,7 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
                         p[m][r] = _mm512_dpbf16_ps(p[m][r], hi, (__m512bh)_mm512_load_si512(xc + 32));
                     }
                 }
-            for (int r = 0; r < R; r++) {
+            for (int r = 0; r < RB; r++) {
                 // float32 lane i of p sums columns 4i..4i+3 of the chunk: lanes 0-7 the first 32, 8-15 the next
                 __m512 sv = g >= 64 ? _mm512_set1_ps(sc[r][s])
                                     : _mm512_insertf32x8(_mm512_set1_ps(sc[r][2 * s]), _mm256_set1_ps(sc[r][2 * s + 1]), 1);
@@ -205,7 +206,7 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
             }
         }
         for (int m = 0; m < MB; m++)
-            for (int r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+            for (int r = 0; r < RB; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
     };
     const int blocks = (N + RB - 1) / RB;
     #pragma omp parallel for schedule(static)
@@ -216,14 +217,7 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
         for (int r = 0; r < RB; r++) sc[r] = scales + (row[r] - packed) / rb * G;
         over_rows(M, [&]<int MB>(int m0) {
             float out[MB][RB];
-            if (M == 1) {
-                block.template operator()<RB, 1>(row, sc, m0, out);
-            } else {
-                float half[MB][RB];
-                block.template operator()<2, MB>(row, sc, m0, out);
-                block.template operator()<2, MB>(row + 2, sc + 2, m0, half);
-                for (int m = 0; m < MB; m++) out[m][2] = half[m][0], out[m][3] = half[m][1];
-            }
+            block.template operator()<MB>(row, sc, m0, out);
             for (int m = 0; m < MB; m++)
                 for (int r = 0; r < rows; r++) {
                     float v = out[m][r];
