@@ -71,11 +71,16 @@ def available() -> str | None:
     return lib if isinstance(lib, str) else None
 
 
+_OPS: dict = {}      # name -> the op, once the library is loaded (each eager call then skips the checks)
+
+
 def _op(name: str):
-    why = available()
-    if why:
-        raise RuntimeError(f"cpu_gemv.{name}: {why}")
-    return getattr(torch.ops.minillm, name).default
+    if name not in _OPS:
+        why = available()
+        if why:
+            raise RuntimeError(f"cpu_gemv.{name}: {why}")
+        _OPS[name] = getattr(torch.ops.minillm, name).default
+    return _OPS[name]
 
 
 def gemv_bf16(x, w):
