@@ -358,5 +358,5 @@ def gemv_everywhere(model) -> None:
                                      f"{gemv_unavailable(child.weight) or 'a linear with a bias'} "
                                      f"(cpu_gemv takes bfloat16, int8 and int4 weights)")
                 packed = child if isinstance(child, PackedLinear) else PackedLinear.from_linear(child, gemv=False)
-                packed.gemv_rows = cpu_gemv.MAX_ROWS
+                packed.set_gemv(True)
                 setattr(module, name, packed)

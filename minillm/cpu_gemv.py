@@ -32,16 +32,38 @@ it is bound by its instructions (Xeon VM, bfloat16, the 30 blocks' linears strea
 14.9 ms, oneDNN 18-19 at each), and the layers measure where it still pays.
 
 Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (prepack.py) measure, once per weight shape
-and thread count, this kernel against theirs at widths 1, 2, 4, 8 and 16 (`rows_paying`), and run inputs up to
-the widest width where it paid on it; `repr` says up to how many rows (`1-16 rows: gemv`). Wider inputs (prefill)
+and thread count, this kernel (and the tile variant below, where it runs) against theirs at widths 1, 2, 4, 8 and
+16 (`rows_paying`, `choose`), and run inputs up to the widest width where it paid on it; `repr` says which and up
+to how many rows (`1-16 rows: gemv`). Wider inputs (prefill)
 keep PyTorch's kernels. The kernels are ops of
 PyTorch's dispatcher (`torch.ops.minillm.gemv_*`, registered in C++: the library is built against PyTorch's
 headers), so a compiled decode step calls each as one op, for ~2 us (the same op with a Python body cost ~10 us
 more a call, more than the kernel saved on int4).
 
 Needs AVX512-BF16: on a CPU without it (or without a C++ compiler) `available()` says why and nothing changes.
+
+The tile variant (csrc/tiles.cpp), where the CPU has AMX (Intel Xeon since Sapphire Rapids; not AMD Zen 4). Past
+a few rows the kernels above wait on their instructions: one vdpbf16ps per row of x per 32 weights. AMX's
+TDPBF16PS multiplies up to 16 rows of x by a 32 x 16 tile of weights in one instruction, so up to 16 rows cost
+about what one does. The weights are repacked once into the tile layout (`pack_tiles_*`: plain reshapes), int8
+and int4 turned into exact bfloat16 tiles in L1 as they stream by:
+
+    cpu_gemv.tiles_available()                        # None, or why not (no AMX, no compiler support, the OS says no)
+    y = cpu_gemv.tiles_bf16(x, cpu_gemv.pack_tiles_bf16(w))              # x at most 16 rows
+    y = cpu_gemv.tiles_int8(x, cpu_gemv.pack_tiles_int8(w), scales)
+    y = cpu_gemv.tiles_int4(x, *cpu_gemv.pack_tiles_int4(packed, scales, offsets), group_size)
+
+Same references, same rule (row m of an M-row call bit-equal to a one-row call, tested), but not the same bits as
+the gemv kernels (another summation order; tiles_int8 rounds x to bfloat16). Measured on the Xeon VM, the 120
+body matmuls streamed, 2 threads, 1 / 2 / 4 / 8 / 16 rows: bfloat16 7.8 / 7.9 / 8.2 / 8.6 / 9.3 ms (gemv 8.0 /
+8.2 / 10.0 / 14.2 / 22.9); int8 4.1 / 4.3 / 4.9 / 4.8 / 5.7 (gemv 4.7 / 4.1 / 6.2 / 9.3 / 17.5); int4 g64 3.9 /
+4.4 / 4.9 / 5.9 / 9.3 (gemv 3.5 / 5.1 / 8.4 / 15.9 / 31.0: int4 unpacks and scales each group per call, so
+one row costs the tiles a little more). Layers choose between the two (`choose`: the one paying up to more
+rows, then the faster) and `repr` names the one they run (`1-16 rows: tiles`); gemv="tiles" asks for it.
 """
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -104,36 +126,61 @@ def gemv_int4(x, packed, scales, offsets, group_size: int):
 # and the most rows it is ever given: beyond that the weights are worth packing for a real matmul kernel.
 WIDTHS = (1, 2, 4, 8, 16)
 MAX_ROWS = WIDTHS[-1]
+KERNELS = ("gemv", "tiles")     # gemv.cpp's (AVX512-BF16) and tiles.cpp's (AMX), below
 
 
-def pays(gemv, other: str, kernel, repeats: int = 9):
-    """(whether to run one row on the kernel, {"gemv": ms, other: ms}): both calls timed in turns, three rounds,
+def pays(gemv, other: str, kernel, repeats: int = 9, name: str = "gemv"):
+    """(whether to run one row on the kernel, {name: ms, other: ms}): both calls timed in turns, three rounds,
     each keeping its best median; the kernel kept unless more than TOLERANCE slower."""
-    calls = {"gemv": gemv, other: kernel}
+    calls = {name: gemv, other: kernel}
     times = {k: [] for k in calls}
     for _ in range(3):
         for k, call in calls.items():
             times[k].append(1e3 * median_seconds(call, repeats))
     best = {k: round(min(v), 4) for k, v in times.items()}
-    return best["gemv"] <= (1 + TOLERANCE) * best[other], best
+    return best[name] <= (1 + TOLERANCE) * best[other], best
 
 
-def rows_paying(gemv, other: str, kernel, make_x, widths=WIDTHS):
+def rows_paying(gemv, other: str, kernel, make_x, widths=WIDTHS, name: str = "gemv"):
     """(the most rows of x to run on the kernel: the widest of `widths` up to which it paid at every width, 0 where
-    it did not pay on one row; {width: {"gemv": ms, other: ms}}). gemv and kernel take x = make_x(width)."""
+    it did not pay on one row; {width: {name: ms, other: ms}}). gemv and kernel take x = make_x(width)."""
     rows, times = 0, {}
     for width in widths:
         x = make_x(width)
-        ok, times[width] = pays(lambda: gemv(x), other, lambda: kernel(x))
+        ok, times[width] = pays(lambda: gemv(x), other, lambda: kernel(x), name=name)
         if not ok:
             break
         rows = width
     return rows, times
 
 
-def describe(rows: int) -> str:
-    """What repr says of a layer taking up to `rows` rows on the kernel: "", ", 1 row: gemv", ", 1-16 rows: gemv"."""
-    return "" if rows <= 0 else ", 1 row: gemv" if rows == 1 else f", 1-{rows} rows: gemv"
+def choose(calls: dict, other: str, kernel, make_x):
+    """(the few-row kernel to run, up to how many rows, {width: {name: ms, ..., other: ms}}): each of `calls`
+    ({"gemv": call, "tiles": call}, those that run here) measured by rows_paying against the layer's own kernel;
+    the one that paid up to the most rows kept, on a tie the faster at that width; (None, 0, times) where none paid."""
+    found = {name: rows_paying(call, other, kernel, make_x, name=name) for name, call in calls.items()}
+    times = {}
+    for name, (_, t) in found.items():
+        for width, ms in t.items():
+            times.setdefault(width, {}).update(ms)
+    paid = [name for name in found if found[name][0]]
+    if not paid:
+        return None, 0, times
+    best = max(paid, key=lambda n: (found[n][0], -found[n][1][found[n][0]][n]))
+    return best, found[best][0], times
+
+
+def fastest(calls: dict, make_x, widths=(1, 8), repeats: int = 9):
+    """(the few-row kernel of `calls` that ran one row and `widths[-1]` rows fastest together, {name: ms}): what a
+    layer runs at every width up to MAX_ROWS (compile_decode(consistent=True))."""
+    xs = [make_x(w) for w in widths]
+    times = {name: round(sum(1e3 * median_seconds(lambda: call(x), repeats) for x in xs), 4) for name, call in calls.items()}
+    return min(times, key=times.get), times
+
+
+def describe(rows: int, kernel: str = "gemv") -> str:
+    """What repr says of a layer taking up to `rows` rows on `kernel`: "", ", 1 row: gemv", ", 1-16 rows: tiles"."""
+    return "" if rows <= 0 else f", 1 row: {kernel}" if rows == 1 else f", 1-{rows} rows: {kernel}"
 
 
 def gemv_bf16_ref(x, w):
@@ -150,3 +197,79 @@ def gemv_int4_ref(x, packed, scales, offsets, group_size: int):
     q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(N, -1, group_size).float()     # (N, G, g)
     w = (q * scales.float()[..., None] + offsets.float()[..., None]).reshape(N, -1)
     return (x.to(torch.bfloat16).float() @ w.t()).to(x.dtype)
+
+
+# --- the tile variant (csrc/tiles.cpp): AMX, up to 16 rows for the cost of one -----------------------------------
+
+def _setup_tiles(lib) -> None:
+    if not lib.minillm_tiles_available():
+        raise RuntimeError("the tile kernel needs AMX-BF16, which this CPU (or its compiler, or the OS) does not give")
+
+
+def tiles_available() -> str | None:
+    """None if the AMX tile kernels run here (building them if needed), else why not."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the tile kernel needs an x86-64 CPU with AMX, not {platform.machine()}"
+    try:
+        native.load("tiles.cpp", setup=_setup_tiles, with_torch=True)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _tile_op(name: str):
+    if name not in _OPS:
+        why = tiles_available()
+        if why:
+            raise RuntimeError(f"cpu_gemv.{name}: {why}")
+        _OPS[name] = getattr(torch.ops.minillm, name).default
+    return _OPS[name]
+
+
+def pack_tiles_bf16(w):
+    """w (N, K) -> the tile layout (N / 16, K / 32, 16, 32): per block of 16 outputs and chunk of 32 inputs, tile
+    row kk holds for each output n its inputs 2kk and 2kk + 1. Works for int8 weights alike (pack_tiles_int8)."""
+    N, K = w.shape
+    if N % 16 or K % 32:
+        raise ValueError(f"the tile kernel takes out_features a multiple of 16 and in_features of 32, got {N}, {K}")
+    return w.reshape(N // 16, 16, K // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 16, 32).contiguous()
+
+
+pack_tiles_int8 = pack_tiles_bf16
+
+
+def pack_tiles_int4(packed, scales, offsets):
+    """quant.formats' packed int4 (N, K / 2) (byte j: inputs 2j and 2j + 1), scales and offsets (N, G) -> the tile
+    layout (N / 16, K / 32, 16, 16): per block of 16 outputs and chunk of 32 inputs, four groups of four tile rows,
+    each group 16 outputs x 4 rows, byte (n, r) holding output n's inputs 2kk and 2kk + 1 (kk = 4 group + r) as
+    it was (csrc/tiles.cpp's int4_tile says why); scales and offsets float32 (N / 16, G, 16)."""
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    if N % 16 or K % 32:
+        raise ValueError(f"the tile kernel takes out_features a multiple of 16 and in_features of 32, got {N}, {K}")
+    q = packed.reshape(N // 16, 16, K // 32, 4, 4).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 16, 16).contiguous()
+    blocks = [t.float().reshape(N // 16, 16, -1).transpose(1, 2).contiguous() for t in (scales, offsets)]
+    return q, *blocks
+
+
+def tiles_bf16(x, wt):
+    """x (..., K), at most 16 rows; wt = pack_tiles_bf16(w): F.linear(x, w)."""
+    return _tile_op("tiles_bf16")(x, wt)
+
+
+def tiles_int8(x, wt, scales):
+    """wt = pack_tiles_int8(w), w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T, x rounded to bfloat16
+    (the tiles multiply bfloat16; gemv_int8 keeps x in float32)."""
+    return _tile_op("tiles_int8")(x, wt, scales)
+
+
+def tiles_int4(x, wt, scales, offsets, group_size: int):
+    """wt, scales, offsets = pack_tiles_int4(packed, scales, offsets): gemv_int4's answer."""
+    return _tile_op("tiles_int4")(x, wt, scales, offsets, group_size)
+
+
+def tiles_unavailable(out_features: int, in_features: int, group_size: int | None = None) -> str | None:
+    """None if the tile kernels take a layer of this shape here, else why not."""
+    if out_features % 16 or in_features % 32 or (group_size is not None and (group_size % 32 or in_features % group_size)):
+        return (f"the tile kernel takes out_features a multiple of 16, in_features of 32 (and group sizes of 32 "
+                f"dividing it), not {out_features}, {in_features}" + (f", {group_size}" if group_size else ""))
+    return tiles_available()

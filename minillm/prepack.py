@@ -43,7 +43,7 @@ from . import cpu_gemv
 from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
-GEMV_CHOICES: dict = {}     # (out, in, threads) -> (up to how many rows on cpu_gemv, {width: {"gemv": ms, "prepacked": ms}})
+GEMV_CHOICES: dict = {}     # (out, in, threads) -> (cpu_gemv's kernel, up to how many rows, {width: {"gemv": ms, "tiles": ms, "prepacked": ms}})
 _PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
@@ -109,8 +109,11 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> None:
 
 class PackedLinear(nn.Linear):
     """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy; bfloat16
-    inputs of up to `gemv_rows` rows on cpu_gemv's kernel instead, where it measured no slower (gemv_rows_paying)."""
+    inputs of up to `gemv_rows` rows on one of cpu_gemv's kernels instead (`gemv_kernel`: "gemv", reading the
+    weight as it is, or "tiles", reading a copy in the tile layout made with the weight's version), where it
+    measured no slower (choose_gemv)."""
     gemv_rows: int = 0
+    gemv_kernel: str = "gemv"
 
     @property
     def gemv(self) -> bool:
@@ -120,19 +123,56 @@ class PackedLinear(nn.Linear):
         if (x.device.type != "cpu" or self.bias is not None or x.dtype != self.weight.dtype
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the ops have no backward
             return F.linear(x, self.weight, self.bias)
-        if 0 < x.shape[:-1].numel() <= self.gemv_rows and self.weight.stride(1) == 1:   # reads the weight as it is now
-            return cpu_gemv.gemv_bf16(x, self.weight)
+        if 0 < x.shape[:-1].numel() <= self.gemv_rows:
+            if self.gemv_kernel == "tiles":
+                # the copy is of the weight as it is now (a compiled step is traced with it once: its guards
+                # would not see a version, and a traced check on it measured to be unreliable)
+                if torch.compiler.is_compiling() or self.tiles_version == _version(self.weight):
+                    return cpu_gemv.tiles_bf16(x, self.tiles_weight)
+            elif self.weight.stride(1) == 1:                                # reads the weight as it is now
+                return cpu_gemv.gemv_bf16(x, self.weight)
         return prepacked_linear(x, self.weight)
+
+    def _few_row_calls(self) -> dict:
+        """{"gemv": call, "tiles": call}: cpu_gemv's kernels that take this weight here (the tile copy made)."""
+        w, calls = self.weight, {}
+        if gemv_unavailable(w) is None:
+            calls["gemv"] = lambda x: cpu_gemv.gemv_bf16(x, w)
+        if w.dtype == torch.bfloat16 and cpu_gemv.tiles_unavailable(*w.shape) is None:
+            if "tiles_weight" not in self._buffers:
+                self.register_buffer("tiles_weight", cpu_gemv.pack_tiles_bf16(w.detach()), persistent=False)
+                self.tiles_version = _version(w)
+            calls["tiles"] = lambda x: cpu_gemv.tiles_bf16(x, self.tiles_weight)
+        return calls
+
+    @torch.no_grad()
+    def set_gemv(self, gemv) -> PackedLinear:
+        """Inputs of a few rows on cpu_gemv's kernels: "auto" (the kernel, and up to the widest width, where it paid:
+        choose_gemv), True (up to cpu_gemv.MAX_ROWS rows on the faster of those that run here, none where none
+        does), "gemv" or "tiles" (up to MAX_ROWS on that one, where it runs), or False."""
+        if gemv not in (True, False, "auto", *cpu_gemv.KERNELS):
+            raise ValueError(f"gemv must be True, False, 'auto' or one of {cpu_gemv.KERNELS}, got {gemv!r}")
+        self.gemv_kernel, self.gemv_rows = "gemv", 0
+        if gemv == "auto":
+            self.gemv_kernel, self.gemv_rows = choose_gemv(self)
+        elif gemv:
+            calls = self._few_row_calls()
+            if gemv in cpu_gemv.KERNELS:
+                calls = {gemv: calls[gemv]} if gemv in calls else {}
+            if calls:
+                self.gemv_kernel = cpu_gemv.fastest(calls, lambda rows: _random_rows(self.weight, rows))[0] \
+                    if len(calls) > 1 else next(iter(calls))
+                self.gemv_rows = cpu_gemv.MAX_ROWS
+        if not (self.gemv_rows and self.gemv_kernel == "tiles"):
+            self._buffers.pop("tiles_weight", None)
+        return self
 
     def forward_ref(self, x):
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: int = 8, gemv="auto") -> PackedLinear:
-        """gemv: inputs of a few rows on cpu_gemv's kernel: "auto" (up to the widest where it paid: gemv_rows_paying),
-        True (up to cpu_gemv.MAX_ROWS rows, where it runs) or False."""
-        if gemv not in (True, False, "auto"):
-            raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
+        """gemv: inputs of a few rows on cpu_gemv's kernels (set_gemv): "auto", True or False."""
         if linear.bias is not None:
             raise ValueError("PackedLinear takes linears without a bias (SmolLM2's have none)")
         module = cls.__new__(cls)
@@ -140,15 +180,11 @@ class PackedLinear(nn.Linear):
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.weight, module.bias = linear.weight, None     # the same Parameter: a tied head stays tied
         pack_weight(module.weight, rows)
-        if gemv == "auto":
-            module.gemv_rows = gemv_rows_paying(module)
-        else:
-            module.gemv_rows = cpu_gemv.MAX_ROWS if gemv and gemv_unavailable(module.weight) is None else 0
-        return module
+        return module.set_gemv(gemv)
 
     def kernel(self) -> str:
         name = "onednn-prepacked" if _packed_copy(self.weight) is not None else "plain (weight changed since packing)"
-        return name + cpu_gemv.describe(self.gemv_rows)
+        return name + cpu_gemv.describe(self.gemv_rows, self.gemv_kernel)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -180,20 +216,24 @@ def gemv_unavailable(weight: torch.Tensor) -> str | None:
     return cpu_gemv.available()
 
 
+def _random_rows(weight, rows: int):
+    return torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+
+
 @torch.no_grad()
-def gemv_rows_paying(module: PackedLinear) -> int:
-    """Up to how many rows inputs should run on cpu_gemv's kernel (bfloat16 weights, where it runs here): measured
-    once per (shape, threads) against the prepacked copy at cpu_gemv.WIDTHS (cpu_gemv.rows_paying, as
-    quant/formats.py's QuantLinear does); 0 where it did not pay on one row."""
-    w = module.weight
-    if gemv_unavailable(w):
-        return 0
+def choose_gemv(module: PackedLinear) -> tuple:
+    """(which of cpu_gemv's kernels, up to how many rows) inputs should run on (bfloat16 weights, where one runs
+    here): measured once per (shape, threads) against the prepacked copy at cpu_gemv.WIDTHS (cpu_gemv.choose, as
+    quant/formats.py's QuantLinear does); ("gemv", 0) where none paid on one row."""
+    w, calls = module.weight, module._few_row_calls()
+    if not calls:
+        return "gemv", 0
     key = (w.shape[0], w.shape[1], torch.get_num_threads())
     if key not in GEMV_CHOICES:
-        GEMV_CHOICES[key] = cpu_gemv.rows_paying(lambda x: cpu_gemv.gemv_bf16(x, w), "prepacked",
-                                                 lambda x: prepacked_linear(x, w), lambda rows: torch.randn(
-                                                     rows, w.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16())
-    return GEMV_CHOICES[key][0]
+        GEMV_CHOICES[key] = cpu_gemv.choose(calls, "prepacked", lambda x: prepacked_linear(x, w),
+                                            lambda rows: _random_rows(w, rows))
+    kernel, rows, _ = GEMV_CHOICES[key]
+    return kernel or "gemv", rows
 
 
 def prepack_linears(model: nn.Module, rows: int = 8, measure: bool = True) -> int:
@@ -231,10 +271,12 @@ def linear_kernels(model: nn.Module) -> str:
 
 
 def _on_gemv(modules) -> str:
-    """"cpu_gemv: 121 up to 16 rows", "cpu_gemv: 120 up to 16 rows, 1 up to 1 row", "cpu_gemv: none"."""
+    """"cpu_gemv: 121 up to 16 rows on tiles", "cpu_gemv: 120 up to 16 rows on tiles, 1 up to 1 row on gemv",
+    "cpu_gemv: none"."""
     counts = {}
     for m in modules:
         if m.gemv_rows:
-            counts[m.gemv_rows] = counts.get(m.gemv_rows, 0) + 1
-    parts = [f"{n} up to {rows} row{'s' * (rows > 1)}" for rows, n in sorted(counts.items(), reverse=True)]
+            key = (m.gemv_rows, m.gemv_kernel)
+            counts[key] = counts.get(key, 0) + 1
+    parts = [f"{n} up to {rows} row{'s' * (rows > 1)} on {kernel}" for (rows, kernel), n in sorted(counts.items(), reverse=True)]
     return "cpu_gemv: " + (", ".join(parts) or "none")

@@ -117,7 +117,7 @@ def test_the_ops_run_inside_a_compiled_graph():
 @torch.inference_mode()
 def test_quantized_linears_run_a_few_rows_on_the_kernel_and_wider_inputs_as_before():
     m, _, _ = _int4(96, 128, 64, True, seed=4)
-    m.set_impl("packed", gemv=True)
+    m.set_impl("packed", gemv="gemv")
     assert m.gemv_rows == cpu_gemv.MAX_ROWS == 16 and "1-16 rows: gemv" in repr(m)
     x = torch.randn(1, 128)
     assert _close(m(x), m.forward_ref(x.bfloat16().float()), torch.float32)     # the kernel rounds x to bfloat16
@@ -127,18 +127,20 @@ def test_quantized_linears_run_a_few_rows_on_the_kernel_and_wider_inputs_as_befo
     x17 = torch.randn(17, 128)
     assert torch.equal(m(x17), m.forward_packed(x17))                  # wider: the packed kernel, as before
     q = Int8Linear.from_linear(torch.nn.Linear(128, 40, bias=False), impl="packed").set_impl("packed", gemv=True)
-    assert _close(q(x), q.forward_ref(x), torch.float32)
+    assert _close(q(x), q.forward_ref(x), torch.float32) and q.gemv_kernel in cpu_gemv.KERNELS
     m.set_impl("packed")                                              # an explicit impl, no gemv unless asked
     assert not m.gemv and "gemv" not in m.kernel()
     m.set_impl("auto")                                                # auto: measured, and the timings kept
     key = ("Int4Linear", 96, 128, 64, m.impl, torch.get_num_threads())
     from minillm.quant.formats import GEMV_CHOICES
-    rows, times = GEMV_CHOICES[key]
-    assert rows == m.gemv_rows and rows in (0, *times) and set(times) <= set(cpu_gemv.WIDTHS)
-    assert all(set(t) == {"gemv", "kernel"} for t in times.values())
+    kernel, rows, times = GEMV_CHOICES[key]
+    assert rows == m.gemv_rows and (kernel or "gemv") == m.gemv_kernel and rows in (0, *times)
+    assert set(times) <= set(cpu_gemv.WIDTHS) and all({"gemv", "kernel"} <= set(t) for t in times.values())
+    if cpu_gemv.tiles_available() is None:                           # both measured where both run
+        assert set(times[1]) == {"gemv", "tiles", "kernel"}
     widths = list(times)
-    assert widths == list(cpu_gemv.WIDTHS[:len(widths)])              # measured in order, up to the first it lost
-    assert rows == (widths[-1] if rows == cpu_gemv.WIDTHS[-1] else ([0] + widths)[len(widths) - 1])
+    assert widths == list(cpu_gemv.WIDTHS[:len(widths)])              # measured in order, up to where the last lost
+    assert rows == 0 or all(times[w][kernel] <= (1 + cpu_gemv.TOLERANCE) * times[w]["kernel"] for w in times if w <= rows)
 
 
 def test_rows_paying_keeps_the_widest_width_up_to_which_the_kernel_paid():
@@ -147,12 +149,28 @@ def test_rows_paying_keeps_the_widest_width_up_to_which_the_kernel_paid():
     assert rows == 4 and list(times) == [1, 2, 4, 8]              # 8 ms lost to 5: no wider width measured
     assert cpu_gemv.rows_paying(lambda x: time.sleep(6e-3), "k", lambda x: time.sleep(1e-3), lambda r: r)[0] == 0
     assert [cpu_gemv.describe(r) for r in (0, 1, 16)] == ["", ", 1 row: gemv", ", 1-16 rows: gemv"]
+    assert cpu_gemv.describe(8, "tiles") == ", 1-8 rows: tiles"
+
+
+def test_choose_keeps_the_kernel_paying_up_to_the_most_rows_then_the_faster():
+    import time
+    slow, fast = lambda x: time.sleep(5e-3), lambda x: time.sleep(1e-3)
+    grows = lambda x: time.sleep(1e-3 * x)                          # pays up to 4 rows against 5 ms
+    assert cpu_gemv.choose({"gemv": grows, "tiles": fast}, "kernel", slow, lambda r: r)[:2] == ("tiles", 16)
+    assert cpu_gemv.choose({"gemv": grows}, "kernel", slow, lambda r: r)[:2] == ("gemv", 4)
+    assert cpu_gemv.choose({"gemv": fast, "tiles": lambda x: time.sleep(3e-3)}, "k", slow, lambda r: r)[:2] == ("gemv", 16)
+    kernel, rows, times = cpu_gemv.choose({"gemv": slow, "tiles": slow}, "kernel", fast, lambda r: r)
+    assert (kernel, rows) == (None, 0) and set(times[1]) == {"gemv", "tiles", "kernel"}
+    assert cpu_gemv.fastest({"gemv": slow, "tiles": fast}, lambda r: r)[0] == "tiles"
 
 
 def test_gemv_true_where_the_kernel_cannot_take_the_layer_is_refused():
-    m, _, _ = _int4(16, 96, 32, False, seed=5)                       # in_features 96: not a multiple of 64
+    m, _, _ = _int4(20, 96, 32, False, seed=5)          # in_features 96: not a multiple of 64; out 20: not of 16
     with pytest.raises(ValueError, match="multiple of 64"):
         m.set_impl("ref", gemv=True)
+    with pytest.raises(ValueError, match="multiple of 64") as e:
+        m.set_impl("ref", gemv="gemv")
+    assert "tile" not in str(e.value)                                # only the reason of the kernel asked for
     with pytest.raises(ValueError, match="gemv must be"):
         m.set_impl("ref", gemv="yes")
     assert isinstance(m, QuantLinear) and not m.set_impl("auto").gemv      # auto never picks what cannot run
@@ -164,7 +182,7 @@ def test_gemv_true_where_the_kernel_cannot_take_the_layer_is_refused():
 def test_a_prepacked_bfloat16_linear_runs_a_few_rows_on_the_kernel():
     torch.manual_seed(6)
     linear = torch.nn.Linear(64, 96, bias=False).bfloat16()
-    packed = PackedLinear.from_linear(linear, gemv=True)
+    packed = PackedLinear.from_linear(linear, gemv="gemv")
     assert packed.gemv and packed.kernel() == "onednn-prepacked, 1-16 rows: gemv"
     for rows in (1, 8):
         x = torch.randn(rows, 64).bfloat16()
@@ -177,4 +195,6 @@ def test_a_prepacked_bfloat16_linear_runs_a_few_rows_on_the_kernel():
     assert _close(packed(x), packed.forward_ref(x), torch.bfloat16)
     packed.weight = torch.nn.Parameter(packed.weight.t().contiguous().t(), requires_grad=False)   # rows not contiguous
     assert torch.equal(packed(x), packed.forward_ref(x))              # F.linear, not the kernel
-    assert not PackedLinear.from_linear(linear.float(), gemv=True).gemv  # float32 weights: not the kernel's
+    assert not PackedLinear.from_linear(linear.float(), gemv=True).gemv  # float32 weights: not the kernels'
+    with pytest.raises(ValueError, match="gemv must be"):
+        PackedLinear.from_linear(linear, gemv="fast")

@@ -30,9 +30,10 @@ AVX2 CPU: int8 1.37 ms with float32 activations, 0.13 ms with bfloat16; int4 g64
 float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtype` (bfloat16 by default)
 and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
 on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs. Inputs of a
-few rows (decode and verify steps) can run on cpu_gemv's kernel instead, written for them (exact weights,
-activations rounded to bfloat16, float32 sums, each row's numbers the same whatever the width): "auto" measures
-it too, at widths 1 to 16 (`_choose_gemv`, `GEMV_CHOICES`), and `repr` says up to how many rows (`1-16 rows: gemv`).
+few rows (decode and verify steps) can run on one of cpu_gemv's kernels instead, written for them (exact weights,
+activations rounded to bfloat16, float32 sums, each row's numbers the same whatever the width): "gemv"
+(AVX512-BF16) and, where the CPU has AMX, "tiles". "auto" measures them too, at widths 1 to 16 (`_choose_gemv`,
+`GEMV_CHOICES`), and `repr` says which and up to how many rows (`1-16 rows: tiles`).
 The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
 head its own Int8Linear (in float32 the head is a fifth of SmolLM2's bytes, read at every decode step).
 
@@ -156,7 +157,7 @@ PACKED_INT4_GROUPS = (32, 64, 128, 256)   # the group sizes aten._weight_int4pac
 IMPLS = ("ref", "packed", "auto")
 # Which forward each shape chose on this machine: (class, out, in, group, threads) -> (impl, act_dtype, times)
 KERNEL_CHOICES: dict = {}
-# Up to how many rows inputs run on cpu_gemv's kernel: (class, out, in, group, impl, threads) -> (rows, {width: {"gemv": ms, "kernel": ms}})
+# Which few-row kernel, up to how many rows: (class, out, in, group, impl, threads) -> (kernel, rows, {width: {"gemv": ms, "tiles": ms, "kernel": ms}})
 GEMV_CHOICES: dict = {}
 GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -183,6 +184,7 @@ class QuantLinear(nn.Module):
 
     matvec_fn = None  # a kernel (module, x) for one-token inputs (chapter 7's int4_matvec); None: below
     gemv_rows: int = 0  # inputs of up to this many rows on cpu_gemv's kernel (chosen by set_impl; 0: none)
+    gemv_kernel: str = "gemv"  # which: "gemv" (AVX512-BF16) or "tiles" (AMX)
 
     @property
     def gemv(self) -> bool:
@@ -200,15 +202,16 @@ class QuantLinear(nn.Module):
 
     def set_impl(self, impl: str, act_dtype: torch.dtype | None = None, gemv=None):
         """"ref" | "packed" (activations cast to act_dtype, default bfloat16) | "auto" (measure, keep the fastest).
-        gemv: inputs of a few rows (a decode step, a verify step) on cpu_gemv's kernel: True (up to cpu_gemv.MAX_ROWS
-        rows), False, or "auto" (up to the widest it measures no slower than the kernel chosen for them at; see
-        _choose_gemv); None (the default): "auto" with impl "auto", else False."""
+        gemv: inputs of a few rows (a decode step, a verify step) on one of cpu_gemv's kernels: True (up to
+        cpu_gemv.MAX_ROWS rows, on the one measured faster here), "gemv" or "tiles" (up to MAX_ROWS on that one),
+        False, or "auto" (the kernel and width measured to pay; see _choose_gemv); None (the default): "auto" with
+        impl "auto", else False."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if act_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"act_dtype must be torch.float32 or torch.bfloat16, got {act_dtype!r}")
-        if gemv not in (None, True, False, "auto"):
-            raise ValueError(f"gemv must be True, False, 'auto' or None, got {gemv!r}")
+        if gemv not in (None, True, False, "auto", *cpu_gemv.KERNELS):
+            raise ValueError(f"gemv must be True, False, 'auto', None or one of {cpu_gemv.KERNELS}, got {gemv!r}")
         gemv = ("auto" if impl == "auto" else False) if gemv is None else gemv
         if impl == "auto":
             impl, act_dtype = self._choose()
@@ -216,42 +219,81 @@ class QuantLinear(nn.Module):
             self._check_packed()
             act_dtype = act_dtype or torch.bfloat16
         self.impl, self.act_dtype = impl, act_dtype or torch.float32
-        self.gemv_rows = 0
-        if gemv is True:
-            why = self._gemv_unavailable()
-            if why:
+        self.gemv_rows, self.gemv_kernel = 0, "gemv"
+        if gemv is True or gemv in cpu_gemv.KERNELS:
+            calls = self._few_row_calls()
+            if gemv in cpu_gemv.KERNELS:
+                calls = {gemv: calls[gemv]} if gemv in calls else {}
+            if not calls:
+                why = {"gemv": self._gemv_unavailable(), "tiles": self._tiles_unavailable()}
+                why = "; ".join(w for k, w in why.items() if gemv in (True, k))
                 raise ValueError(f"{type(self).__name__}(in={self.in_features}, out={self.out_features}): {why}")
-            self._prepare_gemv()
+            self.gemv_kernel = cpu_gemv.fastest(calls, self._random_rows)[0] if len(calls) > 1 else next(iter(calls))
             self.gemv_rows = cpu_gemv.MAX_ROWS
         elif gemv == "auto":
-            self.gemv_rows = self._choose_gemv()
+            self.gemv_kernel, self.gemv_rows = self._choose_gemv()
+        self._drop_tiles_unless_used()
         return self
 
     def _prepare_gemv(self):
-        """Whatever the kernel reads beside the module's own buffers, made once (before any compiled graph sees it)."""
+        """Whatever the gemv kernel reads beside the module's own buffers, made once (before any compiled graph sees it)."""
 
-    def _gemv_unavailable(self) -> str | None:
-        """None if cpu_gemv's kernel takes this layer here, else why not."""
-        return cpu_gemv.available()
-
-    def forward_gemv(self, x):
+    def _prepare_tiles(self):
+        """The weights in the tile layout (cpu_gemv.pack_tiles_*), made once."""
         raise NotImplementedError
 
+    def _gemv_unavailable(self) -> str | None:
+        """None if cpu_gemv's gemv kernel takes this layer here, else why not."""
+        return cpu_gemv.available()
+
+    def _tiles_unavailable(self) -> str | None:
+        """None if cpu_gemv's tile kernel takes this layer here, else why not."""
+        return cpu_gemv.tiles_unavailable(self.out_features, self.in_features, getattr(self, "group_size", None))
+
+    def _few_row_calls(self) -> dict:
+        """{"gemv": call, "tiles": call}: the few-row kernels that take this layer here, their inputs prepared."""
+        calls = {}
+        if self._gemv_unavailable() is None:
+            self._prepare_gemv()
+            calls["gemv"] = self._forward_gemv
+        if self._tiles_unavailable() is None:
+            self._prepare_tiles()
+            calls["tiles"] = self._forward_tiles
+        return calls
+
+    def _drop_tiles_unless_used(self):
+        if not (self.gemv_rows and self.gemv_kernel == "tiles"):
+            for name in [n for n in self._buffers if n.startswith("tiles_")]:
+                del self._buffers[name]
+
+    def forward_gemv(self, x):
+        """x (a few rows) on the few-row kernel chosen (gemv_kernel)."""
+        return self._forward_tiles(x) if self.gemv_kernel == "tiles" else self._forward_gemv(x)
+
+    def _forward_gemv(self, x):
+        raise NotImplementedError
+
+    def _forward_tiles(self, x):
+        raise NotImplementedError
+
+    def _random_rows(self, rows: int):
+        return torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(0))
+
     @torch.no_grad()
-    def _choose_gemv(self) -> int:
-        """Up to how many rows inputs should run on cpu_gemv's kernel: measured once per shape and thread count against
-        the layer's own kernel at cpu_gemv.WIDTHS (cpu_gemv.rows_paying: kept unless more than cpu_gemv.TOLERANCE
-        slower)."""
-        if self._gemv_unavailable():
-            return 0
-        self._prepare_gemv()
+    def _choose_gemv(self) -> tuple:
+        """(which few-row kernel, up to how many rows) inputs should run on: measured once per shape and thread count
+        against the layer's own kernel at cpu_gemv.WIDTHS (cpu_gemv.choose: each kept unless more than
+        cpu_gemv.TOLERANCE slower, the one paying up to more rows preferred); ("gemv", 0) where none paid."""
+        calls = self._few_row_calls()
+        if not calls:
+            return "gemv", 0
         key = (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
                self.impl, torch.get_num_threads())
         if key not in GEMV_CHOICES:
             self.gemv_rows = 0                                 # self(x): the layer's own kernel
-            GEMV_CHOICES[key] = cpu_gemv.rows_paying(self.forward_gemv, "kernel", self, lambda rows: torch.randn(
-                rows, self.in_features, generator=torch.Generator().manual_seed(0)))
-        return GEMV_CHOICES[key][0]
+            GEMV_CHOICES[key] = cpu_gemv.choose(calls, "kernel", self, self._random_rows)
+        kernel, rows, _ = GEMV_CHOICES[key]
+        return kernel or "gemv", rows
 
     def _check_packed(self):
         pass
@@ -283,7 +325,7 @@ class QuantLinear(nn.Module):
 
     def kernel(self) -> str:
         name = "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
-        return name + cpu_gemv.describe(self.gemv_rows)
+        return name + cpu_gemv.describe(self.gemv_rows, self.gemv_kernel)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -333,9 +375,19 @@ class Int4Linear(QuantLinear):
             self.register_buffer("gemv_scales", self.scales.float(), persistent=False)
             self.register_buffer("gemv_offsets", self.offsets.float(), persistent=False)
 
-    def forward_gemv(self, x):
+    def _forward_gemv(self, x):
         self._prepare_gemv()
         return cpu_gemv.gemv_int4(x, self.packed, self.gemv_scales, self.gemv_offsets, self.group_size)
+
+    def _prepare_tiles(self):
+        if "tiles_q" not in self._buffers:
+            for name, t in zip(("tiles_q", "tiles_scales", "tiles_offsets"),
+                               cpu_gemv.pack_tiles_int4(self.packed, self.scales, self.offsets)):
+                self.register_buffer(name, t, persistent=False)
+
+    def _forward_tiles(self, x):
+        self._prepare_tiles()
+        return cpu_gemv.tiles_int4(x, self.tiles_q, self.tiles_scales, self.tiles_offsets, self.group_size)
 
     def _check_packed(self):
         if self.group_size not in PACKED_INT4_GROUPS:
@@ -405,8 +457,16 @@ class Int8Linear(QuantLinear):
             return f"the gemv kernel takes in_features a multiple of 32, not {self.in_features}"
         return cpu_gemv.available()
 
-    def forward_gemv(self, x):
+    def _forward_gemv(self, x):
         return cpu_gemv.gemv_int8(x, self.weight, self.scales)
+
+    def _prepare_tiles(self):
+        if "tiles_weight" not in self._buffers:
+            self.register_buffer("tiles_weight", cpu_gemv.pack_tiles_int8(self.weight), persistent=False)
+
+    def _forward_tiles(self, x):
+        self._prepare_tiles()
+        return cpu_gemv.tiles_int8(x, self.tiles_weight, self.scales)
 
 
 def replace_linears(model, make_module, skip=("output",)):
