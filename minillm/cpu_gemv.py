@@ -33,7 +33,7 @@ it is bound by its instructions (Xeon VM, bfloat16, the 30 blocks' linears strea
 
 Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (prepack.py) measure, once per weight shape
 and thread count, this kernel (and the tile variant below, where it runs) against theirs at widths 1, 2, 4, 8 and
-16 (`rows_paying`, `choose`), and run inputs up to the widest width where it paid on it; `repr` says which and up
+16 (`choose`), and run inputs up to the widest width where it paid on it; `repr` says which and up
 to how many rows (`1-16 rows: gemv`). Wider inputs (prefill)
 keep PyTorch's kernels. The kernels are ops of
 PyTorch's dispatcher (`torch.ops.minillm.gemv_*`, registered in C++: the library is built against PyTorch's
@@ -48,7 +48,7 @@ TDPBF16PS multiplies up to 16 rows of x by a 32 x 16 tile of weights in one inst
 about what one does. The weights are repacked once into the tile layout (`pack_tiles_*`: plain reshapes), int8
 and int4 turned into exact bfloat16 tiles in L1 as they stream by:
 
-    cpu_gemv.tiles_available()                        # None, or why not (no AMX, no compiler support, the OS says no)
+    cpu_gemv.tiles_available()       # None, or why not (no AMX, no compiler support, the OS says no, MINILLM_TILES=0)
     y = cpu_gemv.tiles_bf16(x, cpu_gemv.pack_tiles_bf16(w))              # x at most 16 rows
     y = cpu_gemv.tiles_int8(x, cpu_gemv.pack_tiles_int8(w), scales)
     y = cpu_gemv.tiles_int4(x, *cpu_gemv.pack_tiles_int4(packed, scales, offsets), group_size)
@@ -63,6 +63,7 @@ rows, then the faster) and `repr` names the one they run (`1-16 rows: tiles`); g
 """
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -129,45 +130,30 @@ MAX_ROWS = WIDTHS[-1]
 KERNELS = ("gemv", "tiles")     # gemv.cpp's (AVX512-BF16) and tiles.cpp's (AMX), below
 
 
-def pays(gemv, other: str, kernel, repeats: int = 9, name: str = "gemv"):
-    """(whether to run one row on the kernel, {name: ms, other: ms}): both calls timed in turns, three rounds,
-    each keeping its best median; the kernel kept unless more than TOLERANCE slower."""
-    calls = {name: gemv, other: kernel}
-    times = {k: [] for k in calls}
-    for _ in range(3):
-        for k, call in calls.items():
-            times[k].append(1e3 * median_seconds(call, repeats))
-    best = {k: round(min(v), 4) for k, v in times.items()}
-    return best[name] <= (1 + TOLERANCE) * best[other], best
-
-
-def rows_paying(gemv, other: str, kernel, make_x, widths=WIDTHS, name: str = "gemv"):
-    """(the most rows of x to run on the kernel: the widest of `widths` up to which it paid at every width, 0 where
-    it did not pay on one row; {width: {name: ms, other: ms}}). gemv and kernel take x = make_x(width)."""
-    rows, times = 0, {}
+def choose(calls: dict, other: str, kernel, make_x, widths=WIDTHS, repeats: int = 9):
+    """(a plan: which of `calls` ({"gemv": call, "tiles": call}, those that run here) to run at which widths,
+    {width: {name: ms, ..., other: ms}}). At each width, widest last, every call and the layer's own kernel are
+    timed in turns (three rounds, best medians); the fastest call is kept where it is no more than TOLERANCE
+    slower than the kernel, and the measuring stops at the first width where none is. The plan is
+    ((up to rows, name), ...), neighbouring widths on one kernel merged: ((1, "gemv"), (16, "tiles")) runs one row
+    on gemv and 2-16 on the tiles; () where none paid on one row."""
+    plan, times = [], {}
     for width in widths:
         x = make_x(width)
-        ok, times[width] = pays(lambda: gemv(x), other, lambda: kernel(x), name=name)
-        if not ok:
+        runs = {name: [] for name in (*calls, other)}
+        for _ in range(3):
+            for name in runs:
+                call = kernel if name == other else calls[name]
+                runs[name].append(1e3 * median_seconds(lambda: call(x), repeats))
+        times[width] = {name: round(min(ms), 4) for name, ms in runs.items()}
+        best = min(calls, key=lambda n: times[width][n])
+        if times[width][best] > (1 + TOLERANCE) * times[width][other]:
             break
-        rows = width
-    return rows, times
-
-
-def choose(calls: dict, other: str, kernel, make_x):
-    """(the few-row kernel to run, up to how many rows, {width: {name: ms, ..., other: ms}}): each of `calls`
-    ({"gemv": call, "tiles": call}, those that run here) measured by rows_paying against the layer's own kernel;
-    the one that paid up to the most rows kept, on a tie the faster at that width; (None, 0, times) where none paid."""
-    found = {name: rows_paying(call, other, kernel, make_x, name=name) for name, call in calls.items()}
-    times = {}
-    for name, (_, t) in found.items():
-        for width, ms in t.items():
-            times.setdefault(width, {}).update(ms)
-    paid = [name for name in found if found[name][0]]
-    if not paid:
-        return None, 0, times
-    best = max(paid, key=lambda n: (found[n][0], -found[n][1][found[n][0]][n]))
-    return best, found[best][0], times
+        if plan and plan[-1][1] == best:
+            plan[-1] = (width, best)
+        else:
+            plan.append((width, best))
+    return tuple(plan), times
 
 
 def fastest(calls: dict, make_x, widths=(1, 8), repeats: int = 9):
@@ -178,9 +164,21 @@ def fastest(calls: dict, make_x, widths=(1, 8), repeats: int = 9):
     return min(times, key=times.get), times
 
 
-def describe(rows: int, kernel: str = "gemv") -> str:
-    """What repr says of a layer taking up to `rows` rows on `kernel`: "", ", 1 row: gemv", ", 1-16 rows: tiles"."""
-    return "" if rows <= 0 else f", 1 row: {kernel}" if rows == 1 else f", 1-{rows} rows: {kernel}"
+def kernel_for(plan: tuple, rows: int) -> str | None:
+    """Which kernel of `plan` (choose's) runs an input of `rows` rows: None where the plan ends below it."""
+    for up_to, name in plan:
+        if rows <= up_to:
+            return name
+    return None
+
+
+def describe(plan: tuple) -> str:
+    """What repr says of a layer running `plan` (choose's): "", ", 1-16 rows: tiles", ", 1 row: gemv, 2-16 rows: tiles"."""
+    parts, low = [], 1
+    for up_to, name in plan:
+        parts.append(f"{low} row{'s' * (up_to > 1)}: {name}" if up_to == low else f"{low}-{up_to} rows: {name}")
+        low = up_to + 1
+    return "".join(", " + p for p in parts)
 
 
 def gemv_bf16_ref(x, w):
@@ -208,6 +206,8 @@ def _setup_tiles(lib) -> None:
 
 def tiles_available() -> str | None:
     """None if the AMX tile kernels run here (building them if needed), else why not."""
+    if os.environ.get("MINILLM_TILES") == "0":
+        return "the tile kernel is switched off (MINILLM_TILES=0)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the tile kernel needs an x86-64 CPU with AMX, not {platform.machine()}"
     try:

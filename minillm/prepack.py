@@ -43,7 +43,7 @@ from . import cpu_gemv
 from .timing import median_seconds
 
 PACK_CHOICES: dict = {}     # (out, in, dtype, threads, rows) -> {"plain": ms, "prepacked": ms}
-GEMV_CHOICES: dict = {}     # (out, in, threads) -> (cpu_gemv's kernel, up to how many rows, {width: {"gemv": ms, "tiles": ms, "prepacked": ms}})
+GEMV_CHOICES: dict = {}     # (out, in, threads) -> (cpu_gemv's plan, {width: {"gemv": ms, "tiles": ms, "prepacked": ms}})
 _PACKED: dict = {}          # weight.data_ptr() -> (shape, strides, dtype, version, packed copy)
 
 _lib = torch.library.Library("minillm", "DEF")
@@ -109,24 +109,28 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> None:
 
 class PackedLinear(nn.Linear):
     """An nn.Linear (same `weight` Parameter, same state dict) whose forward runs on a prepacked copy; bfloat16
-    inputs of up to `gemv_rows` rows on one of cpu_gemv's kernels instead (`gemv_kernel`: "gemv", reading the
-    weight as it is, or "tiles", reading a copy in the tile layout made with the weight's version), where it
-    measured no slower (choose_gemv)."""
-    gemv_rows: int = 0
-    gemv_kernel: str = "gemv"
+    inputs of a few rows on cpu_gemv's kernels instead, where they measured no slower (`gemv_plan`, choose_gemv):
+    "gemv" reads the weight as it is, "tiles" a copy in the tile layout made with the weight's version."""
+    gemv_plan: tuple = ()       # ((up to rows, "gemv" | "tiles"), ...): cpu_gemv.choose's
+
+    @property
+    def gemv_rows(self) -> int:
+        return self.gemv_plan[-1][0] if self.gemv_plan else 0
 
     @property
     def gemv(self) -> bool:
-        return self.gemv_rows > 0
+        return bool(self.gemv_plan)
 
     def forward(self, x):
         if (x.device.type != "cpu" or self.bias is not None or x.dtype != self.weight.dtype
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the ops have no backward
             return F.linear(x, self.weight, self.bias)
-        if 0 < x.shape[:-1].numel() <= self.gemv_rows:
-            if self.gemv_kernel == "tiles":
-                # the copy is of the weight as it is now (a compiled step is traced with it once: its guards
-                # would not see a version, and a traced check on it measured to be unreliable)
+        rows = x.shape[:-1].numel()
+        kernel = cpu_gemv.kernel_for(self.gemv_plan, rows) if rows else None
+        if kernel is not None:
+            if kernel == "tiles":
+                # where the copy is of the weight as it is now; a compiled step skips the check (traced once, with
+                # the copy: dynamo's view of the version while tracing is not the tensor's)
                 if torch.compiler.is_compiling() or self.tiles_version == _version(self.weight):
                     return cpu_gemv.tiles_bf16(x, self.tiles_weight)
             elif self.weight.stride(1) == 1:                                # reads the weight as it is now
@@ -152,18 +156,18 @@ class PackedLinear(nn.Linear):
         does), "gemv" or "tiles" (up to MAX_ROWS on that one, where it runs), or False."""
         if gemv not in (True, False, "auto", *cpu_gemv.KERNELS):
             raise ValueError(f"gemv must be True, False, 'auto' or one of {cpu_gemv.KERNELS}, got {gemv!r}")
-        self.gemv_kernel, self.gemv_rows = "gemv", 0
+        self.gemv_plan = ()
         if gemv == "auto":
-            self.gemv_kernel, self.gemv_rows = choose_gemv(self)
+            self.gemv_plan = choose_gemv(self)
         elif gemv:
             calls = self._few_row_calls()
             if gemv in cpu_gemv.KERNELS:
                 calls = {gemv: calls[gemv]} if gemv in calls else {}
             if calls:
-                self.gemv_kernel = cpu_gemv.fastest(calls, lambda rows: _random_rows(self.weight, rows))[0] \
+                kernel = cpu_gemv.fastest(calls, lambda rows: _random_rows(self.weight, rows))[0] \
                     if len(calls) > 1 else next(iter(calls))
-                self.gemv_rows = cpu_gemv.MAX_ROWS
-        if not (self.gemv_rows and self.gemv_kernel == "tiles"):
+                self.gemv_plan = ((cpu_gemv.MAX_ROWS, kernel),)
+        if "tiles" not in dict(self.gemv_plan).values():
             self._buffers.pop("tiles_weight", None)
         return self
 
@@ -184,7 +188,7 @@ class PackedLinear(nn.Linear):
 
     def kernel(self) -> str:
         name = "onednn-prepacked" if _packed_copy(self.weight) is not None else "plain (weight changed since packing)"
-        return name + cpu_gemv.describe(self.gemv_rows, self.gemv_kernel)
+        return name + cpu_gemv.describe(self.gemv_plan)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
@@ -222,18 +226,17 @@ def _random_rows(weight, rows: int):
 
 @torch.no_grad()
 def choose_gemv(module: PackedLinear) -> tuple:
-    """(which of cpu_gemv's kernels, up to how many rows) inputs should run on (bfloat16 weights, where one runs
-    here): measured once per (shape, threads) against the prepacked copy at cpu_gemv.WIDTHS (cpu_gemv.choose, as
-    quant/formats.py's QuantLinear does); ("gemv", 0) where none paid on one row."""
+    """Which of cpu_gemv's kernels inputs of each width should run on (bfloat16 weights, where one runs here): a
+    plan measured once per (shape, threads) against the prepacked copy at cpu_gemv.WIDTHS (cpu_gemv.choose, as
+    quant/formats.py's QuantLinear does); () where none paid on one row."""
     w, calls = module.weight, module._few_row_calls()
     if not calls:
-        return "gemv", 0
+        return ()
     key = (w.shape[0], w.shape[1], torch.get_num_threads())
     if key not in GEMV_CHOICES:
         GEMV_CHOICES[key] = cpu_gemv.choose(calls, "prepacked", lambda x: prepacked_linear(x, w),
                                             lambda rows: _random_rows(w, rows))
-    kernel, rows, _ = GEMV_CHOICES[key]
-    return kernel or "gemv", rows
+    return GEMV_CHOICES[key][0]
 
 
 def prepack_linears(model: nn.Module, rows: int = 8, measure: bool = True) -> int:
@@ -258,8 +261,8 @@ def packed_count(model: nn.Module) -> int:
 
 
 def linear_kernels(model: nn.Module) -> str:
-    """What the benches print: "121 linears oneDNN-prepacked (cpu_gemv: 121 up to 16 rows), 0 plain", and for
-    quantized models how many run a few rows on cpu_gemv's kernel, and up to how many."""
+    """What the benches print: "121 linears oneDNN-prepacked (cpu_gemv: 121 on 1-16 rows: tiles), 0 plain", and for
+    quantized models how many run a few rows on which of cpu_gemv's kernels."""
     packed = packed_count(model)
     plain = sum(isinstance(m, nn.Linear) for m in model.modules()) - packed
     out = f"{packed} linears oneDNN-prepacked ({_on_gemv([m for m in model.modules() if isinstance(m, PackedLinear)])})" \
@@ -271,12 +274,11 @@ def linear_kernels(model: nn.Module) -> str:
 
 
 def _on_gemv(modules) -> str:
-    """"cpu_gemv: 121 up to 16 rows on tiles", "cpu_gemv: 120 up to 16 rows on tiles, 1 up to 1 row on gemv",
+    """"cpu_gemv: 121 on 1-16 rows: tiles", "cpu_gemv: 120 on 1 row: gemv, 2-16 rows: tiles; 1 on 1-16 rows: tiles",
     "cpu_gemv: none"."""
     counts = {}
     for m in modules:
-        if m.gemv_rows:
-            key = (m.gemv_rows, m.gemv_kernel)
-            counts[key] = counts.get(key, 0) + 1
-    parts = [f"{n} up to {rows} row{'s' * (rows > 1)} on {kernel}" for (rows, kernel), n in sorted(counts.items(), reverse=True)]
-    return "cpu_gemv: " + (", ".join(parts) or "none")
+        if m.gemv_plan:
+            counts[m.gemv_plan] = counts.get(m.gemv_plan, 0) + 1
+    parts = [f"{n} on {cpu_gemv.describe(plan)[2:]}" for plan, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "cpu_gemv: " + ("; ".join(parts) or "none")

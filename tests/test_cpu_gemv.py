@@ -127,41 +127,37 @@ def test_quantized_linears_run_a_few_rows_on_the_kernel_and_wider_inputs_as_befo
     x17 = torch.randn(17, 128)
     assert torch.equal(m(x17), m.forward_packed(x17))                  # wider: the packed kernel, as before
     q = Int8Linear.from_linear(torch.nn.Linear(128, 40, bias=False), impl="packed").set_impl("packed", gemv=True)
-    assert _close(q(x), q.forward_ref(x), torch.float32) and q.gemv_kernel in cpu_gemv.KERNELS
+    assert _close(q(x), q.forward_ref(x), torch.float32) and q.gemv_plan[0][1] in cpu_gemv.KERNELS
     m.set_impl("packed")                                              # an explicit impl, no gemv unless asked
     assert not m.gemv and "gemv" not in m.kernel()
     m.set_impl("auto")                                                # auto: measured, and the timings kept
     key = ("Int4Linear", 96, 128, 64, m.impl, torch.get_num_threads())
     from minillm.quant.formats import GEMV_CHOICES
-    kernel, rows, times = GEMV_CHOICES[key]
-    assert rows == m.gemv_rows and (kernel or "gemv") == m.gemv_kernel and rows in (0, *times)
-    assert set(times) <= set(cpu_gemv.WIDTHS) and all({"gemv", "kernel"} <= set(t) for t in times.values())
-    if cpu_gemv.tiles_available() is None:                           # both measured where both run
-        assert set(times[1]) == {"gemv", "tiles", "kernel"}
+    plan, times = GEMV_CHOICES[key]
+    assert plan == m.gemv_plan and m.gemv_rows in (0, *times) and set(times) <= set(cpu_gemv.WIDTHS)
+    names = {"gemv", "tiles"} if cpu_gemv.tiles_available() is None else {"gemv"}     # both measured where both run
+    assert all(set(t) == names | {"kernel"} for t in times.values())
     widths = list(times)
-    assert widths == list(cpu_gemv.WIDTHS[:len(widths)])              # measured in order, up to where the last lost
-    assert rows == 0 or all(times[w][kernel] <= (1 + cpu_gemv.TOLERANCE) * times[w]["kernel"] for w in times if w <= rows)
+    assert widths == list(cpu_gemv.WIDTHS[:len(widths)])              # measured in order, up to where none paid
+    for w in widths[:len(widths) - (m.gemv_rows < widths[-1])]:       # the plan's kernel: the fastest, and paying
+        kernel = cpu_gemv.kernel_for(plan, w)
+        assert times[w][kernel] == min(times[w][n] for n in names)
+        assert times[w][kernel] <= (1 + cpu_gemv.TOLERANCE) * times[w]["kernel"]
 
 
-def test_rows_paying_keeps_the_widest_width_up_to_which_the_kernel_paid():
-    import time
-    rows, times = cpu_gemv.rows_paying(lambda x: time.sleep(1e-3 * x), "kernel", lambda x: time.sleep(5e-3), lambda r: r)
-    assert rows == 4 and list(times) == [1, 2, 4, 8]              # 8 ms lost to 5: no wider width measured
-    assert cpu_gemv.rows_paying(lambda x: time.sleep(6e-3), "k", lambda x: time.sleep(1e-3), lambda r: r)[0] == 0
-    assert [cpu_gemv.describe(r) for r in (0, 1, 16)] == ["", ", 1 row: gemv", ", 1-16 rows: gemv"]
-    assert cpu_gemv.describe(8, "tiles") == ", 1-8 rows: tiles"
-
-
-def test_choose_keeps_the_kernel_paying_up_to_the_most_rows_then_the_faster():
+def test_choose_plans_the_fastest_kernel_at_each_width_while_one_pays():
     import time
     slow, fast = lambda x: time.sleep(5e-3), lambda x: time.sleep(1e-3)
-    grows = lambda x: time.sleep(1e-3 * x)                          # pays up to 4 rows against 5 ms
-    assert cpu_gemv.choose({"gemv": grows, "tiles": fast}, "kernel", slow, lambda r: r)[:2] == ("tiles", 16)
-    assert cpu_gemv.choose({"gemv": grows}, "kernel", slow, lambda r: r)[:2] == ("gemv", 4)
-    assert cpu_gemv.choose({"gemv": fast, "tiles": lambda x: time.sleep(3e-3)}, "k", slow, lambda r: r)[:2] == ("gemv", 16)
-    kernel, rows, times = cpu_gemv.choose({"gemv": slow, "tiles": slow}, "kernel", fast, lambda r: r)
-    assert (kernel, rows) == (None, 0) and set(times[1]) == {"gemv", "tiles", "kernel"}
+    grows = lambda x: time.sleep(1e-3 * x)                          # 1 ms a row: pays up to 4 rows against 5 ms
+    plan, times = cpu_gemv.choose({"gemv": grows}, "kernel", slow, lambda r: r)
+    assert plan == ((4, "gemv"),) and list(times) == [1, 2, 4, 8]  # 8 ms lost to 5: no wider width measured
+    two = lambda x: time.sleep(1.5e-3)                             # faster than 1 ms a row from 2 rows
+    assert cpu_gemv.choose({"gemv": grows, "tiles": two}, "kernel", slow, lambda r: r)[0] == ((1, "gemv"), (16, "tiles"))
+    assert cpu_gemv.choose({"gemv": slow, "tiles": slow}, "kernel", fast, lambda r: r)[0] == ()
     assert cpu_gemv.fastest({"gemv": slow, "tiles": fast}, lambda r: r)[0] == "tiles"
+    assert [cpu_gemv.describe(p) for p in ((), ((1, "gemv"),), ((16, "gemv"),), ((1, "gemv"), (8, "tiles")))] == \
+        ["", ", 1 row: gemv", ", 1-16 rows: gemv", ", 1 row: gemv, 2-8 rows: tiles"]
+    assert [cpu_gemv.kernel_for(((1, "gemv"), (8, "tiles")), r) for r in (1, 3, 8, 9)] == ["gemv", "tiles", "tiles", None]
 
 
 def test_gemv_true_where_the_kernel_cannot_take_the_layer_is_refused():

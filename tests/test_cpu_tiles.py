@@ -126,7 +126,7 @@ def test_the_tile_ops_run_inside_a_compiled_graph():
 def test_quantized_and_prepacked_linears_run_a_few_rows_on_the_tiles():
     m, _, _ = _int4(96, 128, 64, True, seed=4)
     m.set_impl("packed", gemv="tiles")
-    assert m.gemv_kernel == "tiles" and "1-16 rows: tiles" in repr(m)
+    assert m.gemv_plan == ((16, "tiles"),) and "1-16 rows: tiles" in repr(m)
     x = torch.randn(16, 128)
     assert _close(m(x), m.forward_ref(x.bfloat16().float()), torch.float32)
     assert torch.equal(m(x[:3]), m.forward_gemv(x[:3])) and torch.equal(m(x[17:]), m.forward_packed(x[17:]))

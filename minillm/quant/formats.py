@@ -157,7 +157,7 @@ PACKED_INT4_GROUPS = (32, 64, 128, 256)   # the group sizes aten._weight_int4pac
 IMPLS = ("ref", "packed", "auto")
 # Which forward each shape chose on this machine: (class, out, in, group, threads) -> (impl, act_dtype, times)
 KERNEL_CHOICES: dict = {}
-# Which few-row kernel, up to how many rows: (class, out, in, group, impl, threads) -> (kernel, rows, {width: {"gemv": ms, "tiles": ms, "kernel": ms}})
+# Which few-row kernel at which widths: (class, out, in, group, impl, threads) -> (plan, {width: {"gemv": ms, "tiles": ms, "kernel": ms}})
 GEMV_CHOICES: dict = {}
 GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -183,19 +183,25 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     matvec_fn = None  # a kernel (module, x) for one-token inputs (chapter 7's int4_matvec); None: below
-    gemv_rows: int = 0  # inputs of up to this many rows on cpu_gemv's kernel (chosen by set_impl; 0: none)
-    gemv_kernel: str = "gemv"  # which: "gemv" (AVX512-BF16) or "tiles" (AMX)
+    # which of cpu_gemv's kernels ("gemv": AVX512-BF16, "tiles": AMX) runs inputs of how many rows (set by set_impl):
+    # ((up to rows, kernel), ...), e.g. ((1, "gemv"), (16, "tiles")); () for none
+    gemv_plan: tuple = ()
+
+    @property
+    def gemv_rows(self) -> int:
+        """Up to how many rows inputs run on cpu_gemv's kernels (0: none)."""
+        return self.gemv_plan[-1][0] if self.gemv_plan else 0
 
     @property
     def gemv(self) -> bool:
-        return self.gemv_rows > 0
+        return bool(self.gemv_plan)
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
         if self.matvec_fn is not None and rows == 1:
             return self.matvec_fn(self, x)
         if 0 < rows <= self.gemv_rows and x.device.type == "cpu" and x.dtype in GEMV_DTYPES:
-            return self.forward_gemv(x)
+            return self.forward_gemv(x)     # (the plan is read while tracing: a compiled width keeps its kernel)
         if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
             return self.forward_packed(x)
         return self.forward_ref(x)
@@ -219,7 +225,7 @@ class QuantLinear(nn.Module):
             self._check_packed()
             act_dtype = act_dtype or torch.bfloat16
         self.impl, self.act_dtype = impl, act_dtype or torch.float32
-        self.gemv_rows, self.gemv_kernel = 0, "gemv"
+        self.gemv_plan = ()
         if gemv is True or gemv in cpu_gemv.KERNELS:
             calls = self._few_row_calls()
             if gemv in cpu_gemv.KERNELS:
@@ -228,10 +234,10 @@ class QuantLinear(nn.Module):
                 why = {"gemv": self._gemv_unavailable(), "tiles": self._tiles_unavailable()}
                 why = "; ".join(w for k, w in why.items() if gemv in (True, k))
                 raise ValueError(f"{type(self).__name__}(in={self.in_features}, out={self.out_features}): {why}")
-            self.gemv_kernel = cpu_gemv.fastest(calls, self._random_rows)[0] if len(calls) > 1 else next(iter(calls))
-            self.gemv_rows = cpu_gemv.MAX_ROWS
+            kernel = cpu_gemv.fastest(calls, self._random_rows)[0] if len(calls) > 1 else next(iter(calls))
+            self.gemv_plan = ((cpu_gemv.MAX_ROWS, kernel),)
         elif gemv == "auto":
-            self.gemv_kernel, self.gemv_rows = self._choose_gemv()
+            self.gemv_plan = self._choose_gemv()
         self._drop_tiles_unless_used()
         return self
 
@@ -262,13 +268,15 @@ class QuantLinear(nn.Module):
         return calls
 
     def _drop_tiles_unless_used(self):
-        if not (self.gemv_rows and self.gemv_kernel == "tiles"):
+        if "tiles" not in dict(self.gemv_plan).values():
             for name in [n for n in self._buffers if n.startswith("tiles_")]:
                 del self._buffers[name]
 
     def forward_gemv(self, x):
-        """x (a few rows) on the few-row kernel chosen (gemv_kernel)."""
-        return self._forward_tiles(x) if self.gemv_kernel == "tiles" else self._forward_gemv(x)
+        """x (a few rows) on the few-row kernel the plan names for its rows (gemv, where the plan names none)."""
+        if cpu_gemv.kernel_for(self.gemv_plan, x.shape[:-1].numel()) == "tiles":
+            return self._forward_tiles(x)
+        return self._forward_gemv(x)
 
     def _forward_gemv(self, x):
         raise NotImplementedError
@@ -281,19 +289,18 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def _choose_gemv(self) -> tuple:
-        """(which few-row kernel, up to how many rows) inputs should run on: measured once per shape and thread count
-        against the layer's own kernel at cpu_gemv.WIDTHS (cpu_gemv.choose: each kept unless more than
-        cpu_gemv.TOLERANCE slower, the one paying up to more rows preferred); ("gemv", 0) where none paid."""
+        """Which few-row kernel inputs of each width should run on (a plan, cpu_gemv.choose's): measured once per
+        shape and thread count against the layer's own kernel at cpu_gemv.WIDTHS, the fastest kept at each width
+        unless more than cpu_gemv.TOLERANCE slower than the layer's own; () where none paid."""
         calls = self._few_row_calls()
         if not calls:
-            return "gemv", 0
+            return ()
         key = (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
                self.impl, torch.get_num_threads())
         if key not in GEMV_CHOICES:
-            self.gemv_rows = 0                                 # self(x): the layer's own kernel
+            self.gemv_plan = ()                                # self(x): the layer's own kernel
             GEMV_CHOICES[key] = cpu_gemv.choose(calls, "kernel", self, self._random_rows)
-        kernel, rows, _ = GEMV_CHOICES[key]
-        return kernel or "gemv", rows
+        return GEMV_CHOICES[key][0]
 
     def _check_packed(self):
         pass
@@ -325,7 +332,7 @@ class QuantLinear(nn.Module):
 
     def kernel(self) -> str:
         name = "ref" if self.impl == "ref" else f"packed/{str(self.act_dtype)[6:]}"
-        return name + cpu_gemv.describe(self.gemv_rows, self.gemv_kernel)
+        return name + cpu_gemv.describe(self.gemv_plan)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel()}"
