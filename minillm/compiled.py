@@ -41,13 +41,14 @@ compile instead of minutes for the whole 30-layer graph, at the same speed):
     weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
                (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
                measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them. Steps of up
-               to 16 rows of bfloat16 and quantized linears run on cpu_gemv's kernel up to the widest width it
-               measured no slower at (its sums in another order than oneDNN's: not bit-equal to them).
+               to 16 rows of bfloat16 and quantized linears run on cpu_gemv's kernels, at each width the faster
+               where it measured no slower (their sums in another order than oneDNN's: not bit-equal to them).
                Both change the wrapped model's modules in place; with fusion its state dict holds `wqkv` and
                `w13` instead of the parts: wrap a copy to keep the original layout.
 
 The same logits at every width (`compile_decode(model, consistent=True)`, `--compile --consistent`): every
-linear runs on cpu_gemv's kernel and every layer attends with cpu_attention's, at every width. Both compute a
+linear runs on one of cpu_gemv's kernels (the faster over 1 and 8 rows: gemv, or the AMX tiles where the CPU has
+them) and every layer attends with cpu_attention's, at every width. Both compute a
 row from that row's inputs alone, by the same instructions in the same order whatever the width, and the rest
 of the step (norms, RoPE, SwiGLU) works row by row; so a token's logits from a 1-row decode step and from an
 8-row verify step are bit-equal (tested on the tiny config; SmolLM2 in bfloat16 and int4 + int8 head: every
@@ -340,7 +341,7 @@ def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool 
 
 
 def gemv_everywhere(model) -> None:
-    """Every linear of `model` on cpu_gemv's kernel for up to cpu_gemv.MAX_ROWS rows (compile_decode(consistent=True)):
+    """Every linear of `model` on one of cpu_gemv's kernels (the faster here) for up to cpu_gemv.MAX_ROWS rows (consistent=True):
     prepacked and plain bfloat16 ones and quantized ones alike; ValueError naming the first it cannot take."""
     why = cpu_gemv.available()
     if why:

@@ -26,8 +26,9 @@ timings and `repr(module)` says `kernel=onednn-prepacked`.
 
 A few rows (a decode step, a verify step) can run on another kernel: cpu_gemv's, written for them (32 bfloat16
 weights an instruction, four rows of the weight at a time, prefetching ahead, each weight read once for all the
-rows). `PackedLinear.from_linear` measures it against the prepacked copy per weight shape at widths 1 to 16
-(`gemv_rows_paying`, `GEMV_CHOICES`) and `repr` says up to how many rows it runs (`1-16 rows: gemv`). On an Intel
+rows), and where the CPU has AMX its tile kernel (cpu_gemv.tiles_bf16, on a copy of the weight in the tile
+layout). `PackedLinear.from_linear` measures them against the prepacked copy per weight shape at widths 1 to 16
+(`choose_gemv`, `GEMV_CHOICES`) and `repr` says which runs how many rows (`1 row: gemv, 2-16 rows: tiles`). On an Intel
 Xeon VM it ran the 120 body matmuls of a bfloat16 step in 8.3 ms against oneDNN's 15.1 (cpu_gemv.py); its outputs
 differ from F.linear's by float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
 """
