@@ -99,9 +99,10 @@ def available() -> str | None:
 _OPS: dict = {}      # name -> the op, once the library is loaded (each eager call then skips the checks)
 
 
-def _op(name: str):
+def _op(name: str, why_not=None):
+    """torch.ops.minillm.<name>, once its library (gemv's, or the tiles' with why_not=tiles_available) runs here."""
     if name not in _OPS:
-        why = available()
+        why = (why_not or available)()
         if why:
             raise RuntimeError(f"cpu_gemv.{name}: {why}")
         _OPS[name] = getattr(torch.ops.minillm, name).default
@@ -217,15 +218,6 @@ def tiles_available() -> str | None:
     return None
 
 
-def _tile_op(name: str):
-    if name not in _OPS:
-        why = tiles_available()
-        if why:
-            raise RuntimeError(f"cpu_gemv.{name}: {why}")
-        _OPS[name] = getattr(torch.ops.minillm, name).default
-    return _OPS[name]
-
-
 def pack_tiles_bf16(w):
     """w (N, K) -> the tile layout (N / 16, K / 32, 16, 32): per block of 16 outputs and chunk of 32 inputs, tile
     row kk holds for each output n its inputs 2kk and 2kk + 1. Works for int8 weights alike (pack_tiles_int8)."""
@@ -253,18 +245,18 @@ def pack_tiles_int4(packed, scales, offsets):
 
 def tiles_bf16(x, wt):
     """x (..., K), at most 16 rows; wt = pack_tiles_bf16(w): F.linear(x, w)."""
-    return _tile_op("tiles_bf16")(x, wt)
+    return _op("tiles_bf16", tiles_available)(x, wt)
 
 
 def tiles_int8(x, wt, scales):
     """wt = pack_tiles_int8(w), w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T, x rounded to bfloat16
     (the tiles multiply bfloat16; gemv_int8 keeps x in float32)."""
-    return _tile_op("tiles_int8")(x, wt, scales)
+    return _op("tiles_int8", tiles_available)(x, wt, scales)
 
 
 def tiles_int4(x, wt, scales, offsets, group_size: int):
     """wt, scales, offsets = pack_tiles_int4(packed, scales, offsets): gemv_int4's answer."""
-    return _tile_op("tiles_int4")(x, wt, scales, offsets, group_size)
+    return _op("tiles_int4", tiles_available)(x, wt, scales, offsets, group_size)
 
 
 def tiles_unavailable(out_features: int, in_features: int, group_size: int | None = None) -> str | None:

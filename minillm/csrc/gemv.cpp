@@ -17,15 +17,13 @@
 // Needs AVX512-BF16 (and AVX512-BW): where the compiler's target lacks them this file compiles to a library
 // whose minillm_gemv_available() returns 0 and whose ops refuse to run, and the callers keep PyTorch's kernels.
 // Built against PyTorch's headers (native.py, torch=True): the ops are registered with its dispatcher.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-#include <torch/library.h>
 
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -234,23 +232,6 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
 // The ops torch sees: torch.ops.minillm.gemv_bf16 / gemv_int8 / gemv_int4, registered when the library is loaded,
 // so that a compiled graph calls each as one op through the dispatcher (a Python op cost ~10 us more a call, x 121
 // linears a step). The same function serves the Meta key (shapes only) and the CPU key (checks, then the kernel).
-static void check_x(const at::Tensor &x, int64_t K, const char *what) {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, what, " takes activations (..., ", K, "), got shape ", x.sizes());
-    TORCH_CHECK(x.numel() / K <= (1 << 20), what, " takes at most 2^20 rows, got ", x.numel() / K);
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
-                " takes float32 or bfloat16 activations, got ", x.scalar_type());
-}
-
-static at::Tensor out_like(const at::Tensor &x, int64_t N) {
-    auto shape = x.sizes().vec();
-    shape.back() = N;
-    return at::empty(shape, x.options());
-}
-
-static void check_cpu(std::initializer_list<const at::Tensor *> ts, const char *what) {
-    for (auto t : ts) TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), what, " takes contiguous CPU tensors");
-}
-
 static void check_status(int status, const char *what) {
     TORCH_CHECK(status != 2, what, ": this library was built without AVX512-BF16 (cpu_gemv.available() says so)");
     TORCH_CHECK(status == 0, what, ": the kernel does not take these shapes (status ", status, ")");
@@ -265,7 +246,7 @@ static void check_status(int status, const char *what) {
 static at::Tensor gemv_bf16_op(const at::Tensor &x, const at::Tensor &w) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 32 == 0,
                 "gemv_bf16 takes a bfloat16 weight (out, in) with in a multiple of 32, got ", w.scalar_type(), " ", w.sizes());
-    check_x(x, w.size(1), "gemv_bf16");
+    check_x(x, w.size(1), 1 << 20, "gemv_bf16");
     at::Tensor y = out_like(x, w.size(0));
     if (x.is_meta()) return y;
     TORCH_CHECK(w.stride(1) == 1, "gemv_bf16 takes a weight with contiguous rows");
@@ -287,7 +268,7 @@ static at::Tensor gemv_int8_op(const at::Tensor &x, const at::Tensor &w, const a
                 "gemv_int8 takes an int8 weight (out, in) with in a multiple of 32, got ", w.scalar_type(), " ", w.sizes());
     TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == w.size(0),
                 "gemv_int8 takes float32 scales (out,), got ", scales.scalar_type(), " ", scales.sizes());
-    check_x(x, w.size(1), "gemv_int8");
+    check_x(x, w.size(1), 1 << 20, "gemv_int8");
     at::Tensor y = out_like(x, w.size(0));
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
@@ -313,7 +294,7 @@ static at::Tensor gemv_int4_op(const at::Tensor &x, const at::Tensor &packed, co
     for (auto t : {&scales, &offsets})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == K / g,
                     "gemv_int4 takes float32 scales and offsets (", N, ", ", K / g, "), got ", t->scalar_type(), " ", t->sizes());
-    check_x(x, K, "gemv_int4");
+    check_x(x, K, 1 << 20, "gemv_int4");
     at::Tensor y = out_like(x, N);
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
@@ -334,13 +315,8 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
     m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
     m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int group_size) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+MINILLM_IMPL(
     m.impl("gemv_bf16", &gemv_bf16_op);
     m.impl("gemv_int8", &gemv_int8_op);
     m.impl("gemv_int4", &gemv_int4_op);
-}
-TORCH_LIBRARY_IMPL(minillm, Meta, m) {
-    m.impl("gemv_bf16", &gemv_bf16_op);
-    m.impl("gemv_int8", &gemv_int8_op);
-    m.impl("gemv_int4", &gemv_int4_op);
-}
+)

@@ -20,15 +20,13 @@
 // order whatever the rows of x, so row m of an M-row call is bit-equal to a one-row call (tested).
 // Needs AMX-BF16 and AVX512-BF16 from the compiler and, on Linux, the kernel's permission to use the tiles
 // (arch_prctl): minillm_tiles_available() returns 0 where either is missing and the ops refuse to run.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-#include <torch/library.h>
 
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__linux__)
@@ -255,21 +253,8 @@ static void tiles_int4(const typename E::T *x, int M, const uint8_t *w, const fl
 
 // The ops torch sees: torch.ops.minillm.tiles_bf16 / tiles_int8 / tiles_int4, with the weights in the tile layout;
 // the same function serves the Meta key (shapes only) and the CPU key (checks, then the kernel).
-static void check_x(const at::Tensor &x, int64_t K, const char *what) {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, what, " takes activations (..., ", K, "), got shape ", x.sizes());
-    TORCH_CHECK(x.numel() / K <= MAXM, what, " takes at most ", MAXM, " rows (a tile's), got ", x.numel() / K);
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
-                " takes float32 or bfloat16 activations, got ", x.scalar_type());
-}
-
-static at::Tensor out_like(const at::Tensor &x, int64_t N) {
-    auto shape = x.sizes().vec();
-    shape.back() = N;
-    return at::empty(shape, x.options());
-}
-
-static void check_cpu(std::initializer_list<const at::Tensor *> ts, const char *what) {
-    for (auto t : ts) TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), what, " takes contiguous CPU tensors");
+static void check_tiles(std::initializer_list<const at::Tensor *> ts, const char *what) {
+    check_cpu(ts, what);
     TORCH_CHECK(HAVE_TILES && minillm_tiles_available(), what, ": AMX tiles are not available here "
                 "(cpu_gemv.tiles_available() says why)");
 }
@@ -289,11 +274,11 @@ static void check_layout(const at::Tensor &w, at::ScalarType dtype, int64_t row,
 static at::Tensor tiles_bf16_op(const at::Tensor &x, const at::Tensor &w) {
     check_layout(w, at::kBFloat16, 32, "tiles_bf16");
     int64_t N = 16 * w.size(0), K = 32 * w.size(1);
-    check_x(x, K, "tiles_bf16");
+    check_x(x, K, MAXM, "tiles_bf16");
     at::Tensor y = out_like(x, N);
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
-    check_cpu({&xc, &w, &y}, "tiles_bf16");
+    check_tiles({&xc, &w, &y}, "tiles_bf16");
     int M = xc.numel() / K;
     if (M == 0) return y;
     const uint16_t *wp = (const uint16_t *)w.data_ptr();
@@ -309,11 +294,11 @@ static at::Tensor tiles_int8_op(const at::Tensor &x, const at::Tensor &w, const 
     int64_t N = 16 * w.size(0), K = 32 * w.size(1);
     TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N,
                 "tiles_int8 takes float32 scales (", N, ",), got ", scales.scalar_type(), " ", scales.sizes());
-    check_x(x, K, "tiles_int8");
+    check_x(x, K, MAXM, "tiles_int8");
     at::Tensor y = out_like(x, N);
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
-    check_cpu({&xc, &w, &scales, &y}, "tiles_int8");
+    check_tiles({&xc, &w, &scales, &y}, "tiles_int8");
     int M = xc.numel() / K;
     if (M == 0) return y;
     const int8_t *wp = (const int8_t *)w.data_ptr();
@@ -335,11 +320,11 @@ static at::Tensor tiles_int4_op(const at::Tensor &x, const at::Tensor &w, const 
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == N / 16 && t->size(1) == K / g &&
                     t->size(2) == 16, "tiles_int4 takes float32 scales and offsets in blocks (", N / 16, ", ", K / g,
                     ", 16), got ", t->scalar_type(), " ", t->sizes());
-    check_x(x, K, "tiles_int4");
+    check_x(x, K, MAXM, "tiles_int4");
     at::Tensor y = out_like(x, N);
     if (x.is_meta()) return y;
     at::Tensor xc = x.contiguous();
-    check_cpu({&xc, &w, &scales, &offsets, &y}, "tiles_int4");
+    check_tiles({&xc, &w, &scales, &offsets, &y}, "tiles_int4");
     int M = xc.numel() / K;
     if (M == 0) return y;
     const uint8_t *wp = w.data_ptr<uint8_t>();
@@ -356,13 +341,8 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
     m.def("tiles_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
     m.def("tiles_int4(Tensor x, Tensor w, Tensor scales, Tensor offsets, int group_size) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+MINILLM_IMPL(
     m.impl("tiles_bf16", &tiles_bf16_op);
     m.impl("tiles_int8", &tiles_int8_op);
     m.impl("tiles_int4", &tiles_int4_op);
-}
-TORCH_LIBRARY_IMPL(minillm, Meta, m) {
-    m.impl("tiles_bf16", &tiles_bf16_op);
-    m.impl("tiles_int8", &tiles_int8_op);
-    m.impl("tiles_int4", &tiles_int4_op);
-}
+)
