@@ -177,7 +177,7 @@ class PackedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: int = 8, gemv="auto") -> PackedLinear:
-        """gemv: inputs of a few rows on cpu_gemv's kernels (set_gemv): "auto", True or False."""
+        """gemv: inputs of a few rows on cpu_gemv's kernels (set_gemv): "auto", True, "gemv", "tiles" or False."""
         if linear.bias is not None:
             raise ValueError("PackedLinear takes linears without a bias (SmolLM2's have none)")
         module = cls.__new__(cls)
