@@ -67,6 +67,10 @@ static void configure(int M) {
         c.colsb[t] = 64;
         c.rows[t] = t < 3 ? M : 16;
     }
+    // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the 64, so the stores to the rest could be
+    // dropped as dead, and LDTILECFG then faults on whatever the stack held (seen here: a segfault that came and
+    // went with unrelated edits). The empty asm with a memory clobber says all of `c` is read.
+    __asm__ __volatile__("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
 }
 
