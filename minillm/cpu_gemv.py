@@ -165,6 +165,17 @@ def fastest(calls: dict, make_x, widths=(1, 8), repeats: int = 9):
     return min(times, key=times.get), times
 
 
+def every_width(gemv, calls: dict, make_x) -> tuple:
+    """The plan for gemv=True (the faster of `calls` over 1 and 8 rows: fastest) or gemv="gemv" / "tiles" (that
+    one), at every width up to MAX_ROWS; () where the kernel asked for is not among `calls` (none runs here)."""
+    if gemv in KERNELS:
+        calls = {gemv: calls[gemv]} if gemv in calls else {}
+    if not calls:
+        return ()
+    kernel = fastest(calls, make_x)[0] if len(calls) > 1 else next(iter(calls))
+    return ((MAX_ROWS, kernel),)
+
+
 def kernel_for(plan: tuple, rows: int) -> str | None:
     """Which kernel of `plan` (choose's) runs an input of `rows` rows: None where the plan ends below it."""
     for up_to, name in plan:

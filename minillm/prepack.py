@@ -161,13 +161,7 @@ class PackedLinear(nn.Linear):
         if gemv == "auto":
             self.gemv_plan = choose_gemv(self)
         elif gemv:
-            calls = self._few_row_calls()
-            if gemv in cpu_gemv.KERNELS:
-                calls = {gemv: calls[gemv]} if gemv in calls else {}
-            if calls:
-                kernel = cpu_gemv.fastest(calls, lambda rows: _random_rows(self.weight, rows))[0] \
-                    if len(calls) > 1 else next(iter(calls))
-                self.gemv_plan = ((cpu_gemv.MAX_ROWS, kernel),)
+            self.gemv_plan = cpu_gemv.every_width(gemv, self._few_row_calls(), lambda rows: _random_rows(self.weight, rows))
         if "tiles" not in dict(self.gemv_plan).values():
             self._buffers.pop("tiles_weight", None)
         return self

@@ -201,7 +201,7 @@ class QuantLinear(nn.Module):
         if self.matvec_fn is not None and rows == 1:
             return self.matvec_fn(self, x)
         if 0 < rows <= self.gemv_rows and x.device.type == "cpu" and x.dtype in GEMV_DTYPES:
-            return self.forward_gemv(x)     # (the plan is read while tracing: a compiled width keeps its kernel)
+            return self.forward_gemv(x)
         if self.impl == "packed" and x.device.type == "cpu":  # the packed kernels are CPU ones
             return self.forward_packed(x)
         return self.forward_ref(x)
@@ -227,15 +227,11 @@ class QuantLinear(nn.Module):
         self.impl, self.act_dtype = impl, act_dtype or torch.float32
         self.gemv_plan = ()
         if gemv is True or gemv in cpu_gemv.KERNELS:
-            calls = self._few_row_calls()
-            if gemv in cpu_gemv.KERNELS:
-                calls = {gemv: calls[gemv]} if gemv in calls else {}
-            if not calls:
+            self.gemv_plan = cpu_gemv.every_width(gemv, self._few_row_calls(), self._random_rows)
+            if not self.gemv_plan:
                 why = {"gemv": self._gemv_unavailable(), "tiles": self._tiles_unavailable()}
                 why = "; ".join(w for k, w in why.items() if gemv in (True, k))
                 raise ValueError(f"{type(self).__name__}(in={self.in_features}, out={self.out_features}): {why}")
-            kernel = cpu_gemv.fastest(calls, self._random_rows)[0] if len(calls) > 1 else next(iter(calls))
-            self.gemv_plan = ((cpu_gemv.MAX_ROWS, kernel),)
         elif gemv == "auto":
             self.gemv_plan = self._choose_gemv()
         self._drop_tiles_unless_used()
