@@ -340,24 +340,31 @@ def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool 
     return CompiledDecoder(model, widths, mode, prepack, attention, fuse, consistent)
 
 
-def gemv_everywhere(model) -> None:
-    """Every linear of `model` on one of cpu_gemv's kernels (the faster here) for up to cpu_gemv.MAX_ROWS rows (consistent=True):
-    prepacked and plain bfloat16 ones and quantized ones alike; ValueError naming the first it cannot take."""
+def gemv_everywhere(model, kernel=True, who: str = "compile_decode(consistent=True)") -> None:
+    """Every linear of `model` (a model, or any module of one) on one of cpu_gemv's kernels for up to cpu_gemv.MAX_ROWS
+    rows: kernel True (the faster here), "gemv" or "tiles" (or "auto": each layer's measured plan, maybe none);
+    prepacked and plain bfloat16 ones and quantized ones alike.
+    ValueError, prefixed with `who`, naming the first it cannot take."""
     why = cpu_gemv.available()
     if why:
-        raise ValueError(f"compile_decode(consistent=True): {why}")
+        raise ValueError(f"{who}: {why}")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
                 try:
-                    child.set_impl(child.impl, child.act_dtype, gemv=True)
+                    child.set_impl(child.impl, child.act_dtype, gemv=kernel)
                 except ValueError as e:
-                    raise ValueError(f"compile_decode(consistent=True): {name}: {e}") from None
+                    raise ValueError(f"{who}: {name}: {e}") from None
             elif isinstance(child, nn.Linear):
                 if gemv_unavailable(child.weight) or child.bias is not None:
-                    raise ValueError(f"compile_decode(consistent=True): {name}: "
+                    raise ValueError(f"{who}: {name}: "
                                      f"{gemv_unavailable(child.weight) or 'a linear with a bias'} "
                                      f"(cpu_gemv takes bfloat16, int8 and int4 weights)")
                 packed = child if isinstance(child, PackedLinear) else PackedLinear.from_linear(child, gemv=False)
-                packed.set_gemv(True)
+                try:
+                    packed.set_gemv(kernel)
+                except ValueError as e:
+                    raise ValueError(f"{who}: {name}: {e}") from None
+                if not packed.gemv_plan and kernel != "auto":
+                    raise ValueError(f"{who}: {name}: the {kernel} kernel does not run here")
                 setattr(module, name, packed)
