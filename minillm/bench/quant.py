@@ -11,8 +11,11 @@ Speed, four tables:
              compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
              (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose,
              and FUSE_COMPARE also compiled with its projections apart (fuse.py) to show what fusing buys;
+             and native (cpu_step.py: every block in one C++ call), each linear on one kernel at every width
+             ("native", what speculation uses) and on the faster at each width ("native, auto");
              all models are built first, then decode in turns, median of 3 rounds
-  forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context,
+  forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context (native ones
+             timed in turns with the compiled one),
              relative to T = 1: what speculative and tree decoding (chapters 5-6) pay to verify T tokens
              (widths timed in turns); compiled, also the linears alone over 1 and 8 rows, to say where
              the 8-token step's extra time goes
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..compiled import ATTENTION_CHOICES, compile_decode
+from ..cpu_step import native_decode
 from ..kv_cache import StaticCache
 from ..loading import load_pretrained
 from ..perplexity import nll_sum
@@ -201,6 +205,17 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             del others
             row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
             racers[label, "compiled"] = fast
+            try:        # every block in one C++ call (cpu_step.py), one kernel per linear at every width, and per width
+                natives = {"native": native_decode(copy.deepcopy(model)),
+                           "native, auto": native_decode(copy.deepcopy(model), kernel="auto")}
+            except ValueError as e:
+                row["native"] = str(e)
+            else:
+                row["native"] = {k: n.extra_repr() for k, n in natives.items()}
+                for key, costs in forward_costs_in_turns(dict(natives, compiled=fast), context_ids).items():
+                    if key != "compiled":
+                        row["forward_ms"][key] = {T: round(s * 1e3, 2) for T, s in costs.items()}
+                racers.update({(label, k): n for k, n in natives.items()})
         row["bytes_read_limit_tok_s"] = round(bandwidth * 1e9 / row["model_bytes"], 1)
         if hasattr(model, "awq_alphas"):
             row["awq_alphas"] = model.awq_alphas
@@ -212,7 +227,8 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             kinds = {kind: v for (label, kind), v in speeds.items() if label == row["label"]}
             if kinds:
                 row["decode_tok_s"] = {k: kinds[k] for k in ("eager", "ref", "packed/float32", "compiled",
-                                                               "compiled, unfused") if k in kinds}
+                                                               "compiled, unfused", "native", "native, auto")
+                                       if k in kinds}
                 log(row["label"], json.dumps(row["decode_tok_s"]))
     timings = {f"{rows} rows": t for (*_, dtype, threads, rows), t in ATTENTION_CHOICES.items()
                if dtype == torch.bfloat16}
@@ -261,9 +277,11 @@ def print_table(result: dict):
             cells = [(_at(e, T) / _at(e, 1), _at(c, T) / _at(c, 1)) for T in WIDTHS]
             print(f"{r['label']:<27}" + "".join(f"{a:>7.2f}|{b:<5.2f}" for a, b in cells))
             for key, name in (("compiled, inductor attention", "  inductor attention"),
-                              ("compiled, unfused", "  projections unfused"), ("compiled, consistent", "  consistent")):
+                              ("compiled, unfused", "  projections unfused"), ("compiled, consistent", "  consistent"),
+                              ("native", "  native"), ("native, auto", "  native, auto")):
                 if key in r["forward_ms"]:
                     other = r["forward_ms"][key]
+                    name += f" ({_at(other, 1):.1f} ms)" if key.startswith("native") else ""
                     print(f"{name:<27}" + "".join(f"{'':>7} {_at(other, T) / _at(other, 1):<5.2f}" for T in WIDTHS))
     print("\nwhere a compiled 8-token step's extra time goes (ms; linears alone: each block's, then the head)")
     print(f"{'model':<27}{'step 1 -> 8':>16}{'blocks 1 -> 8':>16}{'head 1 -> 8':>14}{'the rest':>10}  attention")
