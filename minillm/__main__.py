@@ -43,7 +43,8 @@ GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--
          "--head": lambda a: a.head != "float", "--compile": lambda a: a.compile, "--draft": lambda a: bool(a.draft),
          "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
          "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse",
-         "--fixed-width": lambda a: a.fixed_width is not None, "--consistent": lambda a: a.consistent}
+         "--fixed-width": lambda a: a.fixed_width is not None, "--consistent": lambda a: a.consistent,
+         "--native": lambda a: a.native}
 
 
 def flags_given(args, *flags) -> list[str]:
@@ -104,6 +105,10 @@ def add_sampling_args(p):
 
 
 def add_fixed_width_arg(p):
+    p.add_argument("--native", action="store_true",
+                   help="run every decode and verify step of 1-16 tokens as one C++ call (cpu_step.py; static cache, "
+                        "batch 1, bfloat16/int8/int4 weights, AVX512-BF16): plain and speculative/tree decoding give "
+                        "the same tokens, and no compiler runs but the C++ one")
     p.add_argument("--fixed-width", type=int, default=None, metavar="W",
                    help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
@@ -115,6 +120,8 @@ def add_fixed_width_arg(p):
 
 
 def check_fixed_width(args) -> None:
+    if args.native and args.compile:
+        raise ValueError("--native and --compile are two kinds of step: choose one")
     if args.consistent and not args.compile:
         raise ValueError("--consistent is a kind of compiled step: add --compile")
     if args.consistent and args.fixed_width is not None:
@@ -160,7 +167,7 @@ def cmd_generate(args, chat: bool = False) -> int:
     if len(prompts) > 1:
         if chat:
             raise ValueError("chat takes one --prompt (for a conversation give none and type the turns on stdin)")
-        chosen = flags_given(args, "--draft", "--tree", "--compile", "--fast", "--kernels")
+        chosen = flags_given(args, "--draft", "--tree", "--compile", "--native", "--fast", "--kernels")
         if chosen:
             raise ValueError(f"several --prompt run as one batch, which {', '.join(chosen)} cannot: give one "
                              f"prompt or drop {', '.join(chosen)}")
@@ -173,7 +180,7 @@ def cmd_generate(args, chat: bool = False) -> int:
         if chosen:
             raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent)
+                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent, native=args.native)
     if args.fast:
         stack = choose_fast(args)
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
@@ -188,6 +195,13 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
         raise ValueError("--compile and --kernels triton cannot be combined: choose one")
+    if args.native and stack["quant"] == "none" and stack["dtype"] == "float32":
+        raise ValueError("--native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant int8/int4/...): "
+                         "float32 linears have no few-row kernel of cpu_gemv's")
+    if args.native and args.cache != "static":
+        raise ValueError(f"--native needs --cache static (the native step writes a static buffer), got --cache {args.cache}")
+    if args.native and args.kernels != "torch":
+        raise ValueError("--native and --kernels triton cannot be combined: choose one")
     if args.tree and args.temperature > 0:
         print(f"note: --tree {args.tree} with --temperature > 0 accepts by Medusa's typical acceptance: faster, but "
               f"the text no longer follows the model's own sampling distribution (lossy); --draft stays exact",
@@ -212,11 +226,16 @@ def cmd_generate(args, chat: bool = False) -> int:
         if model.config.vocab_size != tok.vocab_size:
             raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
     else:
-        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None, "consistent": False}, progress=True)
+        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None, "consistent": False, "native": False},
+                                progress=True)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
     if stack["compile"]:
         model = compile_stack(model, stack.get("fixed_width"), stack.get("consistent", False))
+    if stack.get("native"):
+        from .cpu_step import native_decode
+
+        model = native_decode(model)
     label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
     if len(prompts) > 1:
         run_batch(model, tok, prompt_ids, args, label)
@@ -357,7 +376,7 @@ def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     if chat:
         raise ValueError("--model takes a byte-level checkpoint trained here, which has no chat template: "
                          "use generate")
-    chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head", "--compile", "--draft", "--tree",
+    chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head", "--compile", "--native", "--draft", "--tree",
                          "--kernels", "--special")
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
@@ -397,7 +416,7 @@ def choose_fast(args) -> dict:
 
     from .stack import fastest_lossless
 
-    chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--draft", "--tree", "--cache",
+    chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--native", "--draft", "--tree", "--cache",
                          "--kernels", "--fixed-width", "--consistent")
     if chosen:
         raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
@@ -479,9 +498,10 @@ def cmd_bench(args) -> int:
     if args.dtype is None:  # serve: float32's multi-row matmuls would cost the batch its TPOT (chapter 9)
         args.dtype = "bfloat16" if args.what == "serve" else "float32"
     check_fixed_width(args)
-    if (args.compile or args.fixed_width is not None or args.consistent) and args.what not in ("speculative", "tree"):
-        raise ValueError(f"--compile, --fixed-width and --consistent are for bench speculative and tree; bench {args.what} "
-                         f"chooses its own steps")
+    if (args.compile or args.native or args.fixed_width is not None or args.consistent) and \
+            args.what not in ("speculative", "tree"):
+        raise ValueError(f"--compile, --native, --fixed-width and --consistent are for bench speculative and tree; "
+                         f"bench {args.what} chooses its own steps")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.json and args.what not in ("stack", "serve", "quant"):
@@ -529,7 +549,7 @@ def cmd_bench(args) -> int:
 
         bench_dispatch()
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent)
+                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent, native=args.native)
     if args.what == "tree":
         from .bench.tree import bench_tree
 

@@ -1,5 +1,5 @@
 """One place that builds SmolLM2 the way a command asks: dtype, quantization (with or without the head)
-and a compiled decode step, in that order. The CLI and the benches call it; chapter 8 stacks on it.
+and a compiled (or native) decode step, in that order. The CLI and the benches call it; chapter 8 stacks on it.
 
     model, tok = load_stack(dtype="bfloat16", quant="int4", head="int8", compile=True)
 """
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .compiled import compile_decode
+from .cpu_step import native_decode
 from .loading import load_pretrained
 from .progress import progress as progress_bar
 from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
@@ -16,7 +17,7 @@ from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
 
 def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
                compile: bool = False, symmetric: bool | None = None, progress: bool = False,
-               fixed_width: int | None = None, consistent: bool = False):
+               fixed_width: int | None = None, consistent: bool = False, native: bool = False):
     """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
     data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
@@ -24,9 +25,12 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
     progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer (the GGUF's conversion shows its
     own bar where stderr is a terminal); fixed_width: with compile, every decode and verify step runs the
     one graph of this width (compiled.py: plain and speculative decoding then make the same tokens);
-    consistent: with compile, every width computes a token's logits alike (compiled.py), the other way to that."""
+    consistent: with compile, every width computes a token's logits alike (compiled.py), the other way to that;
+    native: steps of 1-16 tokens as one C++ call each (cpu_step.py), instead of compiled ones."""
     if (fixed_width is not None or consistent) and not compile:
         raise ValueError("fixed_width and consistent are kinds of compiled step: give compile=True (--compile) too")
+    if native and compile:
+        raise ValueError("native and compiled are two kinds of step: choose one (--native or --compile)")
     model, tok = load_pretrained("smollm2-135m", dtype=dtype, progress=None if progress else False)
     calibration = calibration_ids(tok, 24, 256) if quant in ("gptq", "awq") else None
     options = dict(act_order=True) if quant == "gptq" else {}
@@ -38,6 +42,8 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
                          **options)
     if compile:
         model = compile_stack(model, fixed_width, consistent)
+    if native:
+        model = native_decode(model)
     return model, tok
 
 
@@ -50,7 +56,7 @@ def compile_stack(model, fixed_width: int | None = None, consistent: bool = Fals
 
 def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE, head: str | None = None,
              compile: bool = False, symmetric: bool | None = None, fixed_width: int | None = None,
-             consistent: bool = False) -> str:
+             consistent: bool = False, native: bool = False) -> str:
     """A short name for a stack: "bfloat16, int4 g64 + int8 head, compiled (fixed width 8)"."""
     parts = [str(dtype).replace("torch.", "")]
     if quant != "none":
@@ -61,6 +67,8 @@ def describe(dtype="float32", quant: str = "none", group_size: int = DEFAULT_GRO
     if compile:
         parts.append("compiled" + (f" (fixed width {fixed_width})" if fixed_width is not None else "")
                      + (" (consistent)" if consistent else ""))
+    if native:
+        parts.append("native step")
     return ", ".join(parts)
 
 

@@ -77,6 +77,27 @@ def test_consistent_steps_make_prompt_lookup_give_plain_decodings_tokens_in_bflo
     assert drafted["new_token_ids"] == plain["new_token_ids"] and len(plain["new_token_ids"]) == 12
 
 
+@pytest.mark.skipif(cpu_gemv.available() is not None, reason=str(cpu_gemv.available()))
+def test_native_steps_make_prompt_lookup_give_plain_decodings_tokens_in_int4():
+    argv = ("generate", "--prompt", "Repeat exactly: the cat sat on the mat, the cat sat on the mat", "--dtype",
+            "bfloat16", "--quant", "int4", "--head", "int8", "--native", "--max-new-tokens", "12", "--json")
+    plain, drafted = run(*argv), run(*argv, "--draft", "ngram", "--draft-len", "7")
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    plain, drafted = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert plain["stack"] == "bfloat16, int4 g64 + int8 head, native step" and drafted["stack"].endswith(", drafter ngram")
+    assert drafted["new_token_ids"] == plain["new_token_ids"] and len(plain["new_token_ids"]) == 12
+
+
+def test_native_is_a_step_of_its_own_with_what_it_needs():
+    for argv, message in [(("generate", "--prompt", "hi", "--native", "--compile"), "choose one"),
+                          (("generate", "--prompt", "hi", "--native"), "--native needs bfloat16 or quantized weights"),
+                          (("generate", "--prompt", "hi", "--native", "--quant", "int8", "--cache", "paged"),
+                           "--native needs --cache static"),
+                          (("bench", "quant", "--native"), "are for bench speculative and tree")]:
+        proc = run(*argv)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+
+
 def test_fixed_width_is_a_width_of_the_compiled_step():
     for argv, message in [(("generate", "--prompt", "hi", "--fixed-width", "8"), "add --compile"),
                           (("generate", "--prompt", "hi", "--compile", "--fixed-width", "0"), "in [1, 64], got 0"),

@@ -44,7 +44,11 @@
 #if HAVE_GEMV
 template <class E>
 static void to_bf16(const typename E::T *x, uint16_t *out, long n) {
-    for (long k = 0; k < n; k++) out[k] = BF16::put(E::get(x + k));
+    long k = 0;
+    if constexpr (sizeof(typename E::T) == 4)        // float32: 16 at a time (vcvtneps2bf16: round to nearest even)
+        for (; k + 16 <= n; k += 16)
+            _mm256_storeu_si256((__m256i *)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)x + k)));
+    for (; k < n; k++) out[k] = BF16::put(E::get(x + k));
 }
 
 // The first 64-byte aligned element of v (v holds 64 bytes more than it needs).
@@ -157,16 +161,46 @@ static int gemv_int4(const typename E::T *x, int M, const uint8_t *packed, const
     // and group, the sum of the bfloat16-rounded x, which each group's offset multiplies
     std::vector<uint16_t> xsv((long)M * K + 32);
     uint16_t *xs = aligned64(xsv);
+    // (vectorized: 64 columns at a time, rounded by vcvtne2ps2bf16, split by vpermt2w; the sums 16 lanes, then across)
     std::vector<float> xsum((long)M * G, 0.0f);
-    for (int m = 0; m < M; m++)
-        for (int c = 0; c < C; c++)
-            for (int j = 0; j < 32; j++) {
-                long k = (long)m * K + 64 * c + 2 * j;
-                uint16_t e = BF16::put(E::get(x + k)), o = BF16::put(E::get(x + k + 1));
-                xs[k - 2 * j + j] = e;
-                xs[k - 2 * j + 32 + j] = o;
-                xsum[(long)m * G + (64 * c + 2 * j) / g] += BF16::get(&e) + BF16::get(&o);
+    __m512i even, odd;
+    {
+        uint16_t ie[32], io[32];
+        for (int j = 0; j < 32; j++) ie[j] = 2 * j, io[j] = 2 * j + 1;
+        even = _mm512_loadu_si512(ie), odd = _mm512_loadu_si512(io);
+    }
+    auto widen = [](__m512i v) {             // 32 bfloat16 -> the sum of their two halves as 16 float32
+        __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+        __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+        return _mm512_add_ps(lo, hi);
+    };
+    for (int m = 0; m < M; m++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++) {
+            const typename E::T *xc = x + (long)m * K + 64 * c;
+            __m512i v0, v1;                      // columns 0-31 and 32-63 of the chunk, bfloat16
+            if constexpr (sizeof(typename E::T) == 4) {
+                const float *f = (const float *)xc;
+                v0 = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + 16), _mm512_loadu_ps(f));
+                v1 = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + 48), _mm512_loadu_ps(f + 32));
+            } else {
+                v0 = _mm512_loadu_si512(xc);
+                v1 = _mm512_loadu_si512(xc + 32);
             }
+            _mm512_store_si512(xs + (long)m * K + 64 * c, _mm512_permutex2var_epi16(v0, even, v1));
+            _mm512_store_si512(xs + (long)m * K + 64 * c + 32, _mm512_permutex2var_epi16(v0, odd, v1));
+            if (g == 32) {                       // the chunk holds two groups
+                xsum[(long)m * G + 2 * c] = _mm512_reduce_add_ps(widen(v0));
+                xsum[(long)m * G + 2 * c + 1] = _mm512_reduce_add_ps(widen(v1));
+            } else {
+                acc = _mm512_add_ps(acc, _mm512_add_ps(widen(v0), widen(v1)));
+                if ((64 * (c + 1)) % g == 0) {
+                    xsum[(long)m * G + 64 * c / g] = _mm512_reduce_add_ps(acc);
+                    acc = _mm512_setzero_ps();
+                }
+            }
+        }
+    }
     const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,       // bfloat16 15..0
         0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
         0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);

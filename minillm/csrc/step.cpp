@@ -50,8 +50,15 @@ template <class E>
 static void rmsnorm(const typename E::T *x, const typename E::T *w, typename E::T *out, int M, int D, float eps) {
     for (int m = 0; m < M; m++) {
         const typename E::T *xm = x + (long)m * D;
+        vf acc = {};                                   // the sum of squares 16 lanes at a time, then across
+        int i = 0;
+        for (; i + W <= D; i += W) {
+            vf v = E::load(xm + i);
+            acc += v * v;
+        }
         float ss = 0.0f;
-        for (int i = 0; i < D; i++) ss += E::get(xm + i) * E::get(xm + i);
+        for (int j = 0; j < W; j++) ss += acc[j];
+        for (; i < D; i++) ss += E::get(xm + i) * E::get(xm + i);
         float r = 1.0f / sqrtf(ss / D + eps);
         for (int i = 0; i < D; i++) out[(long)m * D + i] = E::put(E::get(xm + i) * r * E::get(w + i));
     }

@@ -87,8 +87,24 @@ template <class E>
 static uint16_t *bf16_rows(const typename E::T *x, long n, std::vector<uint16_t> &buf) {
     buf.resize(n + 32);
     uint16_t *xa = buf.data() + ((64 - ((uintptr_t)buf.data() & 63)) & 63) / 2;
-    for (long k = 0; k < n; k++) xa[k] = BF16::put(E::get(x + k));
+    long k = 0;
+    if constexpr (sizeof(typename E::T) == 4)        // float32: 16 at a time (vcvtneps2bf16: round to nearest even)
+        for (; k + 16 <= n; k += 16)
+            _mm256_storeu_si256((__m256i *)(xa + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)x + k)));
+    for (; k < n; k++) xa[k] = BF16::put(E::get(x + k));
     return xa;
+}
+
+// Per row of xa (M x K bfloat16) and group of g columns (g a multiple of 32): the sum of its values, 16 lanes then across.
+static void group_sums(const uint16_t *xa, int M, int K, int g, float *out) {
+    for (int m = 0; m < M; m++)
+        for (int s = 0; s < K / g; s++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int k = s * g; k < (s + 1) * g; k += 16)
+                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xa + (long)m * K + k))), 16)));
+            out[(long)m * (K / g) + s] = _mm512_reduce_add_ps(acc);
+        }
 }
 
 // Run body(task, c) over the pairs of 16-output blocks, in parallel, each thread with its tiles configured for M
@@ -209,9 +225,8 @@ static void tiles_int4(const typename E::T *x, int M, const uint8_t *w, const fl
     std::vector<uint16_t> xb;
     const uint16_t *xa = bf16_rows<E>(x, (long)M * K, xb);
     const int NB = N / 16, KC = K / 32, G = K / g, cpg = g / 32;
-    std::vector<float> xsum((long)M * G, 0.0f);     // per row of x and group: the sum of its bfloat16 values
-    for (int m = 0; m < M; m++)
-        for (int k = 0; k < K; k++) xsum[(long)m * G + k / g] += BF16::get(xa + (long)m * K + k);
+    std::vector<float> xsum((long)M * G);           // per row of x and group: the sum of its bfloat16 values
+    group_sums(xa, M, K, g, xsum.data());
     uint16_t tab[32];
     for (int i = 0; i < 32; i++) {
         float f = (float)(i & 15);
