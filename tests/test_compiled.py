@@ -129,6 +129,9 @@ def test_stack_names_what_it_builds():
     with pytest.raises(ValueError, match="give compile=True"):
         load_stack(fixed_width=8)
     assert describe(quant="int8") == "float32, int8"
+    assert describe("bfloat16", "int4", 64, "int8", native=True) == "bfloat16, int4 g64 + int8 head, native step"
+    with pytest.raises(ValueError, match="choose one"):
+        load_stack(compile=True, native=True)
 
 
 def test_prompts_of_different_lengths_run_compiled_as_eager(tiny_model, fast):
