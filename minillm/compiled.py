@@ -168,7 +168,20 @@ def _compiler_missing() -> str | None:
     return None
 
 
-class CompiledDecoder(nn.Module):
+class ModelWrapper(nn.Module):
+    """A module holding a Transformer as `.model` (CompiledDecoder, cpu_step.NativeDecoder): what it lacks itself
+    (layers, output, config, ...) is read from the model, as drafters read them."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or "model" not in self._modules:
+                raise
+            return getattr(self._modules["model"], name)
+
+
+class CompiledDecoder(ModelWrapper):
     """A Transformer whose short forwards over a StaticCache run compiled; see the module docstring."""
 
     def __init__(self, model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
@@ -221,14 +234,6 @@ class CompiledDecoder(nn.Module):
                                 category=DeprecationWarning)
         self._block = torch.compile(_own_copy(_block), dynamic=False, mode=mode)
         self._head = torch.compile(_own_copy(_head), dynamic=False, mode=mode)
-
-    def __getattr__(self, name):  # layers, output, ...: the wrapped model's (drafters read them)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model" or "model" not in self._modules:
-                raise
-            return getattr(self._modules["model"], name)
 
     def extra_repr(self) -> str:
         chosen = ", ".join(f"{'1 row' if rows == 1 else 'wider'}: {name}" for rows, name in sorted(self.attention.items()))

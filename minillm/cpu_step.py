@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import cpu_gemv, native
-from .compiled import gemv_everywhere
+from .compiled import ModelWrapper, gemv_everywhere
 from .fuse import fuse_projections
 from .kv_cache import StaticCache
 from .model import FeedForward, rope_cos_sin
@@ -87,7 +87,7 @@ def linear_args(module, rows: int = 1) -> tuple:
     raise ValueError(f"the native step takes Int4Linear, Int8Linear and bfloat16 linears, not {type(module).__name__}")
 
 
-class NativeDecoder(nn.Module):
+class NativeDecoder(ModelWrapper):
     """A Transformer whose forwards over 1-16 new tokens in a StaticCache run as one C++ call; see the module
     docstring. `.model` is the wrapped model (its linears set to cpu_gemv's kernels, q/k/v and gate/up fused)."""
 
@@ -145,14 +145,6 @@ class NativeDecoder(nn.Module):
     @property
     def widths(self) -> tuple:    # decode_steps cuts drafts to the widest forward that runs native
         return tuple(range(1, self.max_rows + 1))
-
-    def __getattr__(self, name):  # layers, output, ...: the wrapped model's (drafters read them)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model" or "model" not in self._modules:
-                raise
-            return getattr(self._modules["model"], name)
 
     def extra_repr(self) -> str:
         kernels = sorted({cpu_gemv.describe(m.gemv_plan)[2:] for layer in self.model.layers for m in layer.modules()
