@@ -122,6 +122,9 @@ def add_fixed_width_arg(p):
 def check_fixed_width(args) -> None:
     if args.native and args.compile:
         raise ValueError("--native and --compile are two kinds of step: choose one")
+    if args.native and args.quant == "none" and args.dtype == "float32" and getattr(args, "model", None) is None:
+        raise ValueError("--native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant int8/int4/...): "
+                         "float32 linears have no few-row kernel of cpu_gemv's")
     if args.consistent and not args.compile:
         raise ValueError("--consistent is a kind of compiled step: add --compile")
     if args.consistent and args.fixed_width is not None:
@@ -195,9 +198,6 @@ def cmd_generate(args, chat: bool = False) -> int:
         raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
     if args.compile and args.kernels != "torch":
         raise ValueError("--compile and --kernels triton cannot be combined: choose one")
-    if args.native and stack["quant"] == "none" and stack["dtype"] == "float32":
-        raise ValueError("--native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant int8/int4/...): "
-                         "float32 linears have no few-row kernel of cpu_gemv's")
     if args.native and args.cache != "static":
         raise ValueError(f"--native needs --cache static (the native step writes a static buffer), got --cache {args.cache}")
     if args.native and args.kernels != "torch":
@@ -497,11 +497,11 @@ def cmd_bench(args) -> int:
         args.new_tokens = {"stack": 128, "quant": 32}.get(args.what, 64)
     if args.dtype is None:  # serve: float32's multi-row matmuls would cost the batch its TPOT (chapter 9)
         args.dtype = "bfloat16" if args.what == "serve" else "float32"
-    check_fixed_width(args)
     if (args.compile or args.native or args.fixed_width is not None or args.consistent) and \
             args.what not in ("speculative", "tree"):
         raise ValueError(f"--compile, --native, --fixed-width and --consistent are for bench speculative and tree; "
                          f"bench {args.what} chooses its own steps")
+    check_fixed_width(args)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.json and args.what not in ("stack", "serve", "quant"):

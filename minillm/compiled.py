@@ -83,7 +83,7 @@ import torch.nn.functional as F
 
 from . import cpu_attention, native
 from .kv_cache import StaticCache
-from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin
+from .model import attention_grouped, attention_ref, attention_sdpa, rope_cos_sin, rope_table
 from .fuse import fuse_projections, fused_count
 from .prepack import PackedLinear, gemv_unavailable, packed_count, prepack_linears
 from .quant.formats import QuantLinear
@@ -295,9 +295,8 @@ class CompiledDecoder(ModelWrapper):
         the tensor); forward's own, counted from the cache's length, stay below its max_len and skip that."""
         table = self._rope_table
         if table is None or len(table[0]) < length or table[0].device != positions.device:
-            cos, sin = rope_cos_sin(torch.arange(max(length, self.config.max_seq_len), device=positions.device)[None],
-                                    self.config.head_dim, self.config.rope_theta)
-            table = self._rope_table = (cos[0, 0], sin[0, 0])
+            table = self._rope_table = rope_table(max(length, self.config.max_seq_len), self.config.head_dim,
+                                                  self.config.rope_theta, positions.device)
         if checked and (int(positions.max()) >= len(table[0]) or int(positions.min()) < 0):   # off the table
             return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         return table[0][positions][:, None], table[1][positions][:, None]

@@ -34,11 +34,10 @@ from . import cpu_gemv, native
 from .compiled import ModelWrapper, gemv_everywhere
 from .fuse import fuse_projections
 from .kv_cache import StaticCache
-from .model import FeedForward, rope_cos_sin
+from .model import FeedForward, rope_table
 from .prepack import PackedLinear, gemv_unavailable
 from .quant.formats import Int4Linear, Int8Linear, QuantLinear
 
-MAX_ROWS = cpu_gemv.MAX_ROWS
 # the kernels step.cpp knows, by (kernel, weight class): its enum Kind
 KINDS = {("gemv", "bf16"): 0, ("gemv", "int8"): 1, ("gemv", "int4"): 2,
          ("tiles", "bf16"): 3, ("tiles", "int8"): 4, ("tiles", "int4"): 5}
@@ -133,14 +132,12 @@ class NativeDecoder(ModelWrapper):
             self.head = "cpu_gemv" + cpu_gemv.describe(model.output.gemv_plan)
         except ValueError as e:
             self.head = f"PyTorch ({str(e).split(': ', 2)[-1]})"
-        self.kernel = kernel
-        # "auto": each linear's plan may end below MAX_ROWS (cpu_gemv.choose stops where its kernels stop paying)
+        # "auto": each linear's plan may end below cpu_gemv.MAX_ROWS (cpu_gemv.choose stops where its kernels stop paying)
         self.max_rows = min(m.gemv_rows for layer in model.layers for m in layer.modules()
                             if isinstance(m, (QuantLinear, PackedLinear)))
         self.native_calls = self.eager_calls = 0
         self._args: dict = {}                         # rows -> (tensors, kinds) for decode_layers
-        cos, sin = rope_cos_sin(torch.arange(c.max_seq_len)[None], c.head_dim, c.rope_theta)
-        self._rope = (cos[0, 0].contiguous(), sin[0, 0].contiguous())   # (positions, head_dim) each
+        self._rope = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)   # (positions, head_dim) each
 
     @property
     def widths(self) -> tuple:    # decode_steps cuts drafts to the widest forward that runs native

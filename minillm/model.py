@@ -131,6 +131,13 @@ def rope_cos_sin(positions, head_dim: int, theta: float):
     return angles.cos(), angles.sin()
 
 
+def rope_table(length: int, head_dim: int, theta: float, device="cpu"):
+    """rope_cos_sin of every position below `length`, as two (length, head_dim) tables: row p is position p's,
+    bit for bit (compiled and native steps index it instead of computing cos and sin each step)."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device)[None], head_dim, theta)
+    return cos[0, 0], sin[0, 0]
+
+
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair of x (B, h, T, d) by its angle."""
     half = x.shape[-1] // 2

@@ -42,15 +42,6 @@
 
 
 #if HAVE_GEMV
-template <class E>
-static void to_bf16(const typename E::T *x, uint16_t *out, long n) {
-    long k = 0;
-    if constexpr (sizeof(typename E::T) == 4)        // float32: 16 at a time (vcvtneps2bf16: round to nearest even)
-        for (; k + 16 <= n; k += 16)
-            _mm256_storeu_si256((__m256i *)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)x + k)));
-    for (; k < n; k++) out[k] = BF16::put(E::get(x + k));
-}
-
 // The first 64-byte aligned element of v (v holds 64 bytes more than it needs).
 template <class T>
 static T *aligned64(std::vector<T> &v) {

@@ -171,14 +171,14 @@ static Linear describe_linear(int kind, int g, const at::Tensor &w, const at::Te
         TORCH_CHECK(!int4 || (g > 0 && l.K % g == 0), "decode_layers: layer ", layer, " ", NAMES[which], ": group size ", g,
                     " does not divide ", l.K);
         long want = int4 ? (long)l.N * (l.K / g) : l.N;
-        for (const at::Tensor *t : {&s, &o}) {
-            if (!int4 && t == &o) break;
-            TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == want && t->is_contiguous(), "decode_layers: layer ",
-                        layer, " ", NAMES[which], ": ", k, " takes float32 scales", int4 ? " and offsets" : "", " of ", want,
-                        " values, got ", t->scalar_type(), " ", t->sizes());
-        }
-        l.scales = s.data_ptr<float>();
-        l.offsets = int4 ? o.data_ptr<float>() : nullptr;
+        auto check = [&](const at::Tensor &t, const char *what) {
+            TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == want && t.is_contiguous(), "decode_layers: layer ",
+                        layer, " ", NAMES[which], ": ", k, " takes float32 ", what, " of ", want, " values, got ",
+                        t.scalar_type(), " ", t.sizes());
+            return t.data_ptr<float>();
+        };
+        l.scales = check(s, "scales");
+        l.offsets = int4 ? check(o, "offsets") : nullptr;
     }
     return l;
 }

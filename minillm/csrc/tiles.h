@@ -87,11 +87,7 @@ template <class E>
 static uint16_t *bf16_rows(const typename E::T *x, long n, std::vector<uint16_t> &buf) {
     buf.resize(n + 32);
     uint16_t *xa = buf.data() + ((64 - ((uintptr_t)buf.data() & 63)) & 63) / 2;
-    long k = 0;
-    if constexpr (sizeof(typename E::T) == 4)        // float32: 16 at a time (vcvtneps2bf16: round to nearest even)
-        for (; k + 16 <= n; k += 16)
-            _mm256_storeu_si256((__m256i *)(xa + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)x + k)));
-    for (; k < n; k++) xa[k] = BF16::put(E::get(x + k));
+    to_bf16<E>(x, xa, n);
     return xa;
 }
 

@@ -1,6 +1,7 @@
-// What the hand-written CPU kernels share (attention.cpp, rows.cpp): vectors of W = 16 floats in GCC/Clang
-// vector extensions (one AVX-512 register, two AVX2 ones: the compiler picks the instructions for the CPU it
-// builds on), loads of bfloat16 and float32 storage as float32 vectors, and exp without library calls.
+// What the hand-written CPU kernels share (attention.h, rows.cpp, gemv.h, tiles.h, step.cpp): vectors of W = 16
+// floats in GCC/Clang vector extensions (one AVX-512 register, two AVX2 ones: the compiler picks the instructions
+// for the CPU it builds on), loads of bfloat16 and float32 storage as float32 vectors, exp without library calls,
+// and (where the CPU has AVX512-BF16) rounding a row of activations to bfloat16.
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -33,6 +34,20 @@ struct F32 {
     static vf load(const T *p) { vf f; memcpy(&f, p, sizeof f); return f; }
     static T put(float f) { return f; }
 };
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+// n values of x (float32 or bfloat16 storage) rounded to bfloat16 into out: float32 16 at a time (vcvtneps2bf16,
+// round to nearest even), the rest one by one; gemv.h's and tiles.h's kernels round their activations so.
+template <class E>
+static void to_bf16(const typename E::T *x, uint16_t *out, long n) {
+    long k = 0;
+    if constexpr (sizeof(typename E::T) == 4)
+        for (; k + 16 <= n; k += 16)
+            _mm256_storeu_si256((__m256i *)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)x + k)));
+    for (; k < n; k++) out[k] = BF16::put(E::get(x + k));
+}
+#endif
 
 static inline vf vexp(vf x) {                  // exp(x) for x <= 0: Cephes' expf polynomial, no calls
     x = x < -87.0f ? (vf){} - 87.0f : x;
