@@ -12,8 +12,9 @@
 // What makes it faster than PyTorch's matmul + softmax + matmul for T = 1..16 rows:
 //   - one pass, no intermediate tensors, no calls between steps;
 //   - keys past the last one any row may see (the unwritten end of a static cache) are never read;
-//   - the work is split into (batch, kv head, 64-key chunk) items over the threads, each item's rows
-//     scored in registers (RR rows x 16 keys), then merged per row as flash-decoding does.
+//   - the work is split into (batch, kv head, 64-key chunk) items dealt to the threads in turn (a short
+//     last chunk per head does not pile up on one thread), each item's rows scored in registers (8 or 4
+//     rows x 16 keys, the keys transposed in registers), then merged per row as flash-decoding does.
 // Chunk boundaries are multiples of 64 whatever the mask, so a query row's result depends only on its
 // own inputs and mask row, not on which other rows share the call (plain and speculative decoding
 // through one graph stay bit-equal). A row that may see no key gets zeros (attention_ref: NaN).
@@ -31,20 +32,31 @@
 #define HD 64
 #endif
 #define NC (HD / W)       // vectors in a head_dim row
-#define RR 4              // query rows held in registers at a time
+#define RR 4              // query rows held in registers at a time (values)
+#define RQ 8              // query rows scored at a time where more than RR remain: 8 sums in flight hide the FMA latency
 #define CHUNK 64          // keys per work item
 #define NB (CHUNK / W)    // key blocks in a chunk
 #define MAXR 128          // query rows per kv head at most (group x T)
 
 static_assert(HD % W == 0, "head_dim must be a multiple of 16");
 
-// One work item: the R rows `qf` (scaled, float32, padded to a multiple of RR) against keys [k0, k1) of one
-// kv head. Writes each row's max score `pm`, sum of exp(score - max) `pl` and sum of exp(...) v `pacc`.
+// Scores of the N query rows from i0 against the W keys of block b (kt[d]: the keys' d-th values).
+template <int N>
+static inline void score_rows(const float *qf, const vf *kt, vf keep[][NB], vf sc[][NB], int i0, int R, int T, int b) {
+    vf acc[N] = {};
+    for (int d = 0; d < HD; d++)
+        for (int ii = 0; ii < N; ii++) acc[ii] += qf[(i0 + ii) * HD + d] * kt[d];
+    for (int ii = 0; ii < N && i0 + ii < R; ii++)
+        sc[i0 + ii][b] = keep[(i0 + ii) % T][b] > 0.0f ? acc[ii] : (vf){} - FLT_MAX;
+}
+
+// One work item: the R rows `qf` (scaled, float32, padded with zero rows to a multiple of RQ) against keys
+// [k0, k1) of one kv head. Writes each row's max score `pm`, sum of exp(score - max) `pl` and sum of exp(...) v `pacc`.
 template <class E>
 static void chunk(const float *qf, const typename E::T *kh, const typename E::T *vh_, const uint8_t *mask,
                   int R, int T, int S, int k0, int k1, float *pm, float *pl, float *pacc) {
     int nb = (k1 - k0 + W - 1) / W, nq = (R + RR - 1) / RR * RR;
-    vf sc[MAXR + RR][NB];                      // scores, then exp(score - max); -FLT_MAX where masked
+    vf sc[MAXR + RQ][NB];                      // scores, then exp(score - max); -FLT_MAX where masked
     vf keep[16][NB];                           // 1 where query offset t may see the key (T <= 16)
     for (int t = 0; t < T; t++)
         for (int b = 0; b < nb; b++) {
@@ -58,20 +70,17 @@ static void chunk(const float *qf, const typename E::T *kh, const typename E::T 
         }
     for (int b = 0; b < nb; b++) {             // scores, W keys at a time: kt[d] holds the W keys' d-th values
         vf kt[HD];
-        for (int j = 0; j < W; j++) {
-            int s = k0 + b * W + j;
-            vf row[NC] = {};
-            if (s < k1)
-                for (int c = 0; c < NC; c++) row[c] = E::load(kh + (long)s * HD + c * W);
-            for (int c = 0; c < NC; c++)
-                for (int e = 0; e < W; e++) kt[c * W + e][j] = row[c][e];
+        for (int c = 0; c < NC; c++) {         // W keys x W of their values, transposed in registers
+            vf *block = kt + c * W;
+            for (int j = 0; j < W; j++) {
+                int s = k0 + b * W + j;
+                block[j] = s < k1 ? E::load(kh + (long)s * HD + c * W) : (vf){};
+            }
+            transpose16(block);
         }
-        for (int i0 = 0; i0 < nq; i0 += RR) {
-            vf acc[RR] = {};
-            for (int d = 0; d < HD; d++)
-                for (int ii = 0; ii < RR; ii++) acc[ii] += qf[(i0 + ii) * HD + d] * kt[d];
-            for (int ii = 0; ii < RR && i0 + ii < R; ii++)
-                sc[i0 + ii][b] = keep[(i0 + ii) % T][b] > 0.0f ? acc[ii] : (vf){} - FLT_MAX;
+        for (int i0 = 0; i0 < R;) {            // each row's sum over d in one order, whichever group it falls in
+            if (R - i0 > RR) { score_rows<RQ>(qf, kt, keep, sc, i0, R, T, b); i0 += RQ; }
+            else { score_rows<RR>(qf, kt, keep, sc, i0, R, T, b); i0 += RR; }
         }
     }
     for (int i = 0; i < nq; i++) {             // softmax numerators against this chunk's max
@@ -88,11 +97,13 @@ static void chunk(const float *qf, const typename E::T *kh, const typename E::T 
         for (int j = 0; j < W; j++) s1 += sum[j];
         pm[i] = m1; pl[i] = s1;
     }
+    vf vals[CHUNK][NC];                        // the chunk's values as float32, converted once for all rows
+    for (int s = k0; s < k1; s++)
+        for (int c = 0; c < NC; c++) vals[s - k0][c] = E::load(vh_ + (long)s * HD + c * W);
     for (int i0 = 0; i0 < nq; i0 += RR) {      // numerators times values, RR rows in registers
         vf acc[RR][NC] = {};
         for (int s = k0; s < k1; s++) {
-            vf val[NC];
-            for (int c = 0; c < NC; c++) val[c] = E::load(vh_ + (long)s * HD + c * W);
+            const vf *val = vals[s - k0];
             for (int ii = 0; ii < RR; ii++) {
                 float p = sc[i0 + ii][(s - k0) / W][(s - k0) % W];
                 for (int c = 0; c < NC; c++) acc[ii][c] += p * val[c];
@@ -125,7 +136,7 @@ static int attend(const typename E::T *q, const typename E::T *k, const typename
     if (!part) return 2;
     #pragma omp parallel
     {
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static, 1)
         for (long item = 0; item < (long)B * H * used; item++) {
             int c = item % used, h = (item / used) % H, b = item / ((long)used * H);
             int k0 = c * CHUNK, k1 = k0 + CHUNK < spans[b] ? k0 + CHUNK : spans[b];
@@ -134,9 +145,9 @@ static int attend(const typename E::T *q, const typename E::T *k, const typename
                 for (int i = 0; i < R; i++) { p[i] = -FLT_MAX; p[R + i] = 0.0f; }
                 continue;
             }
-            float qf[MAXR + RR][HD];
+            float qf[MAXR + RQ][HD];
             const typename E::T *qh = q + ((long)b * H + h) * R * HD;
-            for (int i = 0; i < (R + RR - 1) / RR * RR; i++)
+            for (int i = 0; i < (R + RQ - 1) / RQ * RQ; i++)
                 for (int d = 0; d < HD; d++) qf[i][d] = i < R ? E::get(qh + (long)i * HD + d) * scale : 0.0f;
             chunk<E>(&qf[0][0], k + b * k_bs + h * k_hs, v + b * v_bs + h * v_hs, mask + b * mask_bs, R, T, S,
                      k0, k1, p, p + R, p + 2 * R);

@@ -60,7 +60,9 @@ static void rmsnorm(const typename E::T *x, const typename E::T *w, typename E::
         for (int j = 0; j < W; j++) ss += acc[j];
         for (; i < D; i++) ss += E::get(xm + i) * E::get(xm + i);
         float r = 1.0f / sqrtf(ss / D + eps);
-        for (int i = 0; i < D; i++) out[(long)m * D + i] = E::put(E::get(xm + i) * r * E::get(w + i));
+        typename E::T *om = out + (long)m * D;
+        for (i = 0; i + W <= D; i += W) E::store(om + i, E::load(xm + i) * r * E::load(w + i));
+        for (; i < D; i++) om[i] = E::put(E::get(xm + i) * r * E::get(w + i));
     }
 }
 
@@ -77,7 +79,7 @@ static void rope(typename E::T *h, const float *cos, const float *sin, int hd) {
 }
 
 // silu(g) * u, g and u rounded as model.py's F.silu(gate) * up in the activations' dtype; silu(x) = x / (1 + e^-x),
-// e^-|x| from vec.h's vexp, 16 at a time (scalar expf took ~1.5 ms of an 8-row step)
+// e^-|x| from vec.h's vexp, 16 at a time (scalar code took ~1.5 ms of an 8-row step)
 template <class E>
 static void swiglu(const typename E::T *gu, typename E::T *out, int M, int F) {
     for (int m = 0; m < M; m++) {
@@ -86,15 +88,22 @@ static void swiglu(const typename E::T *gu, typename E::T *out, int M, int F) {
         for (int i0 = 0; i0 < F; i0 += W) {
             vf x = {}, e;
             int n = F - i0 < W ? F - i0 : W;
-            for (int j = 0; j < n; j++) x[j] = E::get(g + i0 + j);
+            if (n == W) x = E::load(g + i0);
+            else for (int j = 0; j < n; j++) x[j] = E::get(g + i0 + j);
             e = vexp(x > 0.0f ? -x : x);                       // e^-|x|
-            vf s = x > 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
-            for (int j = 0; j < n; j++) {
-                typename E::T sr = E::put(s[j]);
-                o[i0 + j] = E::put(E::get(&sr) * E::get(u + i0 + j));
-            }
+            vf s = E::round(x > 0.0f ? x / (1.0f + e) : x * e / (1.0f + e));
+            if (n == W) { E::store(o + i0, s * E::load(u + i0)); continue; }
+            for (int j = 0; j < n; j++) o[i0 + j] = E::put(s[j] * E::get(u + i0 + j));
         }
     }
+}
+
+// x += y over n values, rounded to the activations' dtype (the residual connections)
+template <class E>
+static void add_into(typename E::T *x, const typename E::T *y, long n) {
+    long i = 0;
+    for (; i + W <= n; i += W) E::store(x + i, E::load(x + i) + E::load(y + i));
+    for (; i < n; i++) x[i] = E::put(E::get(x + i) + E::get(y + i));
 }
 
 struct Model {
@@ -140,12 +149,12 @@ static int blocks(typename E::T *x, int T, const Model &md, const Linear *lin, c
             for (int j = 0; j < H; j++)
                 memcpy(&att[((long)t * H + j) * hd], &og[((long)j * T + t) * hd], sizeof(A) * hd);
         if ((status = linear<E>(ll[1], att.data(), T, o.data()))) return status;
-        for (long i = 0; i < (long)T * D; i++) x[i] = E::put(E::get(x + i) + E::get(&o[i]));
+        add_into<E>(x, o.data(), (long)T * D);
         rmsnorm<E>(x, norms[2 * l + 1], h.data(), T, D, md.eps);
         if ((status = linear<E>(ll[2], h.data(), T, gu.data()))) return status;
         swiglu<E>(gu.data(), act.data(), T, F);
         if ((status = linear<E>(ll[3], act.data(), T, o.data()))) return status;
-        for (long i = 0; i < (long)T * D; i++) x[i] = E::put(E::get(x + i) + E::get(&o[i]));
+        add_into<E>(x, o.data(), (long)T * D);
     }
     return 0;
 }
