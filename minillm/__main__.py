@@ -108,7 +108,8 @@ def add_fixed_width_arg(p):
     p.add_argument("--native", action="store_true",
                    help="run every decode and verify step of 1-16 tokens as one C++ call (cpu_step.py; static cache, "
                         "batch 1, bfloat16/int8/int4 weights, AVX512-BF16): plain and speculative/tree decoding give "
-                        "the same tokens, and no compiler runs but the C++ one")
+                        "the same tokens, and no compiler runs but the C++ one; bench stack --native: chapter 8's race with the "
+                        "native step in the compiled step's place (data/stack_results_native.json)")
     p.add_argument("--fixed-width", type=int, default=None, metavar="W",
                    help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
@@ -497,11 +498,15 @@ def cmd_bench(args) -> int:
         args.new_tokens = {"stack": 128, "quant": 32}.get(args.what, 64)
     if args.dtype is None:  # serve: float32's multi-row matmuls would cost the batch its TPOT (chapter 9)
         args.dtype = "bfloat16" if args.what == "serve" else "float32"
-    if (args.compile or args.native or args.fixed_width is not None or args.consistent) and \
+    if args.native and args.what == "stack":    # the race with the native step: its steps choose their own weights
+        if args.compile or args.fixed_width is not None or args.consistent:
+            raise ValueError("bench stack --native runs its own steps: drop --compile, --fixed-width and --consistent")
+    elif (args.compile or args.native or args.fixed_width is not None or args.consistent) and \
             args.what not in ("speculative", "tree"):
-        raise ValueError(f"--compile, --native, --fixed-width and --consistent are for bench speculative and tree; "
-                         f"bench {args.what} chooses its own steps")
-    check_fixed_width(args)
+        raise ValueError(f"--compile, --fixed-width and --consistent are for bench speculative and tree, --native "
+                         f"for those and stack; bench {args.what} chooses its own steps")
+    else:
+        check_fixed_width(args)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.json and args.what not in ("stack", "serve", "quant"):
@@ -568,6 +573,15 @@ def cmd_bench(args) -> int:
     if args.what == "stack":  # chapter 8: every technique stacked, raced against llama.cpp
         from .bench.stack import bench_stack
 
+        if args.native:
+            from .cpu_step import available
+            from .stack import NATIVE_RESULTS, NATIVE_STEPS
+
+            if why := available():
+                raise ValueError(f"bench stack --native: {why}")
+            return tables_then_json(args, lambda: bench_stack(new_tokens=args.new_tokens, threads=args.threads,
+                                                              repeats=args.repeats, steps=NATIVE_STEPS,
+                                                              out=str(NATIVE_RESULTS)))
         return tables_then_json(args, lambda: bench_stack(new_tokens=args.new_tokens, threads=args.threads,
                                                           repeats=args.repeats))
     if args.what == "tokenizer":

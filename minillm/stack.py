@@ -88,6 +88,16 @@ STEPS = [
     ("+ Token Recycling", dict(INT4H, compile=True, fixed_width=8), "recycling", "static"),
 ]
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "stack_results.json"
+# The same race with the native step (cpu_step.py) in the compiled step's place, `bench stack --native`: the
+# same steps up to the compiled one (for comparison in the same run), then the int4 weights on the native step,
+# alone and under each drafter. Every native step, plain or verify, runs each linear on one kernel at every width,
+# so a drafter's tokens equal plain decoding's with 1-row plain steps (no fixed width). Needs AVX512-BF16.
+NATIVE_STEPS = STEPS[:6] + [
+    ("native step", dict(INT4H, native=True), None, "static"),
+    ("native + prompt lookup", dict(INT4H, native=True), "ngram", "static"),
+    ("native + Token Recycling", dict(INT4H, native=True), "recycling", "static"),
+]
+NATIVE_RESULTS = RESULTS.with_name("stack_results_native.json")
 
 
 def fastest_lossless(results: dict | None = None, prompts: str = "grounded") -> dict:

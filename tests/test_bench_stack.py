@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minillm.bench.stack import STEP_TECHNIQUES, STEPS, bench_stack, predict, where_time_goes
+from minillm.stack import NATIVE_STEPS
 from minillm.model import Transformer, tiny
 
 RESULTS = json.loads((Path(__file__).resolve().parents[1] / "data" / "stack_results.json").read_text())
@@ -122,3 +123,24 @@ def test_on_one_compiled_width_a_drafter_fills_the_width_and_keeps_plain_tokens(
         spec = timed_decode(fast, ids, 12, Spy(), "static")
     assert asked[0] == max(asked) == 3                 # 3 drafted + the root = the width (fewer near the end)
     assert spec["tokens"] == plain["tokens"] and len(plain["tokens"]) == 12
+
+
+def test_the_native_race_is_the_race_with_the_native_step_in_the_compiled_ones_place():
+    assert NATIVE_STEPS[:6] == STEPS[:6]
+    for (label, stack, drafter, cache), (_, compiled, drafter_c, _) in zip(NATIVE_STEPS[6:], STEPS[5:]):
+        assert stack == {k: v for k, v in compiled.items() if k not in ("compile", "fixed_width")} | {"native": True}
+        assert label.startswith("native") and cache == "static" and drafter == drafter_c
+    assert [s[2] for s in NATIVE_STEPS[6:]] == [None, "ngram", "recycling"]
+
+
+@pytest.mark.slow
+def test_a_short_native_race_is_lossless():
+    from minillm.cpu_step import available
+
+    if why := available():
+        pytest.skip(why)
+    result = bench_stack(new_tokens=12, threads=2, repeats=1, eval_tokens=64, out=None, steps=NATIVE_STEPS[6:8])
+    plain, lookup = result["rows"]
+    assert plain["stack"].endswith("native step") and "int8 head" in plain["stack"]
+    for name in ("grounded", "open-ended"):
+        assert plain[name]["tokens_per_forward"] == 1 and lookup[name]["same_as_plain"] == 3

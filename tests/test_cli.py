@@ -94,6 +94,7 @@ def test_native_is_a_step_of_its_own_with_what_it_needs():
                           (("generate", "--prompt", "hi", "--native", "--quant", "int8", "--cache", "paged"),
                            "--native needs --cache static"),
                           (("bench", "quant", "--native"), "are for bench speculative and tree"),
+                          (("bench", "stack", "--native", "--compile"), "drop --compile"),
                           (("bench", "tree", "--native"), "--native needs bfloat16 or quantized weights"),
                           (("generate", "--prompt", "hi", "--native", "--model", "missing.safetensors"),
                            "drop --native")]:     # a --model file says its own weights: not refused for float32

@@ -6,7 +6,10 @@ Steps, each adding one technique to the one before (chapter 8):
 The drafter steps run the compiled model at one width, 8 (compiled.py): plain and verify steps take the
 same graph, so a drafter's tokens equal plain decoding's of that model bit for bit, and each verify
 step checks up to 7 drafted tokens; the fixed width's price is in their tokens/s.
-The int4 step is g32 asymmetric: exactly the GGUF's Q4_1 weights, the ones llama.cpp runs (its
+`bench stack --native` runs the race with the native step (cpu_step.py, one C++ call a step) in the compiled
+step's place (stack.NATIVE_STEPS, data/stack_results_native.json): the steps up to the compiled one, then the int4
+weights on the native step, alone and under each drafter, whose tokens then equal plain decoding's with 1-row
+plain steps. The int4 step is g32 asymmetric: exactly the GGUF's Q4_1 weights, the ones llama.cpp runs (its
 perplexity is float32's), so the race compares two engines on the same weights.
 Two prompt sets in SmolLM2's chat template (bench speculative's): input-grounded (rewrite, fix,
 edit a given text) and open-ended (questions, stories); greedy, `new_tokens` each.
@@ -237,10 +240,11 @@ def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_
         print(json.dumps(row), flush=True)
     peer = llama_cpp(sets, new_tokens, threads, repeats)
     if peer["available"]:
-        for name in sets:
+        for name in sets:           # against the float32 static step's tokens, where the race ran that step
+            texts, refs = peer[name].pop("texts"), reference.get(name)
             peer[name]["agree_with_float32"] = sum(
                 leading_agreement(tok.encode(t, disallowed_special=())[:new_tokens], ref)
-                for t, ref in zip(peer[name].pop("texts"), reference[name])) / len(reference[name])
+                for t, ref in zip(texts, refs)) / len(refs) if refs else None
     result = dict(settings=dict(new_tokens=new_tokens, repeats=repeats, eval_tokens=eval_tokens,
                                 prompts={"grounded": GROUNDED, "open-ended": OPEN_ENDED}, **machine_settings()),
                   memory_bandwidth_gb_s=round(bandwidth, 2), rows=rows, llama_cpp=peer)
@@ -266,8 +270,9 @@ def print_table(result: dict):
             print(f"  {r['label']:<24}{m['decode_tok_s']:7.1f} ({m['decode_tok_s'] / ref:5.1f}x) {vs}"
                   f"{m['prefill_tok_s']:8.0f}{m['bytes_per_token'] / 1e6:8.1f}{r['perplexity']:8.2f}{agree}{rss}{same}")
         if llama:
+            agree = peer[name]["agree_with_float32"]
             print(f"  {'llama.cpp (Q4_1 GGUF)':<24}{llama:7.1f}  {'':>8}{peer[name]['prefill_tok_s']:8.0f}"
-                  f"{'':>16}{peer[name]['agree_with_float32']:6.1f}")
+                  f"{'':>16}" + (f"{agree:6.1f}" if agree is not None else "     -"))
             for n, by_set in sorted(peer.get("by_threads", {}).items()):
                 print(f"  {'llama.cpp, ' + n + ' thread(s)':<24}{by_set[name]:7.1f}")
         else:
