@@ -108,8 +108,8 @@ def add_fixed_width_arg(p):
     p.add_argument("--native", action="store_true",
                    help="run every decode and verify step of 1-16 tokens as one C++ call (cpu_step.py; static cache, "
                         "batch 1, bfloat16/int8/int4 weights, AVX512-BF16): plain and speculative/tree decoding give "
-                        "the same tokens, and no compiler runs but the C++ one; bench stack --native: chapter 8's race with the "
-                        "native step in the compiled step's place (data/stack_results_native.json)")
+                        "the same tokens, and no compiler runs but the C++ one; bench stack --native: chapter 8's "
+                        "race with the native step in the compiled step's place (data/stack_results_native.json)")
     p.add_argument("--fixed-width", type=int, default=None, metavar="W",
                    help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
