@@ -7,8 +7,9 @@ but the compiled step still enters Python and dynamo once per block (a guard che
 inductor's code between the matmuls; profiled on the Xeon VM (AVX512 + AMX, 2 threads, int4 g64 + int8 head): of a
 9.7 ms compiled step, the int4 matmuls took ~3.7 ms, the head ~0.8, dynamo's lookups ~1 and the compiled graphs'
 own code ~2.5. Here the embedding, the final norm and the head stay PyTorch calls and everything between them is
-one op, `torch.ops.minillm.decode_layers`: per block the norms, RoPE, cache writes, attention and SwiGLU are plain
-loops over a few rows, and the matmuls call cpu_gemv's kernels (gemv.h, tiles.h) directly, no dispatcher between.
+one op, `torch.ops.minillm.decode_layers_hd64` (one per head size: `op(head_dim)`): per block the norms, RoPE,
+cache writes, attention and SwiGLU are plain loops over a few rows, and the matmuls call cpu_gemv's kernels (gemv.h,
+tiles.h) directly, no dispatcher between.
 
     from minillm.cpu_step import native_decode
     fast = native_decode(model)                # same weights; forwards of 1-16 new tokens over a StaticCache native
@@ -63,6 +64,15 @@ def available(head_dim: int = 64) -> str | None:
     return None
 
 
+def op(head_dim: int = 64):
+    """The native step's op for heads of `head_dim`, built and registered first if needed (ValueError if it cannot
+    run here): torch.ops.minillm.decode_layers_hd<head_dim>."""
+    why = available(head_dim)
+    if why:
+        raise ValueError(f"native_decode: {why}")
+    return getattr(torch.ops.minillm, f"decode_layers_hd{head_dim}")
+
+
 def linear_args(module, rows: int = 1) -> tuple:
     """(kind, group size, weight, scales, offsets): what step.cpp reads of `module` for inputs of `rows` rows, on the
     kernel its plan names (cpu_gemv.kernel_for); ValueError where it names none."""
@@ -96,9 +106,7 @@ class NativeDecoder(ModelWrapper):
             raise ValueError(f"native_decode takes a minillm Transformer, got {type(model).__name__}")
         if kernel not in (True, "auto", *cpu_gemv.KERNELS):
             raise ValueError(f"kernel must be True, 'auto' or one of {cpu_gemv.KERNELS}, got {kernel!r}")
-        why = available(model.config.head_dim)
-        if why:
-            raise ValueError(f"native_decode: {why}")
+        self._op = op(model.config.head_dim)
         c = model.config
         if not all(isinstance(layer.ffn, FeedForward) for layer in model.layers):
             raise ValueError("native_decode takes a dense feed-forward in every block, not a mixture of experts")
@@ -136,7 +144,7 @@ class NativeDecoder(ModelWrapper):
         self.max_rows = min(m.gemv_rows for layer in model.layers for m in layer.modules()
                             if isinstance(m, (QuantLinear, PackedLinear)))
         self.native_calls = self.eager_calls = 0
-        self._args: dict = {}                         # rows -> (tensors, kinds) for decode_layers
+        self._args: dict = {}                         # rows -> (tensors, kinds) for the op
         self._rope = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)   # (positions, head_dim) each
 
     @property
@@ -154,7 +162,7 @@ class NativeDecoder(ModelWrapper):
         return type(cache) is StaticCache
 
     def arguments(self, rows: int) -> tuple:
-        """(tensors, kinds): decode_layers' weights for inputs of `rows` rows, built once per width."""
+        """(tensors, kinds): the op's weights for inputs of `rows` rows, built once per width."""
         if rows not in self._args:
             tensors, kinds = [], []
             for layer in self.model.layers:
@@ -187,7 +195,7 @@ class NativeDecoder(ModelWrapper):
         with torch.no_grad():
             x = model.tok_embeddings(idx)[0]
             p = positions[0]
-            _, h = torch.ops.minillm.decode_layers(
+            _, h = self._op(
                 x, tensors, kinds, cache.k, cache.v, start, see.contiguous(), self._rope[0][p], self._rope[1][p],
                 model.norm.weight.detach(), c.n_heads, c.n_kv_heads, c.norm_eps)
             logits = model.output(h)[None]

@@ -130,7 +130,7 @@ def test_the_op_checks_its_arguments():
     cos = sin = torch.zeros(2, c.head_dim)
     mask = torch.ones(2, 2, dtype=torch.bool)
     norm = fast.model.norm.weight.detach()
-    op = torch.ops.minillm.decode_layers
+    op = cpu_step.op(c.head_dim)
     args = [x, tensors, kinds, cache.k, cache.v, 0, mask, cos, sin, norm, c.n_heads, c.n_kv_heads, c.norm_eps]
     op(*args)                                                                   # as given: runs
     for i, bad, match in [(6, torch.ones(2, 3, dtype=torch.bool), "bool mask"),
@@ -142,3 +142,22 @@ def test_the_op_checks_its_arguments():
                           (1, tensors[:2] + [tensors[2].float()] + tensors[3:], r"layer 0 wqkv: (gemv|tiles)_int8 takes a contiguous Char")]:
         with pytest.raises(RuntimeError, match=match):
             op(*(args[:i] + [bad] + args[i + 1:]))
+
+
+@needs_step
+@torch.inference_mode()
+def test_two_head_sizes_run_native_in_one_process():
+    """One op per head size (decode_layers_hd<HD>): a model with heads of 16 and one with heads of 32, side by side,
+    each as its eager self (loading a second build under one name aborted the interpreter)."""
+    for config in (CONFIG, tiny(hidden_dim=192, dim=128)):
+        assert config.head_dim in (16, 32)
+        torch.manual_seed(0)
+        model = quantize(Transformer(config).eval().bfloat16(), "none")
+        eager = copy.deepcopy(model)
+        fast = native_decode(model)
+        ids = torch.randint(0, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+        caches = [StaticCache(config, 1, 16, dtype=torch.bfloat16) for _ in range(2)]
+        eager(ids[:, :4], cache=caches[0]), fast(ids[:, :4], cache=caches[1])
+        want, got = eager(ids[:, 4:], cache=caches[0]), fast(ids[:, 4:], cache=caches[1])
+        assert fast.native_calls == 2 and (got - want).abs().max() <= 0.02 * want.abs().max()
+        assert hasattr(torch.ops.minillm, f"decode_layers_hd{config.head_dim}")

@@ -159,7 +159,7 @@ static int blocks(typename E::T *x, int T, const Model &md, const Linear *lin, c
     return 0;
 }
 
-// --- the op: torch.ops.minillm.decode_layers ---------------------------------------------------------------------
+// --- the op: torch.ops.minillm.decode_layers_hd<HD> ---------------------------------------------------------------
 
 // The dtype, layout and (N, K) of a linear's weight for its kernel; its scales' and offsets' sizes.
 static Linear describe_linear(int kind, int g, const at::Tensor &w, const at::Tensor &s, const at::Tensor &o, int layer,
@@ -263,8 +263,13 @@ static std::tuple<at::Tensor, at::Tensor> decode_layers_op(
 extern "C" int minillm_step_kernels(void) { return HAVE_GEMV + 2 * HAVE_TILES; }
 extern "C" int minillm_step_head_dim(void) { return HD; }
 
+// One op per head size, decode_layers_hd<HD>: a build for each head size a process uses (a tiny model's and
+// SmolLM2's in one notebook), and the dispatcher takes each name once (a second "decode_layers" would abort).
+#define STR2(x) #x
+#define STR(x) STR2(x)
+#define OP_NAME "decode_layers_hd" STR(HD)
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
-    m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
+    m.def(OP_NAME "(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
           "Tensor mask, Tensor cos, Tensor sin, Tensor norm, int n_heads, int n_kv_heads, float eps) -> (Tensor, Tensor)");
 }
-TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("decode_layers", &decode_layers_op); }
+TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl(OP_NAME, &decode_layers_op); }
