@@ -152,7 +152,7 @@ def test_two_head_sizes_run_native_in_one_process():
     for config in (CONFIG, tiny(hidden_dim=192, dim=128)):
         assert config.head_dim in (16, 32)
         torch.manual_seed(0)
-        model = quantize(Transformer(config).eval().bfloat16(), "none")
+        model = Transformer(config).eval().bfloat16()
         eager = copy.deepcopy(model)
         fast = native_decode(model)
         ids = torch.randint(0, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
