@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import BACKENDS
 from .loading import ModelFileError
 
 # Half the logical CPUs (about the physical cores where SMT doubles them), at least 1. More threads than
@@ -44,7 +45,7 @@ GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--
          "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
          "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse",
          "--fixed-width": lambda a: a.fixed_width is not None, "--consistent": lambda a: a.consistent,
-         "--native": lambda a: a.native}
+         "--native": lambda a: a.native, "--backend": lambda a: getattr(a, "backend", "auto") != "auto"}
 
 
 def flags_given(args, *flags) -> list[str]:
@@ -93,18 +94,30 @@ def add_sampling_args(p):
                    "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
     p.add_argument("--draft-len", type=int, default=None,
                    help="tokens proposed per target forward (default: 4 with --draft, the whole tree with --tree)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode and verify steps with torch.compile (static cache only; "
-                        "the first steps compile for a few seconds)")
-    add_fixed_width_arg(p)
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="how the steps run: auto (the fastest here for these weights, measured once and remembered, "
+                        "said in one line), eager (PyTorch op by op: the reference), compiled (torch.compile; "
+                        "compiles for tens of seconds first), native (one C++ call per step; bfloat16 or "
+                        "quantized weights, AVX512-BF16)")
+    p.add_argument("--compile", action="store_true", help="deprecated: --backend compiled")
+    add_fixed_width_arg(p, deprecated=True)
     p.add_argument("--fast", action="store_true",
-                   help="the fastest lossless stack of chapter 8's measured race (data/stack_results.json): "
-                        "it sets the dtype, weights, head, compiled step and drafter itself")
-    add_threads_arg(p)
+                   help="the fastest lossless stack measured on this machine (weights, backend, drafter; a few "
+                        "seconds the first time, then remembered), with its quality cost against float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: chosen with the backend, measured: one or every core)")
     add_quant_args(p)
 
 
-def add_fixed_width_arg(p):
+def add_fixed_width_arg(p, deprecated=False):
+    if deprecated:   # generate and chat: the backend says how its widths agree (backends/choice.py)
+        p.add_argument("--native", action="store_true", help="deprecated: --backend native")
+        p.add_argument("--fixed-width", type=int, default=None, metavar="W",
+                       help="deprecated: with --compile, one width-W graph for every step (--backend compiled with "
+                            "a drafter computes every width alike by itself)")
+        p.add_argument("--consistent", action="store_true",
+                       help="deprecated: --backend compiled with a drafter computes every width alike by itself")
+        return
     p.add_argument("--native", action="store_true",
                    help="run every decode and verify step of 1-16 tokens as one C++ call (cpu_step.py; static cache, "
                         "batch 1, bfloat16/int8/int4 weights, AVX512-BF16): plain and speculative/tree decoding give "
@@ -167,11 +180,13 @@ def cmd_generate(args, chat: bool = False) -> int:
     if args.system is not None and not chat:
         raise ValueError("--system belongs to chat: generate continues --prompt as it is")
     check_args_before_loading(args)  # seconds of loading are not spent on a command that must fail
+    legacy_backend(args)
     prompts = args.prompt or []
     if len(prompts) > 1:
         if chat:
             raise ValueError("chat takes one --prompt (for a conversation give none and type the turns on stdin)")
         chosen = flags_given(args, "--draft", "--tree", "--compile", "--native", "--fast", "--kernels")
+        chosen += [f"--backend {args.backend}"] if args.backend not in ("auto", "eager") else []
         if chosen:
             raise ValueError(f"several --prompt run as one batch, which {', '.join(chosen)} cannot: give one "
                              f"prompt or drop {', '.join(chosen)}")
@@ -183,10 +198,9 @@ def cmd_generate(args, chat: bool = False) -> int:
         chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head")
         if chosen:
             raise ValueError(f"--model {args.model} is already quantized (its file says how): drop {', '.join(chosen)}")
-    stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
-                 compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent, native=args.native)
+    weights = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args))
     if args.fast:
-        stack = choose_fast(args)
+        weights = choose_fast(args)
     if args.kernels != "torch":  # before the model: kernels picks Triton's interpreter before torch imports triton
         from kernels import interpreting
         from kernels.swap import use_kernels
@@ -195,14 +209,12 @@ def cmd_generate(args, chat: bool = False) -> int:
             print("warning: no CUDA GPU: --kernels triton runs Triton's CPU interpreter, one kernel program at a "
                   "time in numpy (SmolLM2: ~6 s per token on a 2-core AVX2 CPU, ~80x slower than --kernels "
                   "torch); it checks the kernels, it is not fast", file=sys.stderr, flush=True)
-    if args.compile and args.cache != "static":
-        raise ValueError(f"--compile needs --cache static (the compiled step writes a static buffer), got --cache {args.cache}")
-    if args.compile and args.kernels != "torch":
-        raise ValueError("--compile and --kernels triton cannot be combined: choose one")
-    if args.native and args.cache != "static":
-        raise ValueError(f"--native needs --cache static (the native step writes a static buffer), got --cache {args.cache}")
-    if args.native and args.kernels != "torch":
-        raise ValueError("--native and --kernels triton cannot be combined: choose one")
+    for backend, old in (("compiled", "--compile"), ("native", "--native")):
+        flag = old if GIVEN[old](args) else f"--backend {backend}"
+        if args.backend == backend and args.cache != "static":
+            raise ValueError(f"{flag} needs --cache static (its step writes a static buffer), got --cache {args.cache}")
+        if args.backend == backend and args.kernels != "torch":
+            raise ValueError(f"{flag} and --kernels triton cannot be combined: choose one")
     if args.tree and args.temperature > 0:
         print(f"note: --tree {args.tree} with --temperature > 0 accepts by Medusa's typical acceptance: faster, but "
               f"the text no longer follows the model's own sampling distribution (lossy); --draft stays exact",
@@ -223,21 +235,33 @@ def cmd_generate(args, chat: bool = False) -> int:
         from .loading import resolve_data_path
         from .quant import load_quantized
 
-        model = load_quantized(resolve_data_path(args.model))
+        path = resolve_data_path(args.model)
+        model = load_quantized(path)
         if model.config.vocab_size != tok.vocab_size:
             raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
+        name = f"quantized file {args.model}"
+        weights_key = f"quantized file {path.name} ({path.stat().st_size} bytes)"
     else:
-        model, tok = load_stack(**{**stack, "compile": False, "fixed_width": None, "consistent": False, "native": False},
-                                progress=True)
+        model, tok = load_stack(**weights, progress=True)
+        name = weights_key = describe(**weights)
     if args.kernels != "torch":  # warns and keeps PyTorch where Triton cannot run
         use_kernels(model, args.kernels)
-    if stack["compile"]:
-        model = compile_stack(model, stack.get("fixed_width"), stack.get("consistent", False))
-    if stack.get("native"):
-        from .cpu_step import native_decode
+    if args.fixed_width is not None or args.consistent:     # the deprecated spellings of a compiled step
+        model = compile_stack(model, args.fixed_width, args.consistent)
+        label = describe(**weights, compile=True, fixed_width=args.fixed_width, consistent=args.consistent)
+        args.backend_used, args.threads_used = "compiled", torch_threads()
+    else:
+        from .backends import choose
 
-        model = native_decode(model)
-    label = (f"quantized file {args.model}" if quantized else describe(**stack)) + (f", drafter {args.draft or args.tree}" if args.draft or args.tree else "")
+        choice = choose(model, args.backend, weights=weights_key, threads=args.threads,
+                        drafter=bool(args.draft or args.tree or args.fast), cache=args.cache, batch=max(len(prompts), 1),
+                        kernels=args.kernels)
+        print(choice.line, file=sys.stderr, flush=True)
+        model, args.backend_used, args.threads_used = choice.model, choice.backend, choice.threads
+        if args.fast:
+            fast_drafter(args, choice, tok)
+        label = name if choice.backend == "eager" else f"{name}, {choice.label}"
+    label += f", drafter {args.draft or args.tree}" if args.draft or args.tree else ""
     if len(prompts) > 1:
         run_batch(model, tok, prompt_ids, args, label)
         return 0
@@ -255,6 +279,30 @@ def cmd_generate(args, chat: bool = False) -> int:
                              f"{args.max_new_tokens} it no longer fits the model's context of {context}")
         messages.append({"role": "assistant", "content": run_turn(model, tok, ids, args, label)})
     return 0
+
+
+def legacy_backend(args) -> None:
+    """--compile, --native, --fixed-width and --consistent, the old spellings of a backend (check_fixed_width has
+    checked how they combine): kept one release, each with a note saying what replaces it; refused beside a
+    --backend that says otherwise."""
+    for flag, backend in (("--compile", "compiled"), ("--native", "native")):
+        if GIVEN[flag](args):
+            if args.backend not in ("auto", backend):
+                raise ValueError(f"{flag} and --backend {args.backend} say two things: drop {flag}")
+            args.backend = backend
+            print(f"note: {flag} is deprecated: say --backend {backend}", file=sys.stderr, flush=True)
+    if args.fixed_width is not None or args.consistent:
+        print("note: --fixed-width and --consistent are deprecated: --backend compiled with a drafter computes "
+              "every width alike by itself", file=sys.stderr, flush=True)
+    if args.backend == "native" and args.quant == "none" and args.dtype == "float32" and args.model is None:
+        raise ValueError("--backend native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant "
+                         "int8/int4/...): float32 linears have no few-row kernel of cpu_gemv's")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def fit_context(tok, text: str, args, context: int, encode):
@@ -327,6 +375,8 @@ def run_turn(model, tok, prompt_ids, args, label: str) -> str:
                   "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
                   "target_forwards": result.target_forwards,
                   "accepted_per_forward": round(result.accepted_per_forward, 4)}
+        report.update(split_timings(result, len(prompt_ids), seconds))
+        report.update(backend=getattr(args, "backend_used", "eager"), threads=getattr(args, "threads_used", None))
         if args.draft or args.tree:
             report["acceptance_rate"] = round(result.acceptance_rate, 4)
         report["stack"] = label
@@ -334,6 +384,19 @@ def run_turn(model, tok, prompt_ids, args, label: str) -> str:
     else:
         print(flush=True)
     return text
+
+
+def split_timings(result, prompt_tokens: int, seconds: float) -> dict:
+    """Prefill apart from decode, as llama.cpp's `timings` report them: the prefill is the time to the first token
+    (the prompt's forward and the first token it gives), decode the tokens after it over the time after it."""
+    if result.prefill_seconds is None:
+        return {}
+    decode_seconds = max(seconds - result.prefill_seconds, 0.0)
+    decode_tokens = len(result.rows[0]) - result.first_tokens
+    return {"prefill_seconds": round(result.prefill_seconds, 4),
+            "prefill_tokens_per_second": round(prompt_tokens / result.prefill_seconds, 2) if result.prefill_seconds else None,
+            "decode_seconds": round(decode_seconds, 4), "decode_tokens": decode_tokens,
+            "decode_tokens_per_second": round(decode_tokens / decode_seconds, 2) if decode_tokens and decode_seconds else None}
 
 
 def is_quantized_file(path) -> bool:
@@ -412,27 +475,35 @@ def check_args_before_loading(args) -> None:
 
 
 def choose_fast(args) -> dict:
-    """--fast: load_stack's arguments for the fastest lossless step measured (its drafter set on args)."""
-    import torch
-
-    from .stack import fastest_lossless
+    """--fast: the weights it runs (stack.FAST_WEIGHTS); the backend and drafter are measured once loaded."""
+    from .stack import FAST_WEIGHTS
 
     chosen = flags_given(args, "--dtype", "--quant", "--head", "--compile", "--native", "--draft", "--tree", "--cache",
-                         "--kernels", "--fixed-width", "--consistent")
+                         "--kernels", "--fixed-width", "--consistent", "--backend")
     if chosen:
         raise ValueError(f"--fast chooses the stack itself: drop {', '.join(chosen)} (or drop --fast)")
-    best = fastest_lossless()
-    here = torch.backends.cpu.get_cpu_capability()
-    if here != best["cpu_capability"]:
-        print(f"note: --fast follows a race measured on a {best['cpu_capability']} CPU, this one is {here}: "
-              f"`python -m minillm bench stack` measures it here", file=sys.stderr, flush=True)
-    args.draft = best["drafter"]
-    return dict({"quant": "none", "head": None, "compile": False}, **best["stack"])
+    return dict(FAST_WEIGHTS)
 
 
-def set_threads(threads: int) -> None:
+def fast_drafter(args, choice, tok) -> None:
+    """--fast, once the backend is chosen: the drafter raced fastest here without changing a token, set on args,
+    and one line saying what it measured and what the weights cost against float32."""
+    from .stack import fastest_here
+
+    drafter, figures, cached = fastest_here(choice.model, tok, choice.label, choice.threads)
+    args.draft = drafter
+    race = ", ".join(f"{k} {v['tok_s']:g}" + ("" if v["lossless"] else " (changed tokens)")
+                     for k, v in figures.items() if k != "agree_with_float32")
+    print(f"fast: drafter {drafter or 'none'} ({'remembered' if cached else 'raced'} here, decode tok/s: {race}); "
+          f"quality: greedy tokens equal float32's for the first {figures['agree_with_float32']:g} of 48 on average "
+          f"(int4 Q4_1 + int8 head, the GGUF's own weights)", file=sys.stderr, flush=True)
+
+
+def set_threads(threads: int | None) -> None:
     import torch
 
+    if threads is None:     # generate and chat: chosen with the backend
+        return
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)

@@ -96,6 +96,33 @@ def linear_args(module, rows: int = 1) -> tuple:
     raise ValueError(f"the native step takes Int4Linear, Int8Linear and bfloat16 linears, not {type(module).__name__}")
 
 
+def unavailable(model) -> str | None:
+    """None if native_decode takes `model` on this machine (its C++ step built if needed), else why not, in a phrase.
+    Checks everything before anything changes: the CPU and compiler, a dense feed-forward, the dtype, and a few-row
+    kernel for every linear of the blocks."""
+    if not hasattr(model, "layers") or not hasattr(model, "config"):
+        return f"it takes a minillm Transformer, not {type(model).__name__}"
+    if not all(isinstance(layer.ffn, FeedForward) for layer in model.layers):
+        return "it takes a dense feed-forward in every block, not a mixture of experts"
+    dtype = model.tok_embeddings.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"it takes a float32 or bfloat16 model, not {dtype}"
+    norms = [model.norm.weight] + [w for layer in model.layers for w in (layer.attn_norm.weight, layer.ffn_norm.weight)]
+    if any(w.dtype != dtype for w in norms):
+        return f"it takes norm weights in the model's dtype ({dtype})"
+    for i, layer in enumerate(model.layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, QuantLinear):
+                why = m._gemv_unavailable() and m._tiles_unavailable()
+            elif isinstance(m, nn.Linear):
+                why = gemv_unavailable(m.weight) or ("a linear with a bias" if m.bias is not None else None)
+            else:
+                continue
+            if why:
+                return f"layer {i}: {name}: {why}"
+    return available(model.config.head_dim)
+
+
 class NativeDecoder(ModelWrapper):
     """A Transformer whose forwards over 1-16 new tokens in a StaticCache run as one C++ call; see the module
     docstring. `.model` is the wrapped model (its linears set to cpu_gemv's kernels, q/k/v and gate/up fused)."""
@@ -106,26 +133,11 @@ class NativeDecoder(ModelWrapper):
             raise ValueError(f"native_decode takes a minillm Transformer, got {type(model).__name__}")
         if kernel not in (True, "auto", *cpu_gemv.KERNELS):
             raise ValueError(f"kernel must be True, 'auto' or one of {cpu_gemv.KERNELS}, got {kernel!r}")
+        why = unavailable(model)
+        if why:
+            raise ValueError(f"native_decode: {why}")
         self._op = op(model.config.head_dim)
-        c = model.config
-        if not all(isinstance(layer.ffn, FeedForward) for layer in model.layers):
-            raise ValueError("native_decode takes a dense feed-forward in every block, not a mixture of experts")
-        dtype = model.tok_embeddings.weight.dtype
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"native_decode takes a float32 or bfloat16 model, not {dtype}")
-        norms = [model.norm.weight] + [w for layer in model.layers for w in (layer.attn_norm.weight, layer.ffn_norm.weight)]
-        if any(w.dtype != dtype for w in norms):
-            raise ValueError(f"native_decode takes norm weights in the model's dtype ({dtype})")
-        for i, layer in enumerate(model.layers):      # before anything changes: every linear has a few-row kernel
-            for name, m in layer.named_modules():
-                if isinstance(m, QuantLinear):
-                    why = m._gemv_unavailable() and m._tiles_unavailable()
-                elif isinstance(m, nn.Linear):
-                    why = gemv_unavailable(m.weight) or ("a linear with a bias" if m.bias is not None else None)
-                else:
-                    continue
-                if why:
-                    raise ValueError(f"native_decode: layer {i}: {name}: {why}")
+        c, dtype = model.config, model.tok_embeddings.weight.dtype
         self.model, self.config, self.dtype = model, c, dtype
         fuse_projections(model)
         for i, layer in enumerate(model.layers):      # every linear of the blocks on cpu_gemv's kernels

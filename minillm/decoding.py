@@ -29,6 +29,7 @@ that arrive and leave while others decode (the serving chapter does that above t
 from __future__ import annotations
 
 import numbers
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +121,8 @@ class DecodeResult:
     accepted: int = 0                                          # draft tokens accepted
     draft_lengths: list[int] = field(default_factory=list)     # proposal size of each verification forward
     hidden_parts: list = field(default_factory=list, repr=False)  # keep_hidden=True: final hidden states, in pieces
+    prefill_seconds: float | None = None                       # from the start to the first token (time to first token)
+    first_tokens: int = 0                                      # tokens the first forward gave row 0 (1, or more with a draft)
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -297,7 +300,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
         return pos.to(ids.device)
 
     result = result if result is not None else DecodeResult(rows=[])
-    result.rows = [[] for _ in range(B)]
+    started = time.perf_counter()
+    result.rows, result.prefill_seconds, result.first_tokens = [[] for _ in range(B)], None, 0
     result.hidden_parts = []
     fed = kept = 0      # columns of seq in the cache; columns whose hidden state was kept
     seq, finished, last_hidden, first = ids, [False] * B, None, True
@@ -405,6 +409,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
             result.rows[b] += chunks[b]
             finished[b] = finished[b] or (eos_token_id is not None and eos_token_id in chunks[b])
         result.from_draft += flags[:len(chunks[0])]
+        if result.prefill_seconds is None:
+            result.prefill_seconds, result.first_tokens = time.perf_counter() - started, len(chunks[0])
         yield chunks
         if len(result.rows[0]) >= max_new_tokens or all(finished):
             return

@@ -6,10 +6,15 @@ and a compiled (or native) decode step, in that order. The CLI and the benches c
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import torch
+
+from .backends import autotune
 from .compiled import compile_decode
 from .cpu_step import native_decode
+from .decoding import decode
 from .loading import load_pretrained
 from .progress import progress as progress_bar
 from .quant import DEFAULT_GROUP_SIZE, calibration_ids, quantize
@@ -114,3 +119,56 @@ def fastest_lossless(results: dict | None = None, prompts: str = "grounded") -> 
             best = dict(label=label, stack=stack, drafter=drafter, decode_tok_s=row[prompts]["decode_tok_s"],
                         cpu_capability=results["settings"]["cpu_capability"])
     return best
+
+
+# --fast: the GGUF's own weights (Q4_1 + int8 head, bfloat16 activations) on the backend auto picks, and the drafter
+# that decodes fastest here without changing a token, raced on one input-grounded and one open-ended request.
+FAST_WEIGHTS = dict(dtype="bfloat16", quant="int4", group_size=32, symmetric=False, head="int8")
+FAST_PROMPTS = ("Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
+                "johannes gutenberg around 1440 it used movable metal type and oil based ink",
+                "Explain why the sky is blue.")
+FAST_DRAFTERS = (None, "ngram", "recycling")
+
+
+def race_drafters(model, tok, new_tokens: int = 48) -> dict:
+    """{drafter or "none": {"tok_s": decode tokens per second over both prompts, "lossless": its tokens equal plain
+    greedy decoding's on both}}, greedy, on FAST_PROMPTS; the first forward (the prompt's) is not timed."""
+    prompts = [torch.tensor([tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)])
+               for p in FAST_PROMPTS]
+    plain, figures = None, {}
+    for drafter in FAST_DRAFTERS:
+        rows, seconds = [], 0.0
+        for ids in prompts:
+            decode(model, ids, 4, drafter=drafter, eos_token_id=None)                    # warm-up
+            start = time.perf_counter()
+            rows.append(decode(model, ids, new_tokens, drafter=drafter, eos_token_id=None).tokens)
+            seconds += time.perf_counter() - start
+        plain = plain if plain is not None else rows
+        figures[drafter or "none"] = dict(tok_s=round(len(prompts) * new_tokens / seconds, 1), lossless=rows == plain)
+    return figures
+
+
+def agreement_with_float32(model, tok, new_tokens: int = 48) -> float:
+    """Greedy tokens of `model` before the first that differs from the float32 model's, averaged over FAST_PROMPTS:
+    the quality cost of lighter weights in the unit a reader sees (chapter 8's agree_with_float32)."""
+    reference, _ = load_pretrained("smollm2-135m")
+    agree = []
+    for text in FAST_PROMPTS:
+        ids = torch.tensor([tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)])
+        ours, theirs = (decode(m, ids, new_tokens, eos_token_id=None).tokens for m in (model, reference))
+        agree.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens))
+    return sum(agree) / len(agree)
+
+
+def fastest_here(model, tok, backend_label: str, threads: int) -> tuple[str | None, dict, bool]:
+    """(--fast's drafter, the race's figures with "agree_with_float32", cached): measured once per machine and
+    backend (backends/autotune.py), a few seconds plus one float32 load the first time."""
+    key = f"fast | {describe(**FAST_WEIGHTS)} | {backend_label} | {threads} threads"
+
+    def measure():
+        return dict(race_drafters(model, tok), agree_with_float32=agreement_with_float32(model, tok))
+
+    figures, cached = autotune.remembered(key, measure)
+    race = {k: v for k, v in figures.items() if k != "agree_with_float32"}
+    best = max((k for k, v in race.items() if v["lossless"]), key=lambda k: race[k]["tok_s"])
+    return (None if best == "none" else best), figures, cached

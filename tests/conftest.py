@@ -32,3 +32,11 @@ def hf_smollm2():
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session", autouse=True)
+def measured_choices_stay_in_the_session(tmp_path_factory):
+    """The backend choices the tests measure go to a cache of their own (backends/autotune.py), not the user's:
+    measured once for the session, then remembered, as a user's second run would."""
+    os.environ["MINILLM_CACHE"] = str(tmp_path_factory.mktemp("minillm-cache"))
+    yield
