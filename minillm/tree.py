@@ -57,7 +57,7 @@ class Tree:
             raise ValueError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
 
     @classmethod
-    def chain(cls, root: int, drafts, q=None) -> "Tree":
+    def chain(cls, root: int, drafts, q=None) -> Tree:
         """root -> d_1 -> d_2 ...: what a chain drafter proposes. [7], [3, 4] -> tokens [7, 3, 4], parents [-1, 0, 1]."""
         drafts = [int(t) for t in drafts]
         return cls([int(root)] + drafts, list(range(-1, len(drafts))), q)
@@ -68,7 +68,7 @@ class Tree:
     def __len__(self):
         return len(self.parents)
 
-    def prefix(self, n: int) -> "Tree":
+    def prefix(self, n: int) -> Tree:
         return Tree(self.tokens[:n], self.parents[:n], None if self.q is None else self.q[:max(n - 1, 0)])
 
 
@@ -186,7 +186,7 @@ class Template:
     choices: list[int]
 
     @classmethod
-    def from_paths(cls, paths) -> "Template":
+    def from_paths(cls, paths) -> Template:
         """Medusa notation, e.g. [(0,), (1,), (0, 0)] -> root, two children of the root, one grandchild."""
         paths = sorted({tuple(p) for p in paths if len(p)}, key=lambda p: (len(p), p))
         index = {(): 0}
@@ -200,7 +200,7 @@ class Template:
         return cls(parents, choices)
 
     @classmethod
-    def budget(cls, depth: int, budget: int) -> "Template":
+    def budget(cls, depth: int, budget: int) -> Template:
         """All paths up to `depth` whose choice indices add up to at most `budget`:
         budget 0 is a chain, each extra unit adds a second-best guess somewhere."""
         paths, frontier = [], [()]
@@ -295,7 +295,7 @@ class TokenRecycling:
         if probs is not None:
             self.probs[distinct] = probs[keep]
 
-    def warm_up(self, model, ids, chunk: int = 512) -> "TokenRecycling":
+    def warm_up(self, model, ids, chunk: int = 512) -> TokenRecycling:
         """Fill the matrix from a text before decoding: `ids` (1-D token ids) go through the model `chunk`
         tokens at a time (each chunk a context of its own, no cache), and every token's row gets the top-k
         the model predicted after it, as if decoding had produced that text. One prefill's cost, once."""
@@ -309,7 +309,7 @@ class TokenRecycling:
                 self.update(piece, model(piece[None].to(device))[0])
         return self
 
-    def copy(self) -> "TokenRecycling":
+    def copy(self) -> TokenRecycling:
         """A drafter with the same template and its own copy of the matrix (a warm start for one request)."""
         twin = TokenRecycling(len(self.adjacency), self.k, self.template, self.dynamic, self.context)
         twin.adjacency.copy_(self.adjacency)

@@ -230,7 +230,7 @@ def test_keep_hidden_equals_one_forward_over_the_text(lively):
     spec = minillm.decode(lively, ids, 9, "ngram", eos_token_id=None, keep_hidden=True)
     torch.testing.assert_close(spec.hidden, hidden, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="keep_hidden=True"):
-        minillm.decode(lively, ids, 2).hidden
+        _ = minillm.decode(lively, ids, 2).hidden
 
 
 def test_continue_a_cache_that_holds_a_prefix(lively):
@@ -294,7 +294,7 @@ def test_stream_text_yields_whole_characters():
     """"é" is 2 bytes and "😀" 4: one token per byte, and each piece waits for its character's last byte."""
     from minillm import stream_text
 
-    model = ByteCycle("é😀".encode("utf-8"))
+    model = ByteCycle("é😀".encode())
     pieces = list(stream_text(model, Bytes(), "hi", 12, cache="none"))
     assert pieces == ["é", "😀", "é", "😀"]
     assert list(stream_text(model, Bytes(), "hi", 3, cache="none")) == ["é", "\ufffd"]   # cut mid-character: shown at the end

@@ -5,7 +5,7 @@ the PyTorch model.
 The interpreter runs each program of the grid in numpy, one after another, paying per operation
 rather than per element: shapes are small or blocks large so the file stays fast.
 """
-import kernels  # noqa: I001  first: chooses the interpreter before anything imports triton
+import kernels  # noqa: F401, I001  first: chooses the interpreter before anything imports triton
 
 import math
 

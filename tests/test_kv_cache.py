@@ -11,7 +11,7 @@ from minillm.decoding import decode, generate, make_cache
 from minillm.kv_cache import ConcatCache, QuantizedCache, StaticCache, dequantize_int8, kv_bytes_per_token, quantize_int8
 from minillm.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from minillm.model import Transformer, attention_ref, smollm2_135m, tiny
-from minillm.paged import PAD_POSITION, BlockAllocator, PagedCache
+from minillm.paged import BlockAllocator, PagedCache
 
 
 @pytest.fixture(scope="module")

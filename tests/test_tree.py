@@ -209,7 +209,7 @@ def random_guesses(vocab: int, k: int, g, pairs: int = 0):
 
 def test_dynamic_tree_keeps_the_likeliest_paths_as_the_reference_enumerates_them():
     g = torch.Generator().manual_seed(0)
-    for trial in range(30):
+    for _trial in range(30):
         size = int(torch.randint(1, 7, (1,), generator=g))
         adjacency, probs, _ = random_guesses(12, 3, g)
         tree = dynamic_tree(3, adjacency, probs, size)
@@ -242,7 +242,7 @@ def test_dynamic_token_recycling_stores_probabilities_and_stays_lossless(tiny_mo
 
 def test_two_token_keys_back_off_to_the_token_and_match_the_reference():
     g = torch.Generator().manual_seed(1)
-    for trial in range(30):
+    for _trial in range(30):
         size = int(torch.randint(1, 7, (1,), generator=g))
         adjacency, probs, pairs = random_guesses(10, 3, g, pairs=25)
         tree = dynamic_tree(3, adjacency, probs, size, pairs, before=7)

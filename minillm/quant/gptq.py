@@ -24,7 +24,6 @@ assert both agree, that GPTQ equals RTN when H is the identity, and that GPTQ's 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .calibration import block_inputs, check_calibration, collect_inputs
 from .formats import Int4Linear, check_groups, group_params, quantize_with
