@@ -492,8 +492,8 @@ def fast_drafter(args, choice, tok) -> None:
 
     drafter, figures, cached = fastest_here(choice.model, tok, choice.label, choice.threads)
     args.draft = drafter
-    race = ", ".join(f"{k} {v['tok_s']:g}" + ("" if v["lossless"] else " (changed tokens)")
-                     for k, v in figures.items() if k != "agree_with_float32")
+    rows = sorted(((k, v) for k, v in figures.items() if k != "agree_with_float32"), key=lambda kv: -kv[1]["tok_s"])
+    race = ", ".join(f"{k} {v['tok_s']:g}" + ("" if v["lossless"] else " (changed tokens)") for k, v in rows)
     print(f"fast: drafter {drafter or 'none'} ({'remembered' if cached else 'raced'} here, decode tok/s: {race}); "
           f"quality: greedy tokens equal float32's for the first {figures['agree_with_float32']:g} of 48 on average "
           f"(int4 Q4_1 + int8 head, the GGUF's own weights)", file=sys.stderr, flush=True)
