@@ -45,7 +45,7 @@ GIVEN = {"--fast": lambda a: a.fast, "--quant": lambda a: a.quant != "none", "--
          "--tree": lambda a: bool(a.tree), "--cache": lambda a: a.cache != "static",
          "--kernels": lambda a: a.kernels != "torch", "--special": lambda a: a.special != "refuse",
          "--fixed-width": lambda a: a.fixed_width is not None, "--consistent": lambda a: a.consistent,
-         "--native": lambda a: a.native, "--backend": lambda a: getattr(a, "backend", "auto") != "auto"}
+         "--native": lambda a: a.native, "--backend": lambda a: getattr(a, "backend_typed", getattr(a, "backend", "auto")) != "auto"}
 
 
 def flags_given(args, *flags) -> list[str]:
@@ -186,7 +186,7 @@ def cmd_generate(args, chat: bool = False) -> int:
         if chat:
             raise ValueError("chat takes one --prompt (for a conversation give none and type the turns on stdin)")
         chosen = flags_given(args, "--draft", "--tree", "--compile", "--native", "--fast", "--kernels")
-        chosen += [f"--backend {args.backend}"] if args.backend not in ("auto", "eager") else []
+        chosen += [f"--backend {args.backend}"] if args.backend_typed not in ("auto", "eager") else []
         if chosen:
             raise ValueError(f"several --prompt run as one batch, which {', '.join(chosen)} cannot: give one "
                              f"prompt or drop {', '.join(chosen)}")
@@ -248,7 +248,9 @@ def cmd_generate(args, chat: bool = False) -> int:
         use_kernels(model, args.kernels)
     if args.fixed_width is not None or args.consistent:     # the deprecated spellings of a compiled step
         model = compile_stack(model, args.fixed_width, args.consistent)
-        label = describe(**weights, compile=True, fixed_width=args.fixed_width, consistent=args.consistent)
+        label = name + ", " + describe(compile=True, fixed_width=args.fixed_width,
+                                       consistent=args.consistent).split(", ", 1)[1]
+        set_threads(args.threads or DEFAULT_THREADS)
         args.backend_used, args.threads_used = "compiled", torch_threads()
     else:
         from .backends import choose
@@ -285,6 +287,7 @@ def legacy_backend(args) -> None:
     """--compile, --native, --fixed-width and --consistent, the old spellings of a backend (check_fixed_width has
     checked how they combine): kept one release, each with a note saying what replaces it; refused beside a
     --backend that says otherwise."""
+    args.backend_typed = args.backend
     for flag, backend in (("--compile", "compiled"), ("--native", "native")):
         if GIVEN[flag](args):
             if args.backend not in ("auto", backend):
@@ -294,7 +297,8 @@ def legacy_backend(args) -> None:
     if args.fixed_width is not None or args.consistent:
         print("note: --fixed-width and --consistent are deprecated: --backend compiled with a drafter computes "
               "every width alike by itself", file=sys.stderr, flush=True)
-    if args.backend == "native" and args.quant == "none" and args.dtype == "float32" and args.model is None:
+    if args.backend == "native" and args.quant == "none" and args.dtype == "float32" and args.model is None \
+            and not args.fast:
         raise ValueError("--backend native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant "
                          "int8/int4/...): float32 linears have no few-row kernel of cpu_gemv's")
 
@@ -375,7 +379,7 @@ def run_turn(model, tok, prompt_ids, args, label: str) -> str:
                   "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
                   "target_forwards": result.target_forwards,
                   "accepted_per_forward": round(result.accepted_per_forward, 4)}
-        report.update(split_timings(result, len(prompt_ids), seconds))
+        report.update(split_timings(result, len(prompt_ids), seconds, start))
         report.update(backend=getattr(args, "backend_used", "eager"), threads=getattr(args, "threads_used", None))
         if args.draft or args.tree:
             report["acceptance_rate"] = round(result.acceptance_rate, 4)
@@ -386,15 +390,17 @@ def run_turn(model, tok, prompt_ids, args, label: str) -> str:
     return text
 
 
-def split_timings(result, prompt_tokens: int, seconds: float) -> dict:
+def split_timings(result, prompt_tokens: int, seconds: float, started: float | None = None) -> dict:
     """Prefill apart from decode, as llama.cpp's `timings` report them: the prefill is the time to the first token
     (the prompt's forward and the first token it gives), decode the tokens after it over the time after it."""
     if result.prefill_seconds is None:
         return {}
-    decode_seconds = max(seconds - result.prefill_seconds, 0.0)
+    # started: when the caller's clock began (its `seconds` then include the drafter's and cache's set-up)
+    prefill = result.prefill_seconds if started is None else result.first_token_at - started
+    decode_seconds = max(seconds - prefill, 0.0)
     decode_tokens = len(result.rows[0]) - result.first_tokens
-    return {"prefill_seconds": round(result.prefill_seconds, 4),
-            "prefill_tokens_per_second": round(prompt_tokens / result.prefill_seconds, 2) if result.prefill_seconds else None,
+    return {"prefill_seconds": round(prefill, 4),
+            "prefill_tokens_per_second": round(prompt_tokens / prefill, 2) if prefill > 0 else None,
             "decode_seconds": round(decode_seconds, 4), "decode_tokens": decode_tokens,
             "decode_tokens_per_second": round(decode_tokens / decode_seconds, 2) if decode_tokens and decode_seconds else None}
 
@@ -441,9 +447,10 @@ def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
         raise ValueError("--model takes a byte-level checkpoint trained here, which has no chat template: "
                          "use generate")
     chosen = flags_given(args, "--fast", "--quant", "--dtype", "--head", "--compile", "--native", "--draft", "--tree",
-                         "--kernels", "--special")
+                         "--kernels", "--special", "--backend")
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
+    set_threads(args.threads or DEFAULT_THREADS)
     model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
     if model.config.vocab_size != tok.vocab_size:
         raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size}, not a byte-level (256) "

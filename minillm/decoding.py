@@ -123,6 +123,7 @@ class DecodeResult:
     hidden_parts: list = field(default_factory=list, repr=False)  # keep_hidden=True: final hidden states, in pieces
     prefill_seconds: float | None = None                       # from the start to the first token (time to first token)
     first_tokens: int = 0                                      # tokens the first forward gave row 0 (1, or more with a draft)
+    first_token_at: float | None = None                        # time.perf_counter() when they came
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -410,7 +411,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
             finished[b] = finished[b] or (eos_token_id is not None and eos_token_id in chunks[b])
         result.from_draft += flags[:len(chunks[0])]
         if result.prefill_seconds is None:
-            result.prefill_seconds, result.first_tokens = time.perf_counter() - started, len(chunks[0])
+            result.first_token_at = time.perf_counter()
+            result.prefill_seconds, result.first_tokens = result.first_token_at - started, len(chunks[0])
         yield chunks
         if len(result.rows[0]) >= max_new_tokens or all(finished):
             return

@@ -168,7 +168,12 @@ def fastest_here(model, tok, backend_label: str, threads: int) -> tuple[str | No
     def measure():
         return dict(race_drafters(model, tok), agree_with_float32=agreement_with_float32(model, tok))
 
-    figures, cached = autotune.remembered(key, measure)
-    race = {k: v for k, v in figures.items() if k != "agree_with_float32"}
+    figures, cached = autotune.recall(key), True
+    race = {k: v for k, v in figures.items() if k != "agree_with_float32"} if isinstance(figures, dict) else {}
+    if set(race) != {d or "none" for d in FAST_DRAFTERS} or not isinstance(figures.get("agree_with_float32"), (int, float)) \
+            or not all(isinstance(v, dict) and isinstance(v.get("tok_s"), (int, float)) for v in race.values()):
+        figures, cached = measure(), False                 # none yet, or a file that says something else
+        autotune.remember(key, figures)
+        race = {k: v for k, v in figures.items() if k != "agree_with_float32"}
     best = max((k for k, v in race.items() if v["lossless"]), key=lambda k: race[k]["tok_s"])
     return (None if best == "none" else best), figures, cached

@@ -117,7 +117,7 @@ def choose(model, backend: str = "auto", weights: str = "", threads: int | None 
         why = unavailable(backend, model, cache, batch, kernels)
         if why:
             raise ValueError(f"--backend {backend} cannot run here: {why}")
-        t = threads or torch.get_num_threads()
+        t = threads or max(1, (os.cpu_count() or 2) // 2)   # the CLI's default for a command that does not measure
         torch.set_num_threads(t)
         built, label = build(model, backend, drafter)
         return Choice(built, backend, t, f"backend: {label}, {t} thread(s) (as asked)", label)
@@ -128,9 +128,14 @@ def choose(model, backend: str = "auto", weights: str = "", threads: int | None 
         torch.set_num_threads(options[0])
         return Choice(model, "eager", options[0], f"backend: eager, {options[0]} thread(s) (auto: native "
                       f"unavailable: {not_native})", "eager")
-    key = f"backend | {weights} | threads {threads or 'auto'}"
+    if kernels != "torch":      # Triton's CPU interpreter: nothing to race, and seconds a step to time
+        t = threads or torch.get_num_threads()
+        torch.set_num_threads(t)
+        return Choice(model, "eager", t, f"backend: eager, {t} thread(s) (auto: {not_native})", "eager")
+    key = f"backend | {weights} | {'+'.join(backends)} | cache {cache} | threads {threads or 'auto'}"
     figures = autotune.recall(key)
-    cached = isinstance(figures, dict) and set(figures) == {f"{b} {t}" for b in backends for t in options}
+    cached = (isinstance(figures, dict) and set(figures) == {f"{b} {t}" for b in backends for t in options}
+              and all(isinstance(v, (int, float)) and v > 0 for v in figures.values()))
     if not cached:
         figures = _measure(model, backends, options)
         autotune.remember(key, figures)
