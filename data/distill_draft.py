@@ -1,9 +1,9 @@
 """Distil a small draft model from SmolLM2-135M-Instruct, for speculative decoding (chapter 5).
 
-    python data/distill_draft.py            # the committed checkpoint: data/smollm2_draft.safetensors
+    python data/distill_draft.py            # the committed checkpoint: minillm/assets/smollm2_draft.safetensors
     python data/distill_draft.py --smoke    # a minute-long run of the same steps, written to a temp file
 
-1. Prompts: snippets of data/shakespeare.txt and data/heldout.txt, half of them as plain text,
+1. Prompts: snippets of data/shakespeare.txt and minillm/assets/heldout.txt, half of them as plain text,
    half wrapped in SmolLM2's chat template with an instruction ("Rewrite...", "Continue...").
 2. Teacher data: SmolLM2 reads each prompt and samples a continuation (temperature 0.8). At every
    position, prompt and continuation alike, we keep the teacher's greedy choice: the token that
@@ -51,7 +51,7 @@ def draft_config() -> Config:
 
 def make_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    texts = [(ROOT / "data" / name).read_text(encoding="utf-8") for name in ("shakespeare.txt", "heldout.txt")]
+    texts = [path.read_text(encoding="utf-8") for path in (ROOT / "data" / "shakespeare.txt", ROOT / "minillm" / "assets" / "heldout.txt")]
     prompts = []
     while len(prompts) < n:
         text = texts[len(prompts) % 2]
@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=32, help="teacher batch size")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", default=str(ROOT / "data" / "smollm2_draft.safetensors"))
+    p.add_argument("--out", default=str(ROOT / "minillm" / "assets" / "smollm2_draft.safetensors"))
     p.add_argument("--data-cache", default=None, help="save/load the teacher data here (.pt)")
     args = p.parse_args(argv)
     if args.smoke:

@@ -1,4 +1,4 @@
-"""Build data/calibration.txt: the text GPTQ and AWQ calibrate on (chapter 3), a mixture of three parts.
+"""Build minillm/assets/calibration.txt: the text GPTQ and AWQ calibrate on (chapter 3), a mixture of three parts.
 
 1. "smollm2": SmolLM2-135M-Instruct's own answers to PROMPTS below (varied instructions: science,
    history, how-to, stories, advice, code), sampled at temperature 0.7, top-p 0.9, seed 0, 160 new
@@ -11,7 +11,7 @@
    sha256 55365417734eb18255590a9ff9eb97e9e1da868d4ccd6402399eaf68af20a760; Apache-2.0, see
    data/README.md), 3,000 characters each.
 
-None of it overlaps the evaluation texts: data/heldout.txt (Flask's docs) and data/heldout_code.txt
+None of it overlaps the evaluation texts: minillm/assets/heldout.txt (Flask's docs) and minillm/assets/heldout_code.txt
 (Flask's modules). Each part starts with a line `### part: NAME`; minillm.quant.calibration_ids
 takes an equal number of windows from each part.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 from minillm.decoding import decode  # noqa: E402
 from minillm.loading import load_pretrained  # noqa: E402
 
-OUT = HERE / "calibration.txt"
+OUT = HERE.parent / "minillm" / "assets" / "calibration.txt"  # shipped with the package
 SDIST, SDIST_SHA256 = "requests-2.32.3.tar.gz", "55365417734eb18255590a9ff9eb97e9e1da868d4ccd6402399eaf68af20a760"
 MODULES = ["sessions.py", "models.py", "adapters.py", "utils.py"]
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""Build data/recycling_warm.txt: the text Token Recycling's matrix is filled from before the speculative and
+"""Build minillm/assets/recycling_warm.txt: the text Token Recycling's matrix is filled from before the speculative and
 tree benches time anything (chapter 6, `TokenRecycling.warm_up`).
 
 Token Recycling keeps its adjacency matrix from one request to the next: a server that has answered chat
@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE))
 
 from make_calibration import smollm2_answers  # noqa: E402  (SmolLM2's answers to chat requests, one batch)
 
-OUT = HERE / "recycling_warm.txt"
+OUT = HERE.parent / "minillm" / "assets" / "recycling_warm.txt"  # shipped with the package
 PROMPTS = [
     "How do volcanoes form?",
     "Write a short poem about the ocean at night.",

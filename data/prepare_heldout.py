@@ -1,5 +1,5 @@
-"""Build data/heldout.txt (modern English prose, from Flask's documentation) and
-data/heldout_code.txt (Python source, Flask's own modules): two held-out texts of different domains.
+"""Build minillm/assets/heldout.txt (modern English prose, from Flask's documentation) and
+minillm/assets/heldout_code.txt (Python source, Flask's own modules): two held-out texts of different domains.
 
 Provenance
 ----------
@@ -24,7 +24,7 @@ are kept as they are (the text is UTF-8).
 
 heldout_code.txt: the Python modules in CODE below, from src/flask/ of the same sdist, as they are
 (a header line `# file: src/flask/NAME` before each). It is the second domain chapter 3's GPTQ and
-AWQ are evaluated on; their calibration text (data/calibration.txt) holds other code (requests).
+AWQ are evaluated on; their calibration text (minillm/assets/calibration.txt) holds other code (requests).
 
 Usage (a data-making script, never run by tests):
     python data/prepare_heldout.py                        # pip-downloads the sdist to a temp dir
@@ -40,7 +40,7 @@ from pathlib import Path
 
 SDIST = "flask-3.0.3.tar.gz"
 SDIST_SHA256 = "ceb27b0af3823ea2737928a4d99d125a06175b8512c445cbd9a9ce200ef76842"
-OUT = Path(__file__).resolve().parent / "heldout.txt"
+OUT = Path(__file__).resolve().parents[1] / "minillm" / "assets" / "heldout.txt"  # shipped with the package
 OUT_CODE = Path(__file__).resolve().parent / "heldout_code.txt"
 CODE = ["app.py", "ctx.py", "helpers.py", "blueprints.py", "config.py"]
 DOCS = ["design.rst", "lifecycle.rst", "appcontext.rst", "reqcontext.rst", "web-security.rst",

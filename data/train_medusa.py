@@ -1,9 +1,9 @@
-"""Train SmolLM2's Medusa heads by self-distillation and write data/medusa_smollm2.safetensors (+ .json).
+"""Train SmolLM2's Medusa heads by self-distillation and write minillm/assets/medusa_smollm2.safetensors (+ .json).
 
     python data/train_medusa.py            # the committed weights (~5 min on an idle CPU core)
     python data/train_medusa.py --smoke    # a few sequences and steps, seconds; writes to /tmp unless --out
 
-SmolLM2 greedily continues 32-token windows of data/heldout.txt and data/shakespeare.txt; head d
+SmolLM2 greedily continues 32-token windows of minillm/assets/heldout.txt and data/shakespeare.txt; head d
 learns the model's own token d+2 ahead (minillm/medusa.py). The last sequences are held out to
 measure each head's top-k accuracy, which the .json keeps for tuning the static tree.
 """
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 def prompts(tok, n: int, length: int, seed: int) -> torch.Tensor:
     rng = random.Random(seed)
-    texts = [(HERE / "heldout.txt").read_text(), (HERE / "shakespeare.txt").read_text()[:400_000]]
+    texts = [(HERE.parent / "minillm" / "assets" / "heldout.txt").read_text(), (HERE / "shakespeare.txt").read_text()[:400_000]]
     rows = []
     for i in range(n):
         text = texts[i % 2]
@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=3)
     args = p.parse_args(argv)
     n_train, n_eval, new_tokens, steps = (4, 2, 16, 5) if args.smoke else (64, 6, 48, 200)
-    out = Path(args.out or ("/tmp/medusa_smoke.safetensors" if args.smoke else HERE / "medusa_smollm2.safetensors"))
+    out = Path(args.out or ("/tmp/medusa_smoke.safetensors" if args.smoke else HERE.parent / "minillm" / "assets" / "medusa_smollm2.safetensors"))
     torch.manual_seed(0)
     torch.set_num_threads(1)  # on a shared 2-core CPU a second OpenMP thread mostly waits
     model, tok = load_pretrained("smollm2-135m")

@@ -6,7 +6,7 @@
     python -m minillm generate --model data/moe/dense.safetensors --prompt "HELENA."   # a model trained here
     python -m minillm quantize --quant gptq --out smollm2-gptq.safetensors   # once; then generate --model it
     python -m minillm serve --port 8000          # OpenAI-compatible: /v1/chat/completions, ...
-    python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree]
+    python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree | stack | serve | report]
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def add_sampling_args(p):
                         "first; recycling-pairs: that, guesses keyed by the last two tokens), Medusa heads, or "
                         "prompt lookup's chain and Token Recycling merged in one tree; batch 1")
     p.add_argument("--draft", default=None, help="speculative decoding (chapter 5): ngram | layerskip:N | distilled | "
-                   "a draft checkpoint path (e.g. data/smollm2_draft.safetensors); batch 1")
+                   "a draft checkpoint path (e.g. minillm/assets/smollm2_draft.safetensors); batch 1")
     p.add_argument("--draft-len", type=int, default=None,
                    help="tokens proposed per target forward (default: 4 with --draft, the whole tree with --tree)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
@@ -122,7 +122,7 @@ def add_fixed_width_arg(p, deprecated=False):
                    help="run every decode and verify step of 1-16 tokens as one C++ call (cpu_step.py; static cache, "
                         "batch 1, bfloat16/int8/int4 weights, AVX512-BF16): plain and speculative/tree decoding give "
                         "the same tokens, and no compiler runs but the C++ one; bench stack --native: chapter 8's "
-                        "race with the native step in the compiled step's place (data/stack_results_native.json)")
+                        "race with the native step in the compiled step's place (data/runs/xeon-amx/stack_results_native.json)")
     p.add_argument("--fixed-width", type=int, default=None, metavar="W",
                    help="with --compile: every decode and verify step runs the one width-W graph, so plain and "
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
@@ -154,7 +154,7 @@ def check_fixed_width(args) -> None:
 def add_quant_args(p, dtype_default="float32"):
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "gptq", "awq"],
                    help="weight-only quantization of the transformer linears (chapter 3); gptq/awq calibrate "
-                        "on data/calibration.txt first (a minute or two)")
+                        "on minillm/assets/calibration.txt first (a minute or two)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (must divide 576 and 1536)")
     p.add_argument("--head", default="float", choices=["float", "int8"],
                    help="int8: quantize the output head too (per channel), as llama.cpp does")
@@ -232,10 +232,9 @@ def cmd_generate(args, chat: bool = False) -> int:
                       for text in prompts]
         prompt_ids = prompt_ids[0] if len(prompts) == 1 else prompt_ids
     if quantized:
-        from .loading import resolve_data_path
         from .quant import load_quantized
 
-        path = resolve_data_path(args.model)
+        path = Path(args.model)
         model = load_quantized(path)
         if model.config.vocab_size != tok.vocab_size:
             raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size} is not SmolLM2's {tok.vocab_size}")
@@ -409,11 +408,10 @@ def is_quantized_file(path) -> bool:
     """Whether path is a file written by quant.save_quantized (else a checkpoint from train, or an error later)."""
     from safetensors import SafetensorError, safe_open
 
-    from .loading import resolve_data_path
     from .quant.storage import FORMAT
 
     try:
-        with safe_open(str(resolve_data_path(path)), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
     except (SafetensorError, OSError):
         return False
@@ -440,7 +438,6 @@ def cmd_quantize(args) -> int:
 
 def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     """--model PATH: a byte-level checkpoint made by `python -m minillm train`, float32, plain decoding."""
-    from .loading import resolve_data_path
     from .train import ByteTokenizer, load_checkpoint
 
     if chat:
@@ -451,7 +448,7 @@ def generate_from_checkpoint(args, chat: bool, prompts: list[str]) -> int:
     if chosen:
         raise ValueError(f"--model runs a small trained checkpoint as it is: drop {', '.join(chosen)}")
     set_threads(args.threads or DEFAULT_THREADS)
-    model, tok = load_checkpoint(resolve_data_path(args.model)), ByteTokenizer()
+    model, tok = load_checkpoint(args.model), ByteTokenizer()
     if model.config.vocab_size != tok.vocab_size:
         raise ValueError(f"--model {args.model}: vocab_size {model.config.vocab_size}, not a byte-level (256) "
                          f"checkpoint from `python -m minillm train`")
@@ -570,6 +567,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "report":  # renders the results files; measures nothing
+        from .bench.report import write_report
+
+        return write_report(Path("."))
     if args.threads is None:  # the figures committed were measured so: serve, stack and quant with 2, the others 1
         args.threads = 2 if args.what in ("serve", "stack", "quant") else 1
     if args.new_tokens is None:
@@ -629,8 +630,10 @@ def cmd_bench(args) -> int:
         bench_kv(quality=not args.no_quality)
     if args.what == "moe":
         from .bench.moe import bench_dispatch
+        from .bench.timing import machine_settings, results_file, write_results
 
-        bench_dispatch()
+        write_results(dict(rows=bench_dispatch(), settings=dict(k=2, dim=256, hidden=256, **machine_settings())),
+                      results_file("moe_results.json"))
     stack = dict(dtype=args.dtype, quant=args.quant, group_size=args.group_size, head=stack_head(args),
                  compile=args.compile, fixed_width=args.fixed_width, consistent=args.consistent, native=args.native)
     if args.what == "tree":
@@ -653,13 +656,14 @@ def cmd_bench(args) -> int:
 
         if args.native:
             from .cpu_step import available
-            from .stack import NATIVE_RESULTS, NATIVE_STEPS
+            from .bench.timing import results_file
+            from .stack import NATIVE_STEPS
 
             if why := available():
                 raise ValueError(f"bench stack --native: {why}")
             return tables_then_json(args, lambda: bench_stack(new_tokens=args.new_tokens, threads=args.threads,
                                                               repeats=args.repeats, steps=NATIVE_STEPS,
-                                                              out=str(NATIVE_RESULTS)))
+                                                              out=results_file("stack_results_native.json")))
         return tables_then_json(args, lambda: bench_stack(new_tokens=args.new_tokens, threads=args.threads,
                                                           repeats=args.repeats))
     if args.what == "tokenizer":
@@ -694,8 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(sub.add_parser("chat", help="answer a message, wrapped in SmolLM2's chat template"))
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench.add_argument("what", nargs="?", default="model", choices=["model", "quant", "kv", "moe", "tree", "kernels",
-                                                                     "speculative", "tokenizer", "stack", "serve"],
-                       help="which chapter's benchmark (default: model)")
+                                                                     "speculative", "tokenizer", "stack", "serve",
+                                                                     "report"],
+                       help="which chapter's benchmark (default: model); report: render data/*.json into "
+                            "docs/RESULTS.md and the README's chapter table")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="model: prompt length")
     bench.add_argument("--json", action="store_true",
                        help="stack, serve, quant: the results as one JSON object on stdout, the tables on stderr")
@@ -726,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "up to W - 1 cost the verify nothing more)")
     evaluate = sub.add_parser("eval", help="perplexity of SmolLM2 (optionally quantized) on a text file")
     add_quant_args(evaluate)
-    evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. data/heldout.txt")
+    evaluate.add_argument("--text", required=True, help="a UTF-8 text file, e.g. minillm/assets/heldout.txt")
     evaluate.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")

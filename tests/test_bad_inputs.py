@@ -149,7 +149,7 @@ CLI = [
     (["generate", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
     (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
     (["eval", "--text", "/no/such/file.txt"], "--text must be a readable text file"),
-    (["eval", "--text", "data/heldout.txt", "--max-tokens", "1"], "max_tokens must be an int >= 2"),
+    (["eval", "--text", "minillm/assets/heldout.txt", "--max-tokens", "1"], "max_tokens must be an int >= 2"),
     (["train", "--batch-size", "0", "--steps", "1"], "batch_size"),
     (["train", "--steps", "1", "--out", "/no/such/dir/model.safetensors"], "does not exist"),
 ]

@@ -2,12 +2,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import minillm
 from minillm import cpu_gemv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -205,18 +208,18 @@ def test_chat_reads_turns_from_stdin_and_keeps_the_conversation(smollm2):
 
 
 def test_model_path_generates_with_a_checkpoint_trained_here_from_any_directory(tmp_path):
-    from minillm.loading import DATA_DIR
     from minillm.train import load_checkpoint, text_to_bytes
 
-    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", "data/moe/dense.safetensors",
+    dense = str(ROOT / "data" / "moe" / "dense.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", dense,
                            "--prompt", "HELENA.", "--max-new-tokens", "24", "--json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    model = load_checkpoint(DATA_DIR / "moe" / "dense.safetensors")
+    model = load_checkpoint(dense)
     ids = text_to_bytes("HELENA.")[None]
     assert out["new_token_ids"] == minillm.generate(model, ids, max_new_tokens=24)[0, ids.shape[1]:].tolist()
-    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", "data/moe/dense.safetensors",
+    proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", dense,
                            "--prompt", "hi", "--quant", "int4"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "drop --quant" in proc.stderr
 

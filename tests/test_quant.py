@@ -1,6 +1,7 @@
 """Chapter 3: group-wise RTN, int4 packing, quantized Linears, GPTQ, AWQ, perplexity."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minillm
+from minillm.assets import ASSETS
 from minillm.quant.awq import awq_scale_block, search_scale
 from minillm.quant.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
 from minillm.model import Transformer, tiny
@@ -260,7 +262,7 @@ def test_int8_perplexity_within_half_a_percent(smollm2):
     from minillm.perplexity import perplexity
 
     model, tok = smollm2
-    text = open("data/heldout.txt").read()
+    text = open(ASSETS / "heldout.txt").read()
     fp32 = perplexity(model, tok, text, max_tokens=512)
     int8 = perplexity(quantize(copy.deepcopy(model), "int8"), tok, text, max_tokens=512)
     assert abs(int8 / fp32 - 1) < 0.005
@@ -273,7 +275,7 @@ def test_bfloat16_model_perplexity_within_half_a_percent(smollm2):
     from minillm.perplexity import perplexity
 
     model, tok = smollm2
-    text = open("data/heldout.txt").read()
+    text = open(ASSETS / "heldout.txt").read()
     fp32 = perplexity(model, tok, text, max_tokens=1024)
     bf16 = perplexity(copy.deepcopy(model).bfloat16(), tok, text, max_tokens=1024)
     assert next(minillm.load_pretrained(dtype="bfloat16")[0].parameters()).dtype == torch.bfloat16
@@ -285,7 +287,7 @@ def test_bfloat16_model_perplexity_within_half_a_percent(smollm2):
 @pytest.mark.slow
 def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
     model, tok = smollm2
-    ids = torch.tensor(tok.encode(open("data/heldout.txt").read())[:256])
+    ids = torch.tensor(tok.encode(open(ASSETS / "heldout.txt").read())[:256])
     total, count = nll_sum(model, ids, context=256)
     with torch.inference_mode():
         hf_loss = hf_smollm2[0](ids[None], labels=ids[None]).loss.item()  # HF shifts labels itself
@@ -293,9 +295,9 @@ def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["mixture", "shakespeare"])
+@pytest.mark.parametrize("source", ["mixture", Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt"])
 def test_calibration_is_disjoint_from_the_evaluation_texts(source):
-    from minillm.quant import DATA, calibration_ids
+    from minillm.quant import calibration_ids
     from minillm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained("smollm2-135m")
@@ -306,7 +308,7 @@ def test_calibration_is_disjoint_from_the_evaluation_texts(source):
     # projects share short idioms, 8 tokens of indentation and a keyword, but no passage)
     for name, n in (("heldout.txt", 8), ("heldout_code.txt", 16)):
         ours = set().union(*(grams(row.tolist(), n) for row in calib))
-        shared = ours & grams(tok.encode((DATA / name).read_text()), n)
+        shared = ours & grams(tok.encode((ASSETS / name).read_text()), n)
         assert not shared, f"{len(shared)} {n}-token sequences appear in both the calibration windows and {name}"
     if source == "mixture":   # an equal share of each part: SmolLM2's answers, Shakespeare, code
         from minillm.quant.calibration import calibration_parts
@@ -322,11 +324,11 @@ def test_gptq_and_awq_beat_rtn_on_two_held_out_domains(smollm2):
     """GPTQ (act-order) and AWQ calibrated on the mixture each beat round-to-nearest at int4 g64 on
     prose (Flask's docs) and on code (Flask's modules), neither of which they saw."""
     from minillm.perplexity import perplexity
-    from minillm.quant import DATA, calibration_ids
+    from minillm.quant import calibration_ids
 
     model, tok = smollm2
     calib = calibration_ids(tok, 12, 256)   # half of what bench quant calibrates on, to keep the suite short
-    texts = {name: (DATA / name).read_text() for name in ("heldout.txt", "heldout_code.txt")}
+    texts = {name: (ASSETS / name).read_text() for name in ("heldout.txt", "heldout_code.txt")}
     ppl = lambda m: {k: perplexity(m, tok, t, max_tokens=384) for k, t in texts.items()}  # noqa: E731
     fp32 = ppl(model)
     rtn = ppl(quantize(copy.deepcopy(model), "int4", group_size=64, symmetric=True))

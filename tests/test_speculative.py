@@ -14,7 +14,7 @@ from minillm.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
 from minillm.speculative import accept_chain as verify, expected_speedup, expected_tokens_per_forward
 
-DRAFT_CKPT = Path(__file__).resolve().parent.parent / "data" / "smollm2_draft.safetensors"
+DRAFT_CKPT = Path(__file__).resolve().parent.parent / "minillm" / "assets" / "smollm2_draft.safetensors"
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Tree attention: mask and positions, one-forward verification == path by path, acceptance, cache
 compaction, and tree decoding == plain greedy (tiny model; SmolLM2 in the slow tests)."""
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -389,7 +390,7 @@ def test_bench_warm_text_comes_from_other_requests_than_the_bench_prompts():
     from minillm.bench import speculative, tree
     from minillm.tokenizer import Tokenizer
 
-    spec = importlib.util.spec_from_file_location("make_recycling_warm", speculative.DATA_DIR / "make_recycling_warm.py")
+    spec = importlib.util.spec_from_file_location("make_recycling_warm", Path(__file__).resolve().parents[1] / "data" / "make_recycling_warm.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)
     assert speculative.WARM_TEXT == maker.OUT

@@ -8,7 +8,11 @@ package: they import the techniques and the decoding loop, nothing imports them 
     moe          dense vs sorted vs loop expert dispatch (chapter 4)
     speculative  every chain drafter vs plain decoding (chapter 5)
     tree         chains vs trees vs plain decoding, and the cost of a tree's size (chapter 6)
+    stack        every technique stacked, raced against llama.cpp (chapter 8)
+    serve        many users over HTTP: one at a time, static and continuous batching, llama.cpp (chapter 9)
+    report       renders every results file into docs/RESULTS.md and the README's chapter table
     timing       what they share: median timing, decode tok/s through the loop, bandwidth, the machine line
 
-Every figure is a ratio against a baseline measured in the same run; none is a timed unit test.
+Every figure is a ratio against a baseline measured in the same run; none is a timed unit test. From the
+repository's root each bench writes data/<bench>_results.json (elsewhere: --out, or nothing).
 """

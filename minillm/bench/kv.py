@@ -5,7 +5,7 @@
 2. Memory per token, and what grouped-query attention saves. Decode speed with each cache (float32
    static, paged, int8, StreamingLLM eviction) at one context, and batched throughput at B = 1, 4, 8
    (paged): what batching buys, and why paging, which lets sequences of any length share one pool, exists.
-3. Quality vs budget: int8 and eviction (StreamingLLM, H2O) against the full cache, on data/heldout.txt:
+3. Quality vs budget: int8 and eviction (StreamingLLM, H2O) against the full cache, on minillm/assets/heldout.txt:
    cache bytes holding the text, perplexity (teacher-forced, token by token after the first `budget`), top-1
    agreement with the full cache on that text, and free-running greedy agreement (tokens until the
    first divergence out of `new_tokens`).
@@ -13,18 +13,18 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
+from ..assets import ASSETS
 from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
 from ..decoding import decode
 from ..kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from ..loading import load_pretrained
 from ..progress import progress
-from .timing import decode_tok_s, machine_line
+from .timing import decode_tok_s, machine_line, machine_settings, results_file, write_results
 
-HELDOUT = Path(__file__).resolve().parents[2] / "data" / "heldout.txt"
+HELDOUT = ASSETS / "heldout.txt"
 
 
 def bench_speed(model, text_ids, contexts=(128, 1024), cached_steps=32, uncached_steps=4):
@@ -101,7 +101,7 @@ def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_token
         for policy in ("streaming", "h2o"):
             configs[f"{policy} {b}"] = (lambda cap, b=b, p=policy: EvictingCache(c, 1, b, p), b)
     full_greedy = full_argmax = None
-    print(f"quality vs budget: perplexity on {L} tokens of data/heldout.txt; greedy: {new_tokens} tokens "
+    print(f"quality vs budget: perplexity on {L} tokens of minillm/assets/heldout.txt; greedy: {new_tokens} tokens "
           f"after a {prompt_ids.shape[1]}-token prompt")
     print(f"{'cache':<15}{'KV bytes':>12}{'perplexity':>12}{'top-1 agree':>13}{'greedy agree':>14}")
     rows = {}
@@ -117,12 +117,20 @@ def bench_quality(model, text_ids, prompt_ids, budgets=(64, 128, 256), new_token
     return rows
 
 
-def bench_kv(quality: bool = True, text_tokens: int = 384):
+def bench_kv(quality: bool = True, text_tokens: int = 384, out=None) -> dict:
+    """Every stage's figures in one results file (data/kv_results.json from the repository's root)."""
+    out = out if out is not None else results_file("kv_results.json")
     model, tok = load_pretrained("smollm2-135m")
     text_ids = torch.tensor([tok.encode(HELDOUT.read_text())])
-    stages = [lambda: bench_speed(model, text_ids), lambda: bench_memory(model.config),
-              lambda: bench_cache_speed(model, text_ids), lambda: bench_batch_throughput(model, text_ids)]
+    stages = {"speed": lambda: bench_speed(model, text_ids), "bytes_per_token": lambda: bench_memory(model.config),
+              "by_cache": lambda: bench_cache_speed(model, text_ids),
+              "batch": lambda: bench_batch_throughput(model, text_ids)}
     if quality:
-        stages.append(lambda: bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300]))
-    for stage in progress(stages, desc="bench kv: stages"):
-        stage()
+        stages["quality"] = lambda: bench_quality(model, text_ids[:, :text_tokens], text_ids[:, 2000:2300])
+    result = {name: stage() for name, stage in progress(stages.items(), desc="bench kv: stages", total=len(stages))}
+    result["speed"] = [dict(context=ctx, no_cache_tok_s=none, cache_tok_s=static, speedup=static / none)
+                       for ctx, (none, static) in result["speed"].items()]
+    result["batch"] = {str(b): v for b, v in result["batch"].items()}
+    result["settings"] = dict(model="SmolLM2-135M float32", text="minillm/assets/heldout.txt", **machine_settings())
+    write_results(result, out)
+    return result

@@ -18,7 +18,7 @@ from ..decoding import decode_steps
 from ..loading import gguf_path, load_pretrained
 from ..progress import progress
 from ..tokenizer import Tokenizer
-from .timing import machine_line
+from .timing import machine_line, machine_settings, results_file, write_results
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden screw press. ") * 8
@@ -75,7 +75,7 @@ def worker(engine: str, prompt_tokens: int, new_tokens: int):
     print(json.dumps(result))
 
 
-def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minillm", "hf")) -> dict:
+def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minillm", "hf"), out=None) -> dict:
     results = {}
     for engine in progress(engines, desc="bench model: engines (one process each)"):
         if engine == "hf":
@@ -103,7 +103,10 @@ def bench_model(prompt_tokens: int = 128, new_tokens: int = 64, engines=("minill
         print(f"minillm / HF: prefill {ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x, "
               f"decode {ours['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
               f"peak memory {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x")
-    return results
+    result = dict(engines=results, settings=dict(model="SmolLM2-135M float32", prompt_tokens=prompt_tokens,
+                                                 new_tokens=new_tokens, **machine_settings()))
+    write_results(result, out if out is not None else results_file("model_results.json"))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """`python -m minillm bench quant`: perplexity, bytes and speed of SmolLM2 under each dtype, quantization
 and kernel, every figure a ratio to the float32 eager model measured in the same run.
 
-Quality: perplexity on the start of two held-out texts of different domains, data/heldout.txt (Flask's
-docs, prose) and data/heldout_code.txt (Flask's modules, Python); GPTQ and AWQ calibrate on
-data/calibration.txt (SmolLM2's own answers, Shakespeare, requests' code), disjoint from both.
+Quality: perplexity on the start of two held-out texts of different domains, minillm/assets/heldout.txt (Flask's
+docs, prose) and minillm/assets/heldout_code.txt (Flask's modules, Python); GPTQ and AWQ calibrate on
+minillm/assets/calibration.txt (SmolLM2's own answers, Shakespeare, requests' code), disjoint from both.
 `--quality-only` recomputes the perplexities (deterministic: the same on any machine) and keeps the
 speed figures of the committed results file, saying so in its settings.
 Speed, four tables:
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..assets import asset
 from ..compiled import ATTENTION_CHOICES, compile_decode
 from ..cpu_step import native_decode
 from ..kv_cache import StaticCache
@@ -48,9 +49,8 @@ from ..progress import progress
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
 from .timing import (decode_tok_s, machine_line, machine_settings, median_of_rounds, memory_bandwidth_gb_s,
-                     write_results)
+                     results_file, write_results)
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 # (label, dtype, method, options, speed): speed "full" = eager + compiled + the other kernels, "fast" = eager +
 # compiled, None = perplexity and bytes only (GPTQ and AWQ store the int4 g64 format: same speed).
 # 576 = 4.5 x 128, so "g128" is g64 here: the nearest group size dividing every width.
@@ -151,16 +151,18 @@ def quality(model, texts: dict, context: int) -> dict:
 
 
 def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int = 24, calib_len: int = 256,
-                new_tokens: int = 32, out: str | None = str(DATA / "quant_results.json"),
+                new_tokens: int = 32, out: str | None = results_file("quant_results.json"),
                 quality_only: bool = False) -> dict:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     base, tok = load_pretrained("smollm2-135m")
-    eval_ids = torch.tensor(tok.encode((DATA / "heldout.txt").read_text())[:eval_tokens])
-    code_ids = torch.tensor(tok.encode((DATA / "heldout_code.txt").read_text())[:eval_tokens])
+    eval_ids = torch.tensor(tok.encode(asset("heldout.txt").read_text())[:eval_tokens])
+    code_ids = torch.tensor(tok.encode(asset("heldout_code.txt").read_text())[:eval_tokens])
     calib = calibration_ids(tok, calib_samples, calib_len)
     prompt, context_ids = eval_ids[None, :16], eval_ids[None, :256]
-    previous = json.loads(Path(out or DATA / "quant_results.json").read_text()) if quality_only else None
+    if quality_only and not out:
+        raise ValueError("bench quant --quality-only keeps the speed figures of a results file: none here (no data/)")
+    previous = json.loads(Path(out).read_text()) if quality_only else None
     old_rows = {r["label"]: r for r in previous["rows"]} if previous else {}
     bandwidth = previous["memory_bandwidth_gb_s"] if previous else memory_bandwidth_gb_s()
     log(machine_line(), f"memory bandwidth {bandwidth:.1f} GB/s")
@@ -232,8 +234,8 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
                 log(row["label"], json.dumps(row["decode_tok_s"]))
     timings = {f"{rows} rows": t for (*_, dtype, threads, rows), t in ATTENTION_CHOICES.items()
                if dtype == torch.bfloat16}
-    settings = dict(eval_text="data/heldout.txt", eval_text_2="data/heldout_code.txt", eval_tokens=eval_tokens,
-                    context=context, calibration_text="data/calibration.txt (mixture)", calib_samples=calib_samples,
+    settings = dict(eval_text="minillm/assets/heldout.txt", eval_text_2="minillm/assets/heldout_code.txt", eval_tokens=eval_tokens,
+                    context=context, calibration_text="minillm/assets/calibration.txt (mixture)", calib_samples=calib_samples,
                     calib_len=calib_len, quality_date=time.strftime("%Y-%m-%d"))
     if previous:   # the speed figures stay those of the run that measured them
         settings = dict(previous["settings"], **settings, speed_note="speed figures from the run dated "

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import torch
@@ -28,9 +27,8 @@ from ..serving.server import MODEL_NAME
 from ..stack import describe
 from ..tokenizer import Tokenizer
 from .stack import llama_cpp_params
-from .timing import machine_line, machine_settings, write_results
+from .timing import machine_line, machine_settings, results_file, write_results
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 SYSTEM = ("You are a concise assistant for a course on efficient LLM inference. Answer in plain English, in at "
           "most three sentences, without lists or code unless asked. If a question is unclear, say what you "
           "would need to know. Prefer concrete numbers to adjectives.")
@@ -149,7 +147,7 @@ def minillm_server(policy: str, threads: int, dtype: str, quant: str, max_seqs: 
 
 def bench_serve(requests: int = 16, max_tokens: int = 32, rates=(0.5, 1.0, "burst"), clients: int = 8,
                 max_seqs: int = 8, max_batch_tokens: int = 32, threads: int = 2, dtype: str = "bfloat16",
-                quant: str = "none", peer: bool = True, out=str(DATA / "serve_results.json"), log=print) -> dict:
+                quant: str = "none", peer: bool = True, out=results_file("serve_results.json"), log=print) -> dict:
     """Each server runs in its own process with `threads` threads; the clients run in this one."""
     torch.set_num_threads(threads)
     tok = Tokenizer.from_pretrained("smollm2-135m")

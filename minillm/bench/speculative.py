@@ -24,9 +24,9 @@ import time
 
 import torch
 
+from ..assets import ASSETS
 from ..decoding import DISTILLED_DRAFT, decode
 from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
-from ..loading import DATA_DIR
 from ..tree import MergedDrafter, TokenRecycling
 from ..kv_cache import StaticCache
 from ..progress import progress
@@ -41,7 +41,7 @@ DRAFT_CKPT = DISTILLED_DRAFT
 # Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing. The
 # matrix a server carries from earlier requests: SmolLM2's greedy answers to 24 chat requests on other topics
 # than every bench prompt (data/make_recycling_warm.py; tests/test_tree.py checks they share none)
-WARM_TEXT, WARM_TOKENS = DATA_DIR / "recycling_warm.txt", 4096
+WARM_TEXT, WARM_TOKENS = ASSETS / "recycling_warm.txt", 4096
 
 GROUNDED = [
     "Rewrite this paragraph with correct spelling and punctuation:\n\nthe printing press was invented by "
@@ -231,7 +231,7 @@ def bench_speculative(new_tokens: int = 64, draft_len: int = 4, threads: int = 1
                                      logits=cpu_logits.describe(),
                                      new_tokens=new_tokens, draft_len=draft_len, repeats=repeats,
                                      prompts_per_set=len(GROUNDED), target_forward_ms=round(1000 * target_s, 1),
-                                     warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,
+                                     warm_up=dict(text=f"minillm/assets/{WARM_TEXT.name}", tokens=WARM_TOKENS,
                                                   seconds=round(warm_seconds, 2)),
                                      memory_bandwidth_gb_s=round(bandwidth, 2), **machine_settings()),
                        rows=[dict(set=s, method=m, **r) for (s, m), r in rows.items()]), out)

@@ -7,7 +7,7 @@ The drafter steps run the compiled model at one width, 8 (compiled.py): plain an
 same graph, so a drafter's tokens equal plain decoding's of that model bit for bit, and each verify
 step checks up to 7 drafted tokens; the fixed width's price is in their tokens/s.
 `bench stack --native` runs the race with the native step (cpu_step.py, one C++ call a step) in the compiled
-step's place (stack.NATIVE_STEPS, data/stack_results_native.json): the steps up to the compiled one, then the int4
+step's place (stack.NATIVE_STEPS, data/runs/xeon-amx/stack_results_native.json): the steps up to the compiled one, then the int4
 weights on the native step, alone and under each drafter, whose tokens then equal plain decoding's with 1-row
 plain steps. The int4 step is g32 asymmetric: exactly the GGUF's Q4_1 weights, the ones llama.cpp runs (its
 perplexity is float32's), so the race compares two engines on the same weights.
@@ -17,7 +17,7 @@ edit a given text) and open-ended (questions, stories); greedy, `new_tokens` eac
 For each step and set: decode tok/s (tokens after the first forward / time after it: the prefill is
 timed apart), prefill tok/s (prompt tokens / the first forward), weight bytes read per generated
 token (model bytes / tokens per forward), memory held (weights + KV cache), perplexity on
-data/heldout.txt (first `eval_tokens`), and greedy agreement with the float32 model (leading
+minillm/assets/heldout.txt (first `eval_tokens`), and greedy agreement with the float32 model (leading
 tokens shared, out of new_tokens). A drafter step is lossless when its tokens equal plain greedy
 decoding of the same model (weights and compiled graph, run untimed); the table says on how many
 prompts they did. Every timing is the median of `repeats` runs of the whole set.
@@ -32,10 +32,10 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from ..assets import asset
 from ..decoding import decode_steps, make_drafter
 from ..kv_compress import greedy_prefix_agreement as leading_agreement
 from ..loading import gguf_path
@@ -44,9 +44,8 @@ from ..progress import progress
 from ..quant import model_bytes
 from ..stack import STEPS, describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
-from .timing import PeakRSS, machine_line, machine_settings, memory_bandwidth_gb_s, write_results
+from .timing import PeakRSS, machine_line, machine_settings, memory_bandwidth_gb_s, results_file, write_results
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 # What each step has switched on (the int4 step replaces int8; Token Recycling replaces prompt lookup)
 TECHNIQUES = ("kv_cache", "bfloat16", "int8", "int4", "compiled", "prompt_lookup", "token_recycling")
 _BASE = ("kv_cache", "bfloat16", "int4", "compiled")
@@ -196,7 +195,7 @@ def _llama_cpp_at(xlc, sets: dict, new_tokens: int, threads: int, repeats: int) 
 
 
 def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_tokens: int = 512,
-                out: str | None = str(DATA / "stack_results.json"), steps=None) -> dict:
+                out: str | None = results_file("stack_results.json"), steps=None) -> dict:
     torch.set_num_threads(threads)
     steps = steps or STEPS
     bandwidth = memory_bandwidth_gb_s()
@@ -210,7 +209,7 @@ def bench_stack(new_tokens: int = 128, threads: int = 2, repeats: int = 3, eval_
             models[key] = load_stack(**stack)
         model, tok = models[key]
         if eval_ids is None:
-            eval_ids = torch.tensor(tok.encode((DATA / "heldout.txt").read_text())[:eval_tokens])
+            eval_ids = torch.tensor(tok.encode(asset("heldout.txt").read_text())[:eval_tokens])
             sets = {"grounded": [chat_ids(tok, m) for m in GROUNDED], "open-ended": [chat_ids(tok, m) for m in OPEN_ENDED]}
         n_new = new_tokens if cache != "none" else min(new_tokens, 32)   # no cache is quadratic: fewer tokens
         warm = next(iter(sets.values()))[0]

@@ -115,8 +115,16 @@ class PeakRSS:
         return False
 
 
+def results_file(name: str) -> str | None:
+    """Where a bench writes its results by default: data/NAME under the current directory when there is one (the
+    repository's root, where they are committed), else nowhere (--out names a file)."""
+    return str(Path("data") / name) if Path("data").is_dir() else None
+
+
 def write_results(result: dict, out, log=print) -> None:
-    """Write a bench's results as indented JSON (committed under data/), if `out` is given."""
+    """Write a bench's results as indented JSON, if `out` is given."""
+    if not out:
+        log("results not written: no data/ folder here (run from the repository's root, or pass --out)")
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {out}")

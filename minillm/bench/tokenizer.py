@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..progress import progress
 from ..tokenizer import GPT4_PATTERN, Tokenizer
-from .timing import machine_line
+from .timing import machine_line, machine_settings, results_file, write_results
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "data" / "shakespeare.txt"
+SHAKESPEARE = Path("data") / "shakespeare.txt"  # the repository's, from its root (data/prepare_shakespeare.py)
 
 
 def _best_time(fn, repeat: int) -> tuple[object, float]:
@@ -48,10 +48,13 @@ def train_hf(text: str, vocab_size: int, pattern: str = GPT4_PATTERN):
 
 
 def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int = 1,
-                    path: str | os.PathLike = SHAKESPEARE) -> dict:
+                    path: str | os.PathLike = SHAKESPEARE, out=None) -> dict:
     """Print and return training seconds (ours, HF, ratio) and encoding MB/s for each encoder."""
     import tiktoken
 
+    if not Path(path).is_file():
+        raise ValueError(f"bench tokenizer trains on {path}: not found (run from the repository's root; "
+                         f"python data/prepare_shakespeare.py makes it)")
     text = Path(path).read_text(encoding="utf-8")
     print(machine_line())
     ours, ours_s = _best_time(lambda: Tokenizer.train(text, vocab_size), repeat)
@@ -82,16 +85,20 @@ def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int 
         print(f"  {name:<26}{mb / seconds:8.2f} MB/s   {len(ids[name]):>8} tokens")
     assert ids["minillm"] == ids["minillm -> tiktoken"], "the tiktoken export must encode identically"
     assert ids["minillm with cl100k_base"] == ids["tiktoken cl100k_base"], "cl100k_base parity"
-    results["long_chunk_s"] = bench_long_chunk(cl100k)
+    results["long_chunk_s"] = bench_long_chunk(cl100k, text)
+    results["settings"] = dict(vocab_size=vocab_size, text=str(path), text_mb=round(len(text.encode()) / 1e6, 2),
+                               encode_mb=round(mb, 2), **machine_settings())
+    write_results(results, out if out is not None else results_file("tokenizer_results.json"))
     return results
 
 
-def bench_long_chunk(cl100k=None) -> dict:
+def bench_long_chunk(cl100k=None, text: str | None = None) -> dict:
     """Seconds to encode one chunk with no split point: what was quadratic. Ours vs the reference vs tiktoken."""
     from ..loading import gguf_path
 
     smol = Tokenizer.from_gguf(gguf_path())
-    letters = "".join(SHAKESPEARE.read_text(encoding="utf-8")[:200_000].split())
+    text = text if text is not None else SHAKESPEARE.read_text(encoding="utf-8")
+    letters = "".join(text[:200_000].split())
     letters = "".join(ch for ch in letters if ch.isascii() and ch.isalpha())
     print("one chunk of letters without a space (SmolLM2's merges; tiktoken: cl100k_base)")
     out = {}

@@ -17,7 +17,7 @@ Chain drafters come from chapter 5 (speculative.py): prompt lookup ("ngram") and
 checkpoint is committed, the distilled draft model. "recycling chain" is Token Recycling's
 drafter restricted to a single path, a chain built with this chapter's code: it isolates what
 branching adds. "Token Recycling, warm" starts every prompt from a copy of one matrix filled once, before
-the timed rounds, from the first WARM_TOKENS tokens of data/recycling_warm.txt (SmolLM2's greedy answers to
+the timed rounds, from the first WARM_TOKENS tokens of minillm/assets/recycling_warm.txt (SmolLM2's greedy answers to
 24 chat requests on other topics than these prompts; `TokenRecycling.warm_up`): the matrix a long-running
 process would carry from earlier requests, instead of an empty one. Its one-off cost is printed, not counted in the rounds.
 "lookup + recycling, warm" merges prompt lookup's chain and that warm tree into one tree (tree.merge).
@@ -39,7 +39,7 @@ from ..progress import progress
 from .. import cpu_logits
 from ..prepack import linear_kernels
 from ..stack import describe, load_stack
-from ..medusa import DATA_DIR, HEADS_PATH, default_medusa_drafter
+from ..medusa import HEADS, default_medusa_drafter
 from ..tree import MergedDrafter, Template, TokenRecycling, Tree, score
 from .speculative import WARM_TEXT, WARM_TOKENS, one_row_plain, warm_recycler
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched, write_results
@@ -90,7 +90,7 @@ def methods(model, warm: TokenRecycling | None = None, warm_dynamic: TokenRecycl
     found["tree: Token Recycling, pairs"] = lambda: TokenRecycling(vocab, dynamic=True, context=2)
     if warm_pairs is not None:
         found["tree: Token Recycling, pairs, warm"] = warm_pairs.copy
-    if (DATA_DIR / HEADS_PATH).exists():
+    if HEADS.exists():
         found["tree: Medusa heads"] = lambda: default_medusa_drafter(model)
     return found
 
@@ -154,7 +154,7 @@ def bench_tree(new_tokens: int = 64, threads: int = 1, stack: dict | None = None
               f"{r['same_as_plain']:>8}/{len(prompts)}")
     write_results(dict(settings=dict(stack=describe(**stack), linears=linear_kernels(model),
                                      logits=cpu_logits.describe(), new_tokens=new_tokens, prompts=len(prompts),
-                                     warm_up=dict(text=f"data/{WARM_TEXT.name}", tokens=WARM_TOKENS,
+                                     warm_up=dict(text=f"minillm/assets/{WARM_TEXT.name}", tokens=WARM_TOKENS,
                                                   seconds=round(warm_seconds, 2)),
                                      repeats=repeats, memory_bandwidth_gb_s=round(bandwidth, 2),
                                      **machine_settings()), rows=results), out)

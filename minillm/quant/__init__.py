@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .awq import awq_quantize_model
-from .calibration import DATA, calibration_ids
+from .calibration import calibration_ids
 from .formats import (DEFAULT_IMPL, Int4Linear, Int8Linear, QuantLinear, check_groups, dequantize_groups,
                       fake_quantize, group_params, kernels_used, model_bytes, pack_int4, quantize_groups, quantize_groups_ref,
                       quantize_with, replace_linears, set_impl, unpack_int4)
@@ -75,7 +75,7 @@ def _quantize_body(model, method, group_size, symmetric, calibration, **options)
     return awq_quantize_model(model, calibration, group_size=group_size, symmetric=symmetric, **options)
 
 
-__all__ = ["quantize", "save_quantized", "load_quantized", "METHODS", "DEFAULT_GROUP_SIZE", "calibration_ids", "DATA", "gptq_quantize_model",
+__all__ = ["quantize", "save_quantized", "load_quantized", "METHODS", "DEFAULT_GROUP_SIZE", "calibration_ids", "gptq_quantize_model",
            "awq_quantize_model", "DEFAULT_IMPL", "Int4Linear", "Int8Linear", "QuantLinear", "check_groups",
            "dequantize_groups", "fake_quantize", "group_params", "kernels_used", "model_bytes", "pack_int4", "quantize_groups",
            "quantize_groups_ref", "quantize_with", "replace_linears", "set_impl", "unpack_int4"]

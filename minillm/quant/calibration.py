@@ -1,11 +1,11 @@
 """Calibration for GPTQ and AWQ: which text they see, and what each block's linears receive.
 
-    calibration_ids(tok, n, T)   n windows of T tokens from data/calibration.txt, a mixture made by
+    calibration_ids(tok, n, T)   n windows of T tokens from minillm/assets/calibration.txt, a mixture made by
                                  data/make_calibration.py: SmolLM2's own answers to varied prompts,
                                  Shakespeare and Python code (requests), an equal share of windows
-                                 from each; source="shakespeare": spread over the plays only (the
-                                 narrow set chapter 3 starts from). Both are disjoint from the
-                                 evaluation texts data/heldout.txt and data/heldout_code.txt
+                                 from each; source=a text file's path: windows spread over it (chapter 3
+                                 starts from the plays alone). The mixture is disjoint from the
+                                 evaluation texts minillm/assets/heldout.txt and minillm/assets/heldout_code.txt
     block_inputs(model, ids)     what the first block receives (hidden states, RoPE, causal mask)
     collect_inputs(block, ...)   every Linear's inputs while the block runs (forward hooks)
 
@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..assets import ASSETS
 from ..model import rope_cos_sin
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-
-
-SOURCES = ("mixture", "shakespeare")
+CALIBRATION = ASSETS / "calibration.txt"
 
 
 def _windows(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
@@ -35,8 +33,8 @@ def _windows(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
 
 
 def calibration_parts() -> dict[str, str]:
-    """data/calibration.txt split at its `### part: NAME` lines -> {name: text}."""
-    text = (DATA / "calibration.txt").read_text(encoding="utf-8")
+    """minillm/assets/calibration.txt split at its `### part: NAME` lines -> {name: text}."""
+    text = CALIBRATION.read_text(encoding="utf-8")
     parts = {}
     for chunk in text.split("### part: ")[1:]:
         name, body = chunk.split("\n", 1)
@@ -44,14 +42,14 @@ def calibration_parts() -> dict[str, str]:
     return parts
 
 
-def calibration_ids(tokenizer, n_samples: int, seq_len: int, source: str = "mixture") -> torch.Tensor:
-    """(n_samples, seq_len) token ids: from the mixture, an equal share of windows from each part
-    (the first parts take one more when n_samples does not divide); from "shakespeare", windows
-    evenly spaced over the plays."""
-    if source not in SOURCES:
-        raise ValueError(f"calibration source must be one of {SOURCES}, got {source!r}")
-    if source == "shakespeare":
-        text = (DATA / "shakespeare.txt").read_text()
+def calibration_ids(tokenizer, n_samples: int, seq_len: int, source: str | Path = "mixture") -> torch.Tensor:
+    """(n_samples, seq_len) token ids: from the packaged mixture, an equal share of windows from each part
+    (the first parts take one more when n_samples does not divide); from a text file's path, windows
+    evenly spaced over it."""
+    if source != "mixture":
+        if not Path(source).is_file():
+            raise ValueError(f"calibration source must be 'mixture' or a text file's path, got {str(source)!r}")
+        text = Path(source).read_text(encoding="utf-8")
         chars = seq_len * 16                                                  # plenty of characters per window
         starts = [i * (len(text) - chars) // n_samples for i in range(n_samples)]
         windows = [tokenizer.encode(text[s:s + chars])[:seq_len] for s in starts]
