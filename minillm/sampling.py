@@ -55,7 +55,7 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     check_sampling(temperature, top_k, top_p)

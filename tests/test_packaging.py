@@ -27,3 +27,20 @@ def test_environment_yml_matches_pyproject():
     assert ours == conda
     assert ours["torch"] == "2.13.0"
     assert len(declared) == len(ours), "every dependency is pinned with =="
+
+
+def test_the_public_api_is_annotated():
+    """Every function `import minillm` exports says what it takes and returns (keyword catch-alls aside)."""
+    import inspect
+
+    import minillm
+
+    for name in minillm.__all__:
+        fn = getattr(minillm, name)
+        if not inspect.isfunction(fn):
+            continue
+        sig = inspect.signature(fn)
+        bare = [p for p, v in sig.parameters.items() if v.annotation is inspect.Parameter.empty
+                and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+        assert not bare, f"minillm.{name}: parameters without a type hint: {bare}"
+        assert sig.return_annotation is not inspect.Signature.empty, f"minillm.{name}: no return type"

@@ -14,6 +14,7 @@ and `quantize`, the one entry point that dispatches to all three.
 from __future__ import annotations
 
 import torch
+from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from .awq import awq_quantize_model
@@ -24,14 +25,18 @@ from .formats import (DEFAULT_IMPL, Int4Linear, Int8Linear, QuantLinear, check_g
 from .gptq import gptq_quantize_model
 from .storage import load_quantized, save_quantized
 
+if TYPE_CHECKING:
+    from ..model import Transformer
+
 METHODS = ("none", "int8", "int4", "gptq", "awq")
 # SmolLM2's widths are 576 and 1536: 576 = 4.5 x 128, so the usual "g128" cannot be used; 64 divides both.
 DEFAULT_GROUP_SIZE = 64
 
 
 @torch.no_grad()
-def quantize(model, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool | None = None,
-             calibration=None, head: str | None = None, **options):
+def quantize(model: Transformer, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+             symmetric: bool | None = None, calibration: torch.Tensor | None = None, head: str | None = None,
+             **options) -> Transformer:
     """Quantize `model`'s transformer linears in place and return it. The embedding stays float; the
     output head too unless head="int8" (per-channel RTN, the head then no longer shares the embedding's storage).
 

@@ -32,7 +32,7 @@ FORMAT = "minillm-quantized"
 KINDS = {Int4Linear: "int4", Int8Linear: "int8"}
 
 
-def save_quantized(model, path) -> None:
+def save_quantized(model: Transformer, path: str | Path) -> None:
     """Write a model quantized by `quantize` (its float parts as they are) to a .safetensors file."""
     layout = {name: {"kind": KINDS[type(m)], **({"group_size": m.group_size} if isinstance(m, Int4Linear) else {})}
               for name, m in model.named_modules() if type(m) in KINDS}
@@ -100,7 +100,7 @@ def read_header(path):
 DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32"}
 
 
-def load_quantized(path, impl: str = "auto") -> Transformer:
+def load_quantized(path: str | Path, impl: str = "auto") -> Transformer:
     """Read a file written by save_quantized -> the quantized Transformer, in eval mode.
 
     impl: the quantized linears' kernel choice ("auto" measures and keeps the fastest, as quantize does)."""
