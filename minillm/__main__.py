@@ -6,6 +6,7 @@
     python -m minillm generate --model data/moe/dense.safetensors --prompt "HELENA."   # a model trained here
     python -m minillm quantize --quant gptq --out smollm2-gptq.safetensors   # once; then generate --model it
     python -m minillm serve --port 8000          # OpenAI-compatible: /v1/chat/completions, ...
+    python -m minillm info                       # CPU, which C++ kernels run here, the choices remembered
     python -m minillm bench [model | tokenizer | kv | quant | moe | speculative | tree | stack | serve | report]
 """
 from __future__ import annotations
@@ -566,6 +567,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_info() -> int:
+    """The machine line, the C++ kernel probe and where auto's measurements are remembered (llama.cpp's
+    system_info, for this package)."""
+    from .backends import autotune
+    from .backends.choice import probe
+    from .timing import machine_line
+
+    print(machine_line())
+    print(probe())
+    print(f"remembered for this machine: {len(autotune.entries())} choice(s) in {autotune.cache_file()}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "report":  # renders the results files; measures nothing
         from .bench.report import write_report
@@ -754,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(quant)
     from .train import add_train_args
     add_train_args(sub.add_parser("train", help="train a tiny model from scratch on a text file"))
+    sub.add_parser("info", help="this machine as minillm sees it: CPU, which C++ kernels run, the choices remembered")
     return parser
 
 
@@ -779,6 +794,8 @@ def main(argv=None) -> int:
         if args.command == "train":
             from .train import cmd_train
             return cmd_train(args)
+        if args.command == "info":
+            return cmd_info()
         return cmd_bench(args)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

@@ -120,3 +120,23 @@ def test_cli_backend_flags_say_what_they_mean(capsys):
     assert "which --compile cannot: give one prompt or drop --compile\n" in capsys.readouterr().err
     assert main(["generate", "--model", "data/moe/dense.safetensors", "--prompt", "hi", "--backend", "native"]) == 2
     assert "drop --backend" in capsys.readouterr().err
+
+
+def test_probe_says_which_kernels_run_here_and_why_not():
+    from minillm import cpu_gemv, cpu_logits, cpu_step
+    from minillm.backends.choice import KERNELS, probe
+
+    line = probe()
+    assert line.startswith("C++ kernels: ") and "\n" not in line
+    for name, why in (("logits", cpu_logits.available()), ("gemv", cpu_gemv.available()),
+                      ("tiles", cpu_gemv.tiles_available()), ("native step", cpu_step.available())):
+        assert (f"{name} yes" in line) == (why is None) and (f"{name} no (" in line) == (why is not None), (name, line)
+    assert all(name in line for name in KERNELS)
+
+
+def test_info_prints_the_machine_the_kernels_and_the_cache(capsys):
+    from minillm.__main__ import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CPU ") and out[1].startswith("C++ kernels: ") and "choices.json" in out[2]

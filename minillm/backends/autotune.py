@@ -51,6 +51,12 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def entries() -> dict:
+    """Everything remembered for this machine: {key: value}."""
+    entry = _read(cache_file()).get(machine_key())
+    return entry if isinstance(entry, dict) else {}
+
+
 def recall(key: str):
     """What was measured for `key` on this machine, or None."""
     entry = _read(cache_file()).get(machine_key())

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import cpu_gemv, cpu_step
+from .. import cpu_attention, cpu_gemv, cpu_logits, cpu_step
 from ..compiled import _compiler_missing, compile_decode
 from ..kv_cache import StaticCache
 from ..timing import median_seconds
 from . import autotune
 
 BACKENDS = ("eager", "compiled", "native")
+KERNELS = ("logits", "attention", "gemv", "tiles", "native step")   # the C++ kernels, as probe() names them
 LABELS = {"eager": "eager", "compiled": "compiled", "native": "native step"}
 
 
@@ -148,3 +149,13 @@ def choose(model, backend: str = "auto", weights: str = "", threads: int | None 
     line = (f"backend: {label}, {t} thread(s) (auto, {'remembered' if cached else 'measured'} on this CPU, tok/s: "
             f"{ranked}{why}; --backend chooses)")
     return Choice(built, name, t, line, label)
+
+
+def probe(head_dim: int = 64) -> str:
+    """One line: which C++ kernels run on this machine (built on first use), and for each that does not, why.
+    e.g. `C++ kernels: logits yes, attention yes, gemv yes, tiles no (needs AMX-BF16 ...), native step yes`."""
+    whys = (cpu_logits.available(), cpu_attention.available(head_dim), cpu_gemv.available(),
+            cpu_gemv.tiles_available(), cpu_step.available(head_dim))
+    short = lambda why: why.strip().splitlines()[0][:100]  # noqa: E731  (a compiler's error can run to pages)
+    return "C++ kernels: " + ", ".join(f"{name} yes" if why is None else f"{name} no ({short(why)})"
+                                       for name, why in zip(KERNELS, whys))
