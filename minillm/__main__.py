@@ -135,19 +135,21 @@ def add_fixed_width_arg(p, deprecated=False):
 
 
 def check_fixed_width(args) -> None:
+    compiled = args.compile or getattr(args, "backend", None) == "compiled"
+    add = "--backend compiled" if hasattr(args, "backend") else "--compile"   # bench keeps --compile
     if args.native and args.compile:
         raise ValueError("--native and --compile are two kinds of step: choose one")
     if args.native and args.quant == "none" and args.dtype == "float32" and getattr(args, "model", None) is None:
         raise ValueError("--native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant int8/int4/...): "
                          "float32 linears have no few-row kernel of cpu_gemv's")
-    if args.consistent and not args.compile:
-        raise ValueError("--consistent is a kind of compiled step: add --compile")
+    if args.consistent and not compiled:
+        raise ValueError(f"--consistent is a kind of compiled step: add {add}")
     if args.consistent and args.fixed_width is not None:
         raise ValueError("--consistent and --fixed-width are two ways to the same tokens: choose one")
     if args.fixed_width is None:
         return
-    if not args.compile:
-        raise ValueError("--fixed-width is the width of the compiled step: add --compile")
+    if not compiled:
+        raise ValueError(f"--fixed-width is the width of the compiled step: add {add}")
     if not 1 <= args.fixed_width <= 64:
         raise ValueError(f"--fixed-width must be an int in [1, 64], got {args.fixed_width}")
 

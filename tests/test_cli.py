@@ -108,8 +108,10 @@ def test_native_is_a_step_of_its_own_with_what_it_needs():
 
 
 def test_fixed_width_is_a_width_of_the_compiled_step():
-    for argv, message in [(("generate", "--prompt", "hi", "--fixed-width", "8"), "add --compile"),
+    for argv, message in [(("generate", "--prompt", "hi", "--fixed-width", "8"), "add --backend compiled"),
                           (("generate", "--prompt", "hi", "--compile", "--fixed-width", "0"), "in [1, 64], got 0"),
+                          (("generate", "--prompt", "hi", "--backend", "compiled", "--fixed-width", "0"),
+                           "in [1, 64], got 0"),          # --backend compiled is the compiled step: no "add --compile"
                           (("bench", "quant", "--compile"), "are for bench speculative and tree"),
                           (("bench", "tree", "--fixed-width", "8"), "add --compile"),
                           (("generate", "--prompt", "hi", "--consistent"), "--consistent is a kind of compiled step"),
