@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minillm.decoding import decode  # noqa: E402
-from minillm.kv_cache import StaticCache  # noqa: E402
-from minillm.loading import load_pretrained  # noqa: E402
+from minillm.cache.kv_cache import StaticCache  # noqa: E402
+from minillm.model.loading import load_pretrained  # noqa: E402
 from minillm.model import Config, Transformer  # noqa: E402
 
 INSTRUCTIONS = ["Rewrite the following text in plain modern English:\n\n{}",
@@ -116,7 +116,7 @@ def train_student(student, inputs, targets, steps: int, batch_size: int, lr: flo
 
 
 def save_draft(model, path) -> None:
-    """float16 safetensors with the Config as JSON (read by minillm.drafters.load_draft_model)."""
+    """float16 safetensors with the Config as JSON (read by minillm.decoding.drafters.load_draft_model)."""
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items() if k != "output.weight"}
     save_file(state, str(path), metadata={"format": "minillm", "config": json.dumps(asdict(model.config))})
 

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from minillm.decoding import decode  # noqa: E402
-from minillm.loading import load_pretrained  # noqa: E402
+from minillm.model.loading import load_pretrained  # noqa: E402
 
 OUT = HERE.parent / "minillm" / "assets" / "calibration.txt"  # shipped with the package
 SDIST, SDIST_SHA256 = "requests-2.32.3.tar.gz", "55365417734eb18255590a9ff9eb97e9e1da868d4ccd6402399eaf68af20a760"

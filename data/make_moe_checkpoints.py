@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minillm import moe  # noqa: E402
+from minillm.moe import layer as moe  # noqa: E402
 from minillm.model import Transformer, tiny, tiny_moe_presets  # noqa: E402
-from minillm.perplexity import nll_sum  # noqa: E402
+from minillm.model.perplexity import nll_sum  # noqa: E402
 from minillm.timing import machine_settings  # noqa: E402
-from minillm.train import TrainConfig, load_checkpoint, save_checkpoint, split, text_to_bytes, train  # noqa: E402
+from minillm.model.train import TrainConfig, load_checkpoint, save_checkpoint, split, text_to_bytes, train  # noqa: E402
 
 PRESETS = tiny_moe_presets()  # also what `python -m minillm train --config tiny-moe...` builds
 RUNS = {"dense": tiny(vocab_size=256), "moe_aux": PRESETS["tiny-moe"], "moe_none": PRESETS["tiny-moe-none"],

@@ -4,7 +4,7 @@
     python data/train_medusa.py --smoke    # a few sequences and steps, seconds; writes to /tmp unless --out
 
 SmolLM2 greedily continues 32-token windows of minillm/assets/heldout.txt and data/shakespeare.txt; head d
-learns the model's own token d+2 ahead (minillm/medusa.py). The last sequences are held out to
+learns the model's own token d+2 ahead (minillm/decoding/medusa.py). The last sequences are held out to
 measure each head's top-k accuracy, which the .json keeps for tuning the static tree.
 """
 import argparse
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minillm.loading import load_pretrained  # noqa: E402
+from minillm.model.loading import load_pretrained  # noqa: E402
 from minillm.decoding import decode  # noqa: E402
-from minillm.medusa import MedusaHeads, head_accuracy, head_targets, save_heads, train_heads  # noqa: E402
+from minillm.decoding.medusa import MedusaHeads, head_accuracy, head_targets, save_heads, train_heads  # noqa: E402
 from minillm.timing import machine_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -6,14 +6,14 @@
     text = minillm.generate(model, "The capital of France is", 32, tokenizer=tok)   # prompt + completion
     minillm.save_quantized(minillm.quantize(model, "int4"), "smollm2-int4.safetensors")   # load_quantized(path)
 """
-from .compiled import compile_decode
-from .decoding import decode, generate, stream, stream_text
-from .kv_cache import StaticCache
-from .loading import ModelFileError, gguf_path, load_pretrained
-from .model import Config, Transformer, smollm2_135m, tiny
-from .perplexity import perplexity
+from .backends.compiled import compile_decode
+from .cache.kv_cache import StaticCache
+from .decoding.loop import decode, generate, stream, stream_text
+from .decoding.sampling import sample_next
+from .model.llama import Config, Transformer, smollm2_135m, tiny
+from .model.loading import ModelFileError, gguf_path, load_pretrained
+from .model.perplexity import perplexity
 from .quant import load_quantized, quantize, save_quantized
-from .sampling import sample_next
 
 __all__ = ["Config", "Transformer", "tiny", "smollm2_135m", "load_pretrained", "gguf_path", "ModelFileError",
            "generate", "stream", "stream_text", "decode", "sample_next", "StaticCache",

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from minillm import cpu_step, tiny
-from minillm.__main__ import main, split_timings
+from minillm import tiny
+from minillm.backends import native_step as cpu_step
+from minillm.cli.main import main, split_timings
 from minillm.backends import autotune, choice, choose, unavailable
 from minillm.decoding import decode
 from minillm.model import Transformer
@@ -79,7 +80,7 @@ def test_auto_measures_then_remembers_and_runs_the_fastest(cache, monkeypatch):
     monkeypatch.setattr(choice, "_measure", lambda *a: pytest.fail("measured again"))
     second = choose(_bf16_tiny(), "auto", weights="tiny bf16", threads=1)
     assert second.backend == first.backend and "remembered on this CPU" in second.line
-    from minillm.kv_cache import StaticCache      # whichever won, its logits are the eager model's to a bf16 rounding
+    from minillm.cache.kv_cache import StaticCache  # whichever won, its logits are the eager model's to a bf16 rounding
     got = second.model(ids, cache=StaticCache(model.config, 1, 8, dtype=torch.bfloat16))
     torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05)
 
@@ -123,7 +124,8 @@ def test_cli_backend_flags_say_what_they_mean(capsys):
 
 
 def test_probe_says_which_kernels_run_here_and_why_not():
-    from minillm import cpu_gemv, cpu_logits, cpu_step
+    from minillm.native import gemv as cpu_gemv, logits as cpu_logits
+    from minillm.backends import native_step as cpu_step
     from minillm.backends.choice import KERNELS, probe
 
     line = probe()
@@ -135,7 +137,7 @@ def test_probe_says_which_kernels_run_here_and_why_not():
 
 
 def test_info_prints_the_machine_the_kernels_and_the_cache(capsys):
-    from minillm.__main__ import main
+    from minillm.cli.main import main
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out.splitlines()

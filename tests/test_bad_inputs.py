@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import minillm
-from minillm.__main__ import main
-from minillm.kv_cache import StaticCache
-from minillm.loading import ModelFileError
+from minillm.cli.main import main
+from minillm.cache.kv_cache import StaticCache
+from minillm.model.loading import ModelFileError
 from minillm.model import Config, Transformer, tiny
-from minillm.paged import PagedCache
+from minillm.cache.paged import PagedCache
 from minillm.quant import quantize
-from minillm.tokenizer import Tokenizer
-from minillm.train import load_checkpoint
+from minillm.tokenization.tokenizer import Tokenizer
+from minillm.model.train import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minillm.__main__ import main
+from minillm.cli.main import main
 from minillm.bench.serve import percentile, run_load, summary
 from minillm.model import Transformer, tiny
 from minillm.serving import Engine

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm.bench.stack import STEP_TECHNIQUES, STEPS, bench_stack, predict, where_time_goes
-from minillm.stack import NATIVE_STEPS
+from minillm.backends.stack import NATIVE_STEPS
 from minillm.model import Transformer, tiny
 
 RESULTS = json.loads((Path(__file__).resolve().parents[1] / "data" / "stack_results.json").read_text())
@@ -39,7 +39,7 @@ def test_a_short_race_reports_every_figure_and_llama_cpp():
     steps = [STEPS[1], ("+ prompt lookup", {}, "ngram", "static")]   # float32: prompt lookup is lossless here
     result = bench_stack(new_tokens=12, threads=2, repeats=1, eval_tokens=64, out=None, steps=steps)
     plain, spec = result["rows"]
-    from minillm.kv_compress import greedy_prefix_agreement as leading_agreement
+    from minillm.cache.kv_compress import greedy_prefix_agreement as leading_agreement
 
     assert leading_agreement([5, 6, 7], [5, 6, 9]) == 2
     for name in ("grounded", "open-ended"):
@@ -59,7 +59,7 @@ def test_a_short_race_reports_every_figure_and_llama_cpp():
 def test_fastest_lossless_skips_drafters_that_changed_tokens():
     import copy
 
-    from minillm.stack import STEPS, fastest_lossless
+    from minillm.backends.stack import STEPS, fastest_lossless
 
     results = RESULTS
     best = fastest_lossless(results)
@@ -75,7 +75,7 @@ def test_fastest_lossless_skips_drafters_that_changed_tokens():
 
 
 def test_fast_refuses_options_it_would_override(capsys):
-    from minillm.__main__ import main
+    from minillm.cli.main import main
 
     assert main(["generate", "--prompt", "hi", "--fast", "--cache", "none", "--dtype", "bfloat16"]) == 2
     assert "--fast chooses the stack itself: drop --dtype, --cache" in capsys.readouterr().err
@@ -83,7 +83,7 @@ def test_fast_refuses_options_it_would_override(capsys):
 
 def test_bench_json_puts_the_results_on_stdout_and_the_tables_on_stderr(monkeypatch, capsys):
     import minillm.bench.stack
-    from minillm.__main__ import main
+    from minillm.cli.main import main
 
     def fake_bench_stack(new_tokens, threads, repeats):
         print("the table a person reads")
@@ -103,8 +103,8 @@ def test_on_one_compiled_width_a_drafter_fills_the_width_and_keeps_plain_tokens(
     """The race's drafter steps (STEPS: fixed_width=8): timed_decode asks the drafter for width - 1 tokens a
     step, and the tokens equal plain decoding's on the same compiled model."""
     from minillm.bench.stack import timed_decode
-    from minillm.compiled import compile_decode
-    from minillm.drafters import NgramDrafter
+    from minillm.backends.compiled import compile_decode
+    from minillm.decoding.drafters import NgramDrafter
 
     assert all(s[1].get("fixed_width") == 8 for s in STEPS if s[2])
     asked = []
@@ -134,7 +134,7 @@ def test_the_native_race_is_the_race_with_the_native_step_in_the_compiled_ones_p
 
 @pytest.mark.slow
 def test_a_short_native_race_is_lossless():
-    from minillm.cpu_step import available
+    from minillm.backends.native_step import available
 
     if why := available():
         pytest.skip(why)

@@ -8,9 +8,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_tokenizer import CORPUS
 
-from minillm.bpe import get_stats, train_bpe, train_bpe_ref
-from minillm.bpe_mixture import infer_proportion, merge_constraints
-from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
+from minillm.tokenization.bpe import get_stats, train_bpe, train_bpe_ref
+from minillm.tokenization.bpe_mixture import infer_proportion, merge_constraints
+from minillm.tokenization.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
 CL100K_SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|endofprompt|>"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minillm
-from minillm import cpu_gemv
+from minillm.native import gemv as cpu_gemv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_overlong_request_is_a_clear_error():
 
 def test_fast_runs_the_fastest_lossless_stack_measured_here_and_says_which():
     """--fast: the GGUF's own weights on the backend auto picks, the drafter raced here, the quality cost printed."""
-    from minillm.stack import FAST_WEIGHTS, describe
+    from minillm.backends.stack import FAST_WEIGHTS, describe
 
     proc = run("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json", "--fast")
     assert proc.returncode == 0, proc.stderr
@@ -170,7 +170,7 @@ def test_a_huge_prompt_is_refused_before_encoding():
 def test_help_lists_every_command_and_every_flag_says_what_and_its_default():
     import argparse
 
-    from minillm.__main__ import build_parser
+    from minillm.cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -210,7 +210,7 @@ def test_chat_reads_turns_from_stdin_and_keeps_the_conversation(smollm2):
 
 
 def test_model_path_generates_with_a_checkpoint_trained_here_from_any_directory(tmp_path):
-    from minillm.train import load_checkpoint, text_to_bytes
+    from minillm.model.train import load_checkpoint, text_to_bytes
 
     dense = str(ROOT / "data" / "moe" / "dense.safetensors")
     proc = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", dense,
@@ -228,7 +228,7 @@ def test_model_path_generates_with_a_checkpoint_trained_here_from_any_directory(
 
 def test_quantize_saves_a_model_that_generate_loads(tmp_path, capsys):
     """`quantize --out` once, then `generate --model` reads the file (in process: two model loads, not four)."""
-    from minillm.__main__ import main
+    from minillm.cli.main import main
     from minillm.quant import Int8Linear, load_quantized
 
     path = tmp_path / "smollm2-int8.safetensors"
@@ -247,7 +247,7 @@ def test_quantize_saves_a_model_that_generate_loads(tmp_path, capsys):
 
 
 def test_several_prompts_run_as_one_batch_and_each_equals_its_own_run(smollm2, capsys):
-    from minillm.__main__ import main
+    from minillm.cli.main import main
 
     model, tok = smollm2
     texts = ["The capital of France is", "1, 2, 3,"]                  # 5 and 8 tokens: the first is left-padded

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from minillm import compiled, cpu_attention, cpu_gemv
-from minillm.compiled import compile_decode
+from minillm.backends import compiled
+from minillm.native import attention as cpu_attention, gemv as cpu_gemv
+from minillm.backends.compiled import compile_decode
 from minillm.decoding import decode, generate
-from minillm.kv_cache import StaticCache
+from minillm.cache.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
-from minillm.prepack import PackedLinear
+from minillm.backends.prepack import PackedLinear
 
 WIDTHS = (1, 4)  # two buckets: enough to test bucketing, few enough to compile in seconds
 
@@ -118,7 +119,7 @@ def test_bad_arguments(tiny_model):
 
 
 def test_stack_names_what_it_builds():
-    from minillm.stack import describe, load_stack
+    from minillm.backends.stack import describe, load_stack
 
     assert describe() == "float32"
     assert describe("bfloat16", "int4", 64, "int8", True) == "bfloat16, int4 g64 + int8 head, compiled"

@@ -1,15 +1,16 @@
-"""The hand-written CPU attention kernel (cpu_attention.py, csrc/attention.cpp) against attention_ref, its
+"""The hand-written CPU attention kernel (native/attention.py, csrc/attention.cpp) against attention_ref, its
 reference, and inside the compiled decode step."""
 import copy
 
 import pytest
 import torch
 
-from minillm import compiled, cpu_attention, native
-from minillm.compiled import compile_decode
-from minillm.cpu_attention import attention_cpu, available
+from minillm.backends import compiled
+from minillm.native import attention as cpu_attention, build as native
+from minillm.backends.compiled import compile_decode
+from minillm.native.attention import attention_cpu, available
 from minillm.decoding import decode, generate
-from minillm.kv_cache import StaticCache
+from minillm.cache.kv_cache import StaticCache
 from minillm.model import Transformer, attention_ref, tiny
 
 pytestmark = pytest.mark.skipif(available(64) is not None, reason=f"no attention kernel here: {available(64)}")

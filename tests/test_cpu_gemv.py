@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from minillm import cpu_gemv
-from minillm.prepack import PackedLinear
-from minillm.prepack import available as prepack_available
+from minillm.native import gemv as cpu_gemv
+from minillm.backends.prepack import PackedLinear
+from minillm.backends.prepack import available as prepack_available
 from minillm.quant.formats import Int4Linear, Int8Linear, QuantLinear
 
 needs_gemv = pytest.mark.skipif(cpu_gemv.available() is not None, reason=str(cpu_gemv.available()))

@@ -1,9 +1,9 @@
-"""The argmax / top-k kernel (cpu_logits.py, csrc/rows.cpp) against PyTorch's argmax, topk and logsumexp."""
+"""The argmax / top-k kernel (native/logits.py, csrc/rows.cpp) against PyTorch's argmax, topk and logsumexp."""
 import pytest
 import torch
 
-from minillm import native
-from minillm.cpu_logits import argmax, argmax_ref, available, topk_lse, topk_lse_ref
+from minillm.native import build as native
+from minillm.native.logits import argmax, argmax_ref, available, topk_lse, topk_lse_ref
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no logits kernel here: {available()}")
 

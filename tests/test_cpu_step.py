@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-from minillm import cpu_gemv, cpu_step
-from minillm.cpu_step import native_decode
+from minillm.native import gemv as cpu_gemv
+from minillm.backends import native_step as cpu_step
+from minillm.backends.native_step import native_decode
 from minillm.decoding import decode, generate
-from minillm.kv_cache import ConcatCache, StaticCache
+from minillm.cache.kv_cache import ConcatCache, StaticCache
 from minillm.model import Transformer, tiny
 from minillm.quant import quantize
 

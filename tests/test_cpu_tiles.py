@@ -3,9 +3,9 @@ whatever the width, the tile layout they read, the errors they give, and the lin
 import pytest
 import torch
 
-from minillm import cpu_gemv
-from minillm.prepack import PackedLinear
-from minillm.prepack import available as prepack_available
+from minillm.native import gemv as cpu_gemv
+from minillm.backends.prepack import PackedLinear
+from minillm.backends.prepack import available as prepack_available
 from minillm.quant.formats import Int4Linear, Int8Linear
 
 needs_tiles = pytest.mark.skipif(cpu_gemv.tiles_available() is not None, reason=str(cpu_gemv.tiles_available()))
@@ -138,7 +138,7 @@ def test_quantized_and_prepacked_linears_run_a_few_rows_on_the_tiles():
 
 @needs_tiles
 @pytest.mark.skipif(prepack_available(torch.bfloat16) is not None, reason=str(prepack_available(torch.bfloat16)))
-@torch.no_grad()      # not inference mode: an inference tensor keeps no version (prepack.py's copies share that limit)
+@torch.no_grad()      # not inference mode: an inference tensor keeps no version (backends/prepack.py's copies share that limit)
 def test_a_prepacked_linear_on_the_tiles_reads_a_copy_made_with_the_weights_version():
     torch.manual_seed(6)
     linear = torch.nn.Linear(64, 96, bias=False).bfloat16()

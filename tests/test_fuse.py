@@ -1,4 +1,4 @@
-"""fuse.py: one matmul for q/k/v and one for gate/up give the separate projections' outputs (the quantized
+"""backends/fuse.py: one matmul for q/k/v and one for gate/up give the separate projections' outputs (the quantized
 ones bit for bit: the same integers and scales, stacked), leave what they cannot fuse alone, and
 compile_decode fuses by default."""
 import copy
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minillm.compiled import compile_decode
-from minillm.fuse import fuse_linears, fuse_projections, fused_count
-from minillm.kv_cache import StaticCache
+from minillm.backends.compiled import compile_decode
+from minillm.backends.fuse import fuse_linears, fuse_projections, fused_count
+from minillm.cache.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
-from minillm.prepack import PackedLinear, available
+from minillm.backends.prepack import PackedLinear, available
 from minillm.quant.formats import Int4Linear, Int8Linear
 
 

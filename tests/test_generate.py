@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minillm
-from minillm.sampling import probs_from_logits, sample_next
+from minillm.decoding.sampling import probs_from_logits, sample_next
 
 
 @pytest.fixture(scope="module")

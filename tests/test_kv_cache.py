@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.decoding import decode, generate, make_cache
-from minillm.kv_cache import ConcatCache, QuantizedCache, StaticCache, dequantize_int8, kv_bytes_per_token, quantize_int8
-from minillm.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
+from minillm.cache.kv_cache import (ConcatCache, QuantizedCache, StaticCache, dequantize_int8, kv_bytes_per_token,
+    quantize_int8)
+from minillm.cache.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
 from minillm.model import Transformer, attention_ref, smollm2_135m, tiny
-from minillm.paged import BlockAllocator, PagedCache
+from minillm.cache.paged import BlockAllocator, PagedCache
 
 
 @pytest.fixture(scope="module")

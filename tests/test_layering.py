@@ -1,5 +1,7 @@
-"""The package's layers point one way: no import cycle (function-local imports count), the model never
-imports chapter 7's kernels, and importing `kernels` leaves every other module as it was."""
+"""The package's layers point one way: no import cycle (function-local imports count), every import goes down
+the README's list of layers, the model never imports chapter 7's kernels, and importing `kernels` leaves every other
+module as it was."""
+import re
 import ast
 import subprocess
 import sys
@@ -78,9 +80,9 @@ def test_find_cycle_finds_one():
 def test_model_and_techniques_do_not_import_kernels_or_benchmarks():
     graph = import_graph()
     for name, deps in graph.items():
-        if name.startswith("minillm") and name not in ("minillm.__main__",):
+        if name.startswith("minillm") and not name.startswith("minillm.cli"):
             assert not any(d.startswith("kernels") for d in deps), f"{name} imports chapter 7's kernels"
-        if name.startswith("minillm") and not name.startswith(("minillm.bench", "minillm.__main__")):
+        if name.startswith("minillm") and not name.startswith(("minillm.bench", "minillm.cli")):
             assert not any(d.startswith("minillm.bench") for d in deps), f"{name} imports a benchmark"
 
 
@@ -95,3 +97,57 @@ def test_importing_kernels_touches_no_other_module():
     changed, usable = out.stdout.split("] ")
     assert changed == "[", f"import kernels replaced modules: {changed}]"
     assert usable.strip() in ("True", "False")  # False: triton came first without the interpreter, and it says so
+
+
+def readme_layers() -> list[str]:
+    """The layers the README's Layout section lists under minillm/, top to bottom (`name/` or `a.py, b.py`)."""
+    block = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    lines = block.split("minillm/", 1)[1].splitlines()[1:]
+    names = []
+    for line in lines:
+        if not line.startswith("  ") or line.startswith("    "):
+            break
+        head = re.split(r"\s{2,}", line.strip())[0]
+        names += [n.strip().removesuffix("/").removesuffix(".py") for n in head.split(",")]
+    return names
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "minillm"
+
+
+def test_readme_layout_is_the_tree():
+    listed = readme_layers()
+    pkg = ROOT / "minillm"
+    folders = {d.name for d in pkg.iterdir() if (d / "__init__.py").exists()}
+    files = {f.stem for f in pkg.glob("*.py") if f.stem != "__init__"}
+    assert sorted(listed) == sorted(folders | files), "README's Layout differs from minillm/'s folders and files"
+
+
+def upward_imports(graph: dict[str, set[str]], order: list[str]) -> list[str]:
+    """Imports from one layer to one that is not below it in `order` (top to bottom)."""
+    rank = {name: i for i, name in enumerate(order)}
+    upward = []
+    for name, deps in graph.items():
+        here = layer_of(name)
+        if here == "minillm":  # the package's front door sits above all
+            continue
+        for dep in deps:
+            there = layer_of(dep)
+            if there != here and (there not in rank or rank[there] <= rank[here]):
+                upward.append(f"{name} ({here}) imports {dep} ({there})")
+    return sorted(upward)
+
+
+def test_every_import_goes_down_the_layers():
+    upward = upward_imports(import_graph(("minillm",)), readme_layers())
+    assert not upward, "imports that do not go down the layers: " + "; ".join(upward)
+
+
+def test_layers_check_catches_an_upward_import():
+    order = ["decoding", "model", "native"]
+    assert upward_imports({"minillm.decoding.loop": {"minillm.model.llama", "minillm.native.logits"}}, order) == []
+    assert upward_imports({"minillm.model.llama": {"minillm.decoding.loop"}}, order) == [
+        "minillm.model.llama (model) imports minillm.decoding.loop (decoding)"]
+    assert upward_imports({"minillm.model.llama": {"minillm.extra.x"}}, order) == [
+        "minillm.model.llama (model) imports minillm.extra.x (extra)"]

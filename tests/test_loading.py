@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from minillm import loading
-from minillm.loading import ModelFileError
+from minillm.model import loading
+from minillm.model.loading import ModelFileError
 
 
 @pytest.fixture(scope="module")

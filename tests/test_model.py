@@ -1,4 +1,4 @@
-"""Tiny-config checks of model.py: shapes, causality, attention implementations agree, GQA extremes."""
+"""Tiny-config checks of model/llama.py: shapes, causality, attention implementations agree, GQA extremes."""
 import pytest
 import torch
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm import moe
+from minillm.moe import layer as moe
 from minillm.model import Transformer, tiny
 
 
@@ -226,7 +226,7 @@ def test_layer_and_aux_loss_match_hf_mixtral():
 
 
 def test_train_loop_adds_aux_loss_and_logs_load():
-    from minillm.train import TrainConfig, train
+    from minillm.model.train import TrainConfig, train
     torch.manual_seed(0)
     model = moe.track_aux_loss(Transformer(tiny(vocab_size=256, n_experts=4, hidden_dim=32)))
     data = torch.randint(0, 256, (2000,))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from minillm import moe
+from minillm.moe import layer as moe
 from minillm.model import tiny
-from minillm.moe_dist import ExpertParallelMoE, spawn_check
+from minillm.moe.dist import ExpertParallelMoE, layer_config, spawn_check
 
 
 def test_two_gloo_processes_match_single_process_forward_and_backward():
@@ -30,3 +30,8 @@ def test_shard_holds_its_slice_of_experts():
     shard = ExpertParallelMoE(layer, rank=1, world_size=2)
     torch.testing.assert_close(shard.w1, layer.w1[2:4])
     torch.testing.assert_close(shard.w2, layer.w2[2:4])
+
+
+def test_check_layer_config_is_the_model_config_it_stands_for():
+    cfg = tiny(n_experts=8, n_experts_active=2, hidden_dim=32, n_shared_experts=1)
+    assert vars(layer_config(2, 1)) == {name: getattr(cfg, name) for name in vars(layer_config(2, 1))}

@@ -1,13 +1,13 @@
-"""Prepacked linears (prepack.py) against F.linear, their reference, and grouped attention against attention_ref."""
+"""Prepacked linears (backends/prepack.py) against F.linear, their reference, and grouped attention against attention_ref."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import compile_decode
-from minillm.kv_cache import StaticCache
+from minillm.cache.kv_cache import StaticCache
 from minillm.model import Transformer, attention_grouped, attention_ref, tiny
-from minillm.prepack import PACK_CHOICES, PackedLinear, available, packed_count, pays, prepack_linears
+from minillm.backends.prepack import PACK_CHOICES, PackedLinear, available, packed_count, pays, prepack_linears
 
 needs_bf16 = pytest.mark.skipif(available(torch.bfloat16) is not None, reason=str(available(torch.bfloat16)))
 

@@ -14,7 +14,7 @@ from minillm.assets import ASSETS
 from minillm.quant.awq import awq_scale_block, search_scale
 from minillm.quant.gptq import block_inputs, gptq_quantize, gptq_quantize_ref
 from minillm.model import Transformer, tiny
-from minillm.perplexity import nll_sum
+from minillm.model.perplexity import nll_sum
 from minillm.quant.formats import KERNEL_CHOICES
 from minillm.quant import (Int4Linear, Int8Linear, dequantize_groups, fake_quantize, kernels_used, model_bytes,
                            pack_int4, quantize, quantize_groups, quantize_groups_ref, set_impl, unpack_int4)
@@ -244,7 +244,7 @@ def test_nll_sum_equals_a_position_by_position_loop(tiny_model):
 
 @pytest.mark.slow
 def test_asymmetric_int4_g32_reproduces_the_gguf_weights_exactly():
-    from minillm.loading import read_gguf, tensor_to_torch
+    from minillm.model.loading import read_gguf, tensor_to_torch
 
     reader = read_gguf(minillm.gguf_path())
     checked = 0
@@ -259,7 +259,7 @@ def test_asymmetric_int4_g32_reproduces_the_gguf_weights_exactly():
 
 @pytest.mark.slow
 def test_int8_perplexity_within_half_a_percent(smollm2):
-    from minillm.perplexity import perplexity
+    from minillm.model.perplexity import perplexity
 
     model, tok = smollm2
     text = open(ASSETS / "heldout.txt").read()
@@ -272,7 +272,7 @@ def test_int8_perplexity_within_half_a_percent(smollm2):
 
 @pytest.mark.slow
 def test_bfloat16_model_perplexity_within_half_a_percent(smollm2):
-    from minillm.perplexity import perplexity
+    from minillm.model.perplexity import perplexity
 
     model, tok = smollm2
     text = open(ASSETS / "heldout.txt").read()
@@ -298,7 +298,7 @@ def test_perplexity_matches_hf_loss(smollm2, hf_smollm2):
 @pytest.mark.parametrize("source", ["mixture", Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt"])
 def test_calibration_is_disjoint_from_the_evaluation_texts(source):
     from minillm.quant import calibration_ids
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenization.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained("smollm2-135m")
     calib = calibration_ids(tok, 24, 256, source)
@@ -323,7 +323,7 @@ def test_calibration_is_disjoint_from_the_evaluation_texts(source):
 def test_gptq_and_awq_beat_rtn_on_two_held_out_domains(smollm2):
     """GPTQ (act-order) and AWQ calibrated on the mixture each beat round-to-nearest at int4 g64 on
     prose (Flask's docs) and on code (Flask's modules), neither of which they saw."""
-    from minillm.perplexity import perplexity
+    from minillm.model.perplexity import perplexity
     from minillm.quant import calibration_ids
 
     model, tok = smollm2
@@ -340,7 +340,7 @@ def test_gptq_and_awq_beat_rtn_on_two_held_out_domains(smollm2):
 
 def test_load_stack_shows_calibration_progress_layer_by_layer(monkeypatch, capsys):
     """GPTQ/AWQ calibrate for a minute on SmolLM2: the CLI's stack shows a bar, one step per layer."""
-    import minillm.stack as stack
+    import minillm.backends.stack as stack
 
     torch.manual_seed(0)
     tiny_model = Transformer(tiny(hidden_dim=192)).eval()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minillm.train import save_checkpoint
+from minillm.model.train import save_checkpoint
 from minillm import ModelFileError, load_quantized, quantize, save_quantized
 from minillm.model import Transformer, tiny
 from minillm.quant import Int4Linear, Int8Linear, set_impl

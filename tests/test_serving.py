@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minillm.decoding import generate
 from minillm.model import Transformer, tiny
-from minillm.paged import PagedCache
+from minillm.cache.paged import PagedCache
 from minillm.serving import Engine, QueueFull, generate_many
 from minillm.serving.blocks import BlockManager, block_hashes, packed_forward
 

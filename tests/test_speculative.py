@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+from minillm.decoding.drafters import (ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter,
+    load_draft_model)
 from minillm.decoding import generate, make_drafter, speculative_generate
-from minillm.sampling import probs_from_logits
-from minillm.kv_cache import StaticCache
+from minillm.decoding.sampling import probs_from_logits
+from minillm.cache.kv_cache import StaticCache
 from minillm.model import Transformer, tiny
-from minillm.speculative import accept_chain as verify, expected_speedup, expected_tokens_per_forward
+from minillm.decoding.speculative import accept_chain as verify, expected_speedup, expected_tokens_per_forward
 
 DRAFT_CKPT = Path(__file__).resolve().parent.parent / "minillm" / "assets" / "smollm2_draft.safetensors"
 
@@ -225,7 +226,7 @@ def test_bad_inputs(target):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from minillm.loading import load_pretrained
+    from minillm.model.loading import load_pretrained
 
     return load_pretrained("smollm2-135m")
 

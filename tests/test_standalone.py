@@ -28,8 +28,8 @@ def test_a_copy_of_the_package_alone_finds_its_files(tmp_path):
     """minillm/ copied where no data/ exists beside it: calibration text, Medusa heads, the draft model and the
     warm-up text all load, and a bench that would write its results says where instead of writing."""
     shutil.copytree(ROOT / "minillm", tmp_path / "minillm", ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("from minillm.quant.calibration import calibration_parts; from minillm.medusa import HEADS, load_heads; "
-            "from minillm.decoding import DISTILLED_DRAFT; from minillm.drafters import load_draft_model; "
+    code = ("from minillm.quant.calibration import calibration_parts; from minillm.decoding.medusa import HEADS, load_heads; "
+            "from minillm.decoding import DISTILLED_DRAFT; from minillm.decoding.drafters import load_draft_model; "
             "from minillm.bench.speculative import WARM_TEXT; from minillm.bench.timing import results_file; "
             "assert list(calibration_parts()) == ['smollm2', 'shakespeare', 'code']; load_heads(HEADS); "
             "load_draft_model(DISTILLED_DRAFT); assert len(WARM_TEXT.read_text()) > 1000; "

@@ -1,4 +1,4 @@
-"""minillm.tokenizer against HF tokenizers (SmolLM2) and its own invariants."""
+"""minillm.tokenization.tokenizer against HF tokenizers (SmolLM2) and its own invariants."""
 
 import os
 
@@ -7,7 +7,7 @@ import regex
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minillm.tokenizer import SMOLLM2_PATTERN, Tokenizer, smollm2_gguf_path, smollm2_presplit_ref
+from minillm.tokenization.tokenizer import SMOLLM2_PATTERN, Tokenizer, smollm2_gguf_path, smollm2_presplit_ref
 
 # Varied text: prose, code, numbers, whitespace runs (tabs, newlines, trailing), accents, CJK, emoji.
 CORPUS = [

@@ -1,4 +1,4 @@
-"""train.py on tiny configs: the loss goes down, the schedule has its shape, checkpoints round-trip."""
+"""model/train.py on tiny configs: the loss goes down, the schedule has its shape, checkpoints round-trip."""
 import json
 import math
 from dataclasses import asdict
@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minillm.loading import ModelFileError
+from minillm.model.loading import ModelFileError
 from minillm.model import Transformer, tiny
-from minillm.train import (TrainConfig, bytes_to_text, get_batch, load_checkpoint, lr_at, save_checkpoint, split,
-                           text_to_bytes, train, train_cli)
+from minillm.model.train import (TrainConfig, bytes_to_text, get_batch, load_checkpoint, lr_at, save_checkpoint,
+    split, text_to_bytes, train)
+from minillm.cli.train import train_cli
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40
 
@@ -129,7 +130,7 @@ def test_cli_trains_and_saves(tmp_path, capsys):
 
 
 def test_bad_settings_and_outputs_are_refused_before_training(tmp_path, capsys):
-    from minillm.__main__ import main
+    from minillm.cli.main import main
 
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         TrainConfig(batch_size=0)

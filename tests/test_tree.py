@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm import generate, tiny
-from minillm.kv_cache import StaticCache
-from minillm.medusa import MedusaDrafter, MedusaHeads, template_from_accuracy
+from minillm.cache.kv_cache import StaticCache
+from minillm.decoding.medusa import MedusaDrafter, MedusaHeads, template_from_accuracy
 from minillm.model import Transformer
 from minillm.decoding import decode
-from minillm.drafters import ModelDrafter, NgramDrafter
-from minillm.tree import (MergedDrafter, Template, TokenRecycling, Tree, accept_greedy, accept_typical, depths,
-                          dynamic_tree, dynamic_tree_ref, merge, path_to, score as verify, tree_mask, tree_mask_ref,
-                          verification_inputs)
+from minillm.decoding.drafters import ModelDrafter, NgramDrafter
+from minillm.decoding.tree import (MergedDrafter, Template, TokenRecycling, Tree, accept_greedy, accept_typical,
+    depths, dynamic_tree, dynamic_tree_ref, merge, path_to, score as verify, tree_mask, tree_mask_ref,
+    verification_inputs)
 
 
 def random_tree(rng, n, vocab):
@@ -349,7 +349,7 @@ def test_smollm2_tree_logits_equal_path_by_path(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_tree_decoding_equals_plain_greedy(smollm2):
-    from minillm.medusa import default_medusa_drafter
+    from minillm.decoding.medusa import default_medusa_drafter
 
     model, tok = smollm2
     for text in PROMPTS:
@@ -388,7 +388,7 @@ def test_bench_warm_text_comes_from_other_requests_than_the_bench_prompts():
     import importlib.util
 
     from minillm.bench import speculative, tree
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenization.tokenizer import Tokenizer
 
     spec = importlib.util.spec_from_file_location("make_recycling_warm", Path(__file__).resolve().parents[1] / "data" / "make_recycling_warm.py")
     maker = importlib.util.module_from_spec(spec)

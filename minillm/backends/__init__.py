@@ -4,7 +4,7 @@
   measures the ones ready in seconds and says in one line what it picked;
 - `autotune.py`: the one place such measurements are remembered between runs (per CPU, PyTorch and minillm).
 
-The steps themselves are compiled.py (torch.compile) and cpu_step.py (one C++ call per step, on csrc/).
+The steps themselves are compiled.py (torch.compile) and native_step.py (one C++ call per step, on csrc/).
 """
 from .choice import BACKENDS, Choice, choose, unavailable
 

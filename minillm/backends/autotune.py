@@ -15,13 +15,12 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ..timing import _proc_cpuinfo, cpu_info
-
 
 
 def _version() -> str:

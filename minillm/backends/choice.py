@@ -4,11 +4,11 @@
     print(choice.line)      # backend: native step, 2 threads (auto: measured here, native 2t 148 tok/s, ...)
     generate(choice.model, ids, 64)
 
-- eager: the model as model.py writes it, PyTorch op by op. The reference every other backend is tested against.
+- eager: the model as model/llama.py writes it, PyTorch op by op. The reference every other backend is tested against.
 - compiled: torch.compile over each decode width (compiled.py). With a drafter it computes a token alike at every
   width, so speculative and tree decoding give plain decoding's tokens: on cpu_gemv's kernels where they run
   (`consistent`), else one 8-wide graph for every step (drafts cut to 7).
-- native: every block of a 1-16-token step in one C++ call (cpu_step.py); each row computed alike at every width.
+- native: every block of a 1-16-token step in one C++ call (native_step.py); each row computed alike at every width.
 
 "auto" measures the backends that are ready in seconds (eager and, where it runs for these weights, native) at
 one thread and at all of them, a 1-token step after a 32-token prompt, and keeps the fastest; the measurement is
@@ -24,11 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import cpu_attention, cpu_gemv, cpu_logits, cpu_step
-from ..compiled import _compiler_missing, compile_decode
-from ..kv_cache import StaticCache
+from ..cache.kv_cache import StaticCache
+from ..native import attention as cpu_attention
+from ..native import gemv as cpu_gemv
+from ..native import logits as cpu_logits
 from ..timing import median_seconds
 from . import autotune
+from . import native_step as cpu_step
+from .compiled import _compiler_missing, compile_decode
 
 BACKENDS = ("eager", "compiled", "native")
 KERNELS = ("logits", "attention", "gemv", "tiles", "native step")   # the C++ kernels, as probe() names them

@@ -17,10 +17,10 @@ from contextlib import nullcontext
 import torch
 
 from ..assets import ASSETS
-from ..kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
-from ..decoding import decode
-from ..kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
-from ..loading import load_pretrained
+from ..cache.kv_cache import QuantizedCache, StaticCache, kv_bytes_per_token
+from ..cache.kv_compress import EvictingCache, greedy_prefix_agreement, teacher_forced
+from ..decoding.loop import decode
+from ..model.loading import load_pretrained
 from ..progress import progress
 from .timing import decode_tok_s, machine_line, machine_settings, results_file, write_results
 

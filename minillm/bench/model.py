@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from ..decoding import decode_steps
-from ..loading import gguf_path, load_pretrained
+from ..decoding.loop import decode_steps
+from ..model.loading import gguf_path, load_pretrained
 from ..progress import progress
-from ..tokenizer import Tokenizer
+from ..tokenization.tokenizer import Tokenizer
 from .timing import machine_line, machine_settings, results_file, write_results
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

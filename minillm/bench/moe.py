@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..moe import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
+from ..moe.layer import dispatch_dense, dispatch_loop, dispatch_sorted, route, segment_matmul_loop
 from ..progress import progress
 from .timing import machine_line, median_seconds
 

@@ -10,8 +10,8 @@ Speed, four tables:
   decode     tokens/s of greedy decoding through decoding.decode_steps, each configuration eager and
              compiled (compile_decode); quantized ones also with the kernels `auto` did not choose
              (the dequantize-then-matmul reference, the packed kernel fed float32) to show why it chose,
-             and FUSE_COMPARE also compiled with its projections apart (fuse.py) to show what fusing buys;
-             and native (cpu_step.py: every block in one C++ call), each linear on one kernel at every width
+             and FUSE_COMPARE also compiled with its projections apart (backends/fuse.py) to show what fusing buys;
+             and native (backends/native_step.py: every block in one C++ call), each linear on one kernel at every width
              ("native", what speculation uses) and on the faster at each width ("native, auto");
              all models are built first, then decode in turns, median of 3 rounds
   forward    the cost of one forward over T = 1, 2, 4, 8, 16 new tokens after a 256-token context (native ones
@@ -23,7 +23,7 @@ Speed, four tables:
              read its weights
   split      what a compiled 8-token forward costs beyond a 1-token one: the blocks' linears alone, the
              head alone, and the rest (attention, norms, rotary, the calls between them); which attention
-             the compiled step chose (compiled.py: the kernel of cpu_attention.py or inductor's code, by a
+             the compiled step chose (backends/compiled.py: the kernel of native/attention.py or inductor's code, by a
              short measurement), and for the bfloat16 model also the forward costs with inductor's code,
              for FUSE_COMPARE with its projections apart, each timed in turns with the usual compiled step
 Every table is printed under the machine line (CPU capability, threads, torch) and the bandwidth.
@@ -39,17 +39,24 @@ from pathlib import Path
 import torch
 
 from ..assets import asset
-from ..compiled import ATTENTION_CHOICES, compile_decode
-from ..cpu_step import native_decode
-from ..kv_cache import StaticCache
-from ..loading import load_pretrained
-from ..perplexity import nll_sum
-from ..prepack import linear_kernels
+from ..backends.compiled import ATTENTION_CHOICES, compile_decode
+from ..backends.native_step import native_decode
+from ..backends.prepack import linear_kernels
+from ..cache.kv_cache import StaticCache
+from ..model.loading import load_pretrained
+from ..model.perplexity import nll_sum
 from ..progress import progress
 from ..quant import kernels_used, model_bytes, quantize, set_impl
 from ..quant.calibration import calibration_ids
-from .timing import (decode_tok_s, machine_line, machine_settings, median_of_rounds, memory_bandwidth_gb_s,
-                     results_file, write_results)
+from .timing import (
+    decode_tok_s,
+    machine_line,
+    machine_settings,
+    median_of_rounds,
+    memory_bandwidth_gb_s,
+    results_file,
+    write_results,
+)
 
 # (label, dtype, method, options, speed): speed "full" = eager + compiled + the other kernels, "fast" = eager +
 # compiled, None = perplexity and bytes only (GPTQ and AWQ store the int4 g64 format: same speed).
@@ -73,7 +80,7 @@ CONFIGS = [
 ]
 WIDTHS = (1, 2, 4, 8, 16)
 ATTENTION_COMPARE = "bf16"   # the configuration whose compiled forwards are also timed with inductor's attention
-FUSE_COMPARE = "int4 g64 + int8 head"   # ... and the one also timed with q/k/v and gate/up apart (fuse.py)
+FUSE_COMPARE = "int4 g64 + int8 head"   # ... and the one also timed with q/k/v and gate/up apart (backends/fuse.py)
 
 
 def forward_costs(model, context_ids, widths=WIDTHS, repeats: int = 11) -> dict:
@@ -183,7 +190,7 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
                 for impl, act, name in (("ref", None, "ref"), ("packed", torch.float32, "packed/float32")):
                     racers[label, name] = copy.deepcopy(model)
                     set_impl(racers[label, name], impl, act)
-            # a copy: compile_decode prepacks the plain linears (where that measured faster, prepack.py), which
+            # a copy: compile_decode prepacks the plain linears (where that measured faster, backends/prepack.py), which
             # would speed up the eager model's decode too
             fast = compile_decode(copy.deepcopy(model))
             row["linears_compiled"] = linear_kernels(fast.model)
@@ -197,7 +204,7 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             if label == FUSE_COMPARE:
                 others["compiled, unfused"] = racers[label, "compiled, unfused"] = compile_decode(
                     copy.deepcopy(model), fuse=False)
-            try:        # every width on the row-consistent kernels (compiled.py), where they take this model
+            try:        # every width on the row-consistent kernels (backends/compiled.py), where they take this model
                 others["compiled, consistent"] = compile_decode(copy.deepcopy(model), consistent=True)
             except ValueError as e:
                 row["consistent"] = str(e)
@@ -207,7 +214,7 @@ def bench_quant(eval_tokens: int = 1024, context: int = 512, calib_samples: int 
             del others
             row["linear_ms"] = linear_costs(fast)   # its linears as the compiled step runs them (prepacked)
             racers[label, "compiled"] = fast
-            try:        # every block in one C++ call (cpu_step.py), one kernel per linear at every width, and per width
+            try:        # every block in one C++ call (backends/native_step.py), one kernel per linear at every width, and per width
                 natives = {"native": native_decode(copy.deepcopy(model)),
                            "native, auto": native_decode(copy.deepcopy(model), kernel="auto")}
             except ValueError as e:

@@ -22,10 +22,10 @@ import time
 import httpx
 import torch
 
+from ..backends.stack import describe
 from ..progress import progress
 from ..serving.server import MODEL_NAME
-from ..stack import describe
-from ..tokenizer import Tokenizer
+from ..tokenization.tokenizer import Tokenizer
 from .stack import llama_cpp_params
 from .timing import machine_line, machine_settings, results_file, write_results
 

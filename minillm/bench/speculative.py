@@ -15,7 +15,7 @@ Chapter 6's trees, for comparison: Token Recycling started empty, started warm (
 from WARM_TEXT before any timing), that warm tree merged with prompt lookup's chain (tree.merge), and
 its dynamic trees (grown best first from the guesses' probabilities), empty and warm, and those with
 two-token keys ("pairs": TokenRecycling(context=2), guesses kept per (previous token, token) too).
-`stack` chooses the model (dtype, quantization, compiled step; see stack.py), the same for both sides.
+`stack` chooses the model (dtype, quantization, compiled step; see backends/stack.py), the same for both sides.
 """
 from __future__ import annotations
 
@@ -25,17 +25,16 @@ import time
 import torch
 
 from ..assets import ASSETS
-from ..decoding import DISTILLED_DRAFT, decode
-from ..drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
-from ..tree import MergedDrafter, TokenRecycling
-from ..kv_cache import StaticCache
+from ..backends.prepack import linear_kernels
+from ..backends.stack import describe, load_stack
+from ..cache.kv_cache import StaticCache
+from ..decoding.drafters import ModelDrafter, NgramDrafter, early_exit_model, layer_skip_drafter, load_draft_model
+from ..decoding.loop import DISTILLED_DRAFT, decode
+from ..decoding.speculative import expected_speedup
+from ..decoding.tree import MergedDrafter, TokenRecycling
+from ..native import logits as cpu_logits
 from ..progress import progress
-from .. import cpu_logits
-from ..prepack import linear_kernels
-from ..stack import describe, load_stack
-from ..speculative import expected_speedup
-from .timing import (machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched,
-                     write_results)
+from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched, write_results
 
 DRAFT_CKPT = DISTILLED_DRAFT
 # Token Recycling's warm start (chapter 6): its matrix filled once from this text, before any timing. The
@@ -93,7 +92,7 @@ def one_row_plain(model):
     steps run one row (the fastest plain decoding, whose tokens may differ at near-ties); else None."""
     if getattr(model, "widths", (1,))[0] == 1:
         return None
-    from ..compiled import compile_decode
+    from ..backends.compiled import compile_decode
 
     return compile_decode(model.model)
 

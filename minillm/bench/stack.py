@@ -3,10 +3,10 @@
 Steps, each adding one technique to the one before (chapter 8):
     float32, no KV cache -> + static KV cache -> + bfloat16 -> + int8 weights -> int4 weights with
     an int8 head -> + compiled decode step -> + prompt lookup -> + Token Recycling
-The drafter steps run the compiled model at one width, 8 (compiled.py): plain and verify steps take the
+The drafter steps run the compiled model at one width, 8 (backends/compiled.py): plain and verify steps take the
 same graph, so a drafter's tokens equal plain decoding's of that model bit for bit, and each verify
 step checks up to 7 drafted tokens; the fixed width's price is in their tokens/s.
-`bench stack --native` runs the race with the native step (cpu_step.py, one C++ call a step) in the compiled
+`bench stack --native` runs the race with the native step (backends/native_step.py, one C++ call a step) in the compiled
 step's place (stack.NATIVE_STEPS, data/runs/xeon-amx/stack_results_native.json): the steps up to the compiled one, then the int4
 weights on the native step, alone and under each drafter, whose tokens then equal plain decoding's with 1-row
 plain steps. The int4 step is g32 asymmetric: exactly the GGUF's Q4_1 weights, the ones llama.cpp runs (its
@@ -36,13 +36,13 @@ import time
 import torch
 
 from ..assets import asset
-from ..decoding import decode_steps, make_drafter
-from ..kv_compress import greedy_prefix_agreement as leading_agreement
-from ..loading import gguf_path
-from ..perplexity import nll_sum
+from ..backends.stack import STEPS, describe, load_stack
+from ..cache.kv_compress import greedy_prefix_agreement as leading_agreement
+from ..decoding.loop import decode_steps, make_drafter
+from ..model.loading import gguf_path
+from ..model.perplexity import nll_sum
 from ..progress import progress
 from ..quant import model_bytes
-from ..stack import STEPS, describe, load_stack
 from .speculative import GROUNDED, OPEN_ENDED, chat_ids
 from .timing import PeakRSS, machine_line, machine_settings, memory_bandwidth_gb_s, results_file, write_results
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..decoding import decode_steps
+from ..decoding.loop import decode_steps
 from ..progress import progress
 from ..timing import machine_line, machine_settings, median_seconds  # noqa: F401  (re-exported for the benches)
 

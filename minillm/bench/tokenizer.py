@@ -1,6 +1,6 @@
 """`python -m minillm bench tokenizer`: BPE training and encoding speed, minillm vs the Rust libraries.
 
-Training: ours (pure Python, minillm/bpe.py) vs HF `tokenizers`' BpeTrainer, same text, same
+Training: ours (pure Python, minillm/tokenization/bpe.py) vs HF `tokenizers`' BpeTrainer, same text, same
 GPT-4 pre-split regex, same vocabulary size (256 bytes + merges), no special tokens.
 Encoding: MB of UTF-8 per second on the same text, for ours (cold chunk cache), our vocabulary
 exported to tiktoken, tiktoken's own cl100k_base, and ours running cl100k_base's merges.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..progress import progress
-from ..tokenizer import GPT4_PATTERN, Tokenizer
+from ..tokenization.tokenizer import GPT4_PATTERN, Tokenizer
 from .timing import machine_line, machine_settings, results_file, write_results
 
 SHAKESPEARE = Path("data") / "shakespeare.txt"  # the repository's, from its root (data/prepare_shakespeare.py)
@@ -33,9 +33,8 @@ def _best_time(fn, repeat: int) -> tuple[object, float]:
 
 def train_hf(text: str, vocab_size: int, pattern: str = GPT4_PATTERN):
     """HF tokenizers' BpeTrainer with our settings: regex split, then bytes, 256-byte alphabet."""
-    from tokenizers import Regex
+    from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -94,7 +93,7 @@ def bench_tokenizer(vocab_size: int = 4096, encode_mb: float = 1.0, repeat: int 
 
 def bench_long_chunk(cl100k=None, text: str | None = None) -> dict:
     """Seconds to encode one chunk with no split point: what was quadratic. Ours vs the reference vs tiktoken."""
-    from ..loading import gguf_path
+    from ..model.loading import gguf_path
 
     smol = Tokenizer.from_gguf(gguf_path())
     text = text if text is not None else SHAKESPEARE.read_text(encoding="utf-8")

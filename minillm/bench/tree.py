@@ -2,7 +2,7 @@
 
 Every method decodes the same prompts greedily,
 in one process, one after the other, on the CPU; `stack` chooses the model (dtype, quantization,
-compiled step; see stack.py), the same for every method. "== plain" counts the prompts whose tokens
+compiled step; see backends/stack.py), the same for every method. "== plain" counts the prompts whose tokens
 equal plain greedy decoding of that same model (always all in float32; bfloat16 and int4 can round a
 near-tie differently in a 1-row and a many-row forward, unless every step runs one compiled width,
 `--compile --fixed-width 8`: then chains are bit-exact and trees nearly so, since a tree node's
@@ -13,7 +13,7 @@ target forward (the prefill counted as one forward, so plain decoding is 1.0, a 
 compiled model, which feeds the prompt in a forward of its own) and
 wall-clock speedup over plain decoding measured in the same run.
 
-Chain drafters come from chapter 5 (speculative.py): prompt lookup ("ngram") and, when its
+Chain drafters come from chapter 5 (decoding/speculative.py): prompt lookup ("ngram") and, when its
 checkpoint is committed, the distilled draft model. "recycling chain" is Token Recycling's
 drafter restricted to a single path, a chain built with this chapter's code: it isolates what
 branching adds. "Token Recycling, warm" starts every prompt from a copy of one matrix filled once, before
@@ -32,15 +32,15 @@ import time
 
 import torch
 
-from ..decoding import DISTILLED_DRAFT, decode
-from ..drafters import ModelDrafter, NgramDrafter, load_draft_model
-from ..kv_cache import StaticCache
+from ..backends.prepack import linear_kernels
+from ..backends.stack import describe, load_stack
+from ..cache.kv_cache import StaticCache
+from ..decoding.drafters import ModelDrafter, NgramDrafter, load_draft_model
+from ..decoding.loop import DISTILLED_DRAFT, decode
+from ..decoding.medusa import HEADS, default_medusa_drafter
+from ..decoding.tree import MergedDrafter, Template, TokenRecycling, Tree, score
+from ..native import logits as cpu_logits
 from ..progress import progress
-from .. import cpu_logits
-from ..prepack import linear_kernels
-from ..stack import describe, load_stack
-from ..medusa import HEADS, default_medusa_drafter
-from ..tree import MergedDrafter, Template, TokenRecycling, Tree, score
 from .speculative import WARM_TEXT, WARM_TOKENS, one_row_plain, warm_recycler
 from .timing import machine_line, machine_settings, median_seconds, memory_bandwidth_gb_s, sandwiched, write_results
 

@@ -13,20 +13,37 @@ and `quantize`, the one entry point that dispatches to all three.
 """
 from __future__ import annotations
 
-import torch
 from typing import TYPE_CHECKING
+
+import torch
 import torch.nn as nn
 
 from .awq import awq_quantize_model
 from .calibration import calibration_ids
-from .formats import (DEFAULT_IMPL, Int4Linear, Int8Linear, QuantLinear, check_groups, dequantize_groups,
-                      fake_quantize, group_params, kernels_used, model_bytes, pack_int4, quantize_groups, quantize_groups_ref,
-                      quantize_with, replace_linears, set_impl, unpack_int4)
+from .formats import (
+    DEFAULT_IMPL,
+    Int4Linear,
+    Int8Linear,
+    QuantLinear,
+    check_groups,
+    dequantize_groups,
+    fake_quantize,
+    group_params,
+    kernels_used,
+    model_bytes,
+    pack_int4,
+    quantize_groups,
+    quantize_groups_ref,
+    quantize_with,
+    replace_linears,
+    set_impl,
+    unpack_int4,
+)
 from .gptq import gptq_quantize_model
 from .storage import load_quantized, save_quantized
 
 if TYPE_CHECKING:
-    from ..model import Transformer
+    from ..model.llama import Transformer
 
 METHODS = ("none", "int8", "int4", "gptq", "awq")
 # SmolLM2's widths are 576 and 1536: 576 = 4.5 x 128, so the usual "g128" cannot be used; 64 divides both.

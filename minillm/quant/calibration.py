@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..assets import ASSETS
-from ..model import rope_cos_sin
+from ..model.llama import rope_cos_sin
 
 CALIBRATION = ASSETS / "calibration.txt"
 

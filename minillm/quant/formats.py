@@ -20,7 +20,7 @@ THE PACKED INT4 LAYOUT (shared with the Triton chapter's int4 decode kernel):
     W[n, k] = scales[n, k//g] * q[n, k] + offsets[n, k//g], computed in float32 (group_params rounds the
     scales and offsets to float16 values before q is chosen, so half-precision storage loses nothing more)
 GGUF's Q4_1 orders nibbles differently (in each 32-value block, byte j holds value j low and j + 16 high);
-see loading.py and notebook 03.
+see model/loading.py and notebook 03.
 
 Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
 and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import cpu_gemv
+from ..native import gemv as cpu_gemv
 from ..timing import median_seconds
 
 DEFAULT_IMPL = "auto"  # measured at load: see QuantLinear

@@ -24,8 +24,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..loading import ModelFileError, check_shapes
-from ..model import Config, Transformer
+from ..model.llama import Config, Transformer
+from ..model.loading import ModelFileError, check_shapes
 from .formats import Int4Linear, Int8Linear
 
 FORMAT = "minillm-quantized"

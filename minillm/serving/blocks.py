@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..paged import PagedCache
+from ..cache.paged import PagedCache
 
 
 def block_hashes(tokens, block_size: int) -> list[bytes]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import check_stop, visible_text
-from ..sampling import check_input_ids, check_sampling, sample_next
+from ..decoding.loop import check_stop, visible_text
+from ..decoding.sampling import check_input_ids, check_sampling, sample_next
 from .blocks import BlockManager, packed_forward
 from .scheduler import Scheduler
 
