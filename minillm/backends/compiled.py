@@ -2,72 +2,47 @@
 forwards over a few new tokens run as `torch.compile`d (inductor) graphs instead of ~600 small
 PyTorch calls each dispatched from Python.
 
-Decoding a token with a KV cache costs the weights' bytes plus a fixed toll per operation; for a
-135M model on a CPU the toll is most of the step (chapter 3's profile: int4 matmuls ~12 ms of a ~39 ms
-step). Compiling removes the toll, but only if the graph never changes shape, so every input is made
-static, and one block is compiled and reused by every layer (regional compilation: seconds to
-compile instead of minutes for the whole 30-layer graph, at the same speed):
+Decoding a token with a KV cache costs the weights' bytes plus a fixed toll per operation; for a 135M
+model on a CPU the toll is most of the step (chapter 3 profiles it). Compiling removes the toll only if
+the graph never changes shape, so every input is made static, and one block is compiled and reused by
+every layer (regional compilation: seconds to compile instead of minutes, at the same speed):
 
-    width      the new tokens of a forward are padded up to a bucket, 1, 2, 4, 8 or 16 (plain
-               decoding is 1; chapters 5-6 verify 2-16): one graph per bucket, compiled once
+    width      the new tokens of a forward are padded up to a bucket, 1, 2, 4, 8 or 16 (plain decoding
+               is 1; chapters 5-6 verify 2-16): one graph per bucket, compiled once
     cache      the StaticCache's whole buffers go in; the step writes its keys and values at explicit
                slots and attends over every slot through a mask that hides the slots not yet written
-               (so the cache's length is an input, not a shape); caches are sized in multiples of 256
+               (the cache's length is an input, not a shape); caches are sized in multiples of 256
     padding    padded tokens write to slots past the real ones (never shown to a later query) and
                attend to slot 0 only, so nothing in them can turn into NaN
-    attention  inside the graphs the layers attend with the textbook math (matmul, masked softmax,
-               matmul) that inductor fuses, or with a hand-written kernel (native/attention.py), whichever
-               a short measurement on the model's shapes says is faster (`attention="auto"`; "kernel" or
-               "inductor" force one; `repr` and `.attention` say which runs). The math: one row,
-               `attention_ref`, which inductor turns into loops reading the whole cache in place; wider,
-               `attention_grouped`, the query heads sharing a kv head as rows of one matmul (attention_ref's
-               batched matmuls would need k and v copied per query head: 8 rows 26.6 -> 23.9 ms a step).
-               The kernel reads only the slots some row may see and does scores, softmax and weighted sum
-               in one call; measured (bfloat16, AVX512, 2 threads, one layer, 256 of 512 slots in view, each
-               compiled alone as in the block graph): 8 rows 67.6 against 107.1 us, 16 rows 96.5 against
-               153.2; 1 row 43.1 against 45.5, a tie (the op's call from Python costs what the kernel saves).
-               The compiled 8-token step went from 1.26x to 1.18x the 1-token one (19.98 -> 18.35 ms).
-               Why not SDPA: PyTorch's CPU flash kernel is built for long query blocks, and one query row
-               over a masked 256-slot cache cost it ~260 us per layer (profiled, AVX512, 2 threads), a third
-               of the whole step; with the math the step went from 21.3 to 12.4 ms (bfloat16, int4 Q4_1 +
-               int8 head). The price of either: the compiled logits are no longer bit-equal to eager ones
-               (near-ties can flip). Eager calls keep the layers' own attn_fn.
-    projections  each block's q, k, v projections run as one matmul, and its gate and up as another
-               (fuse.py): 4 calls a block instead of 7, each on a wider matrix; the same weights stacked
-               (quantized layers bit-equal, tested; SmolLM2's logits came out bit-equal too). `bench quant`,
-               int4 g64 + int8 head, AVX512, 2 threads, timed in turns: a 1-token step after 256 tokens
-               10.18 -> 9.51 ms, an 8-token one 16.15 -> 14.94, decoding 84.1 -> 95.2 tok/s.
-               `fuse=False` leaves them apart.
-    weights    plain bfloat16/float32 linears (the output head too) are swapped for `PackedLinear`s
-               (prepack.py): oneDNN reorders each weight once instead of at every call, where a short
-               measurement per shape says it pays; bit-equal outputs. `prepack=False` leaves them. Steps of up
-               to 16 rows of bfloat16 and quantized linears run on cpu_gemv's kernels, at each width the faster
-               where it measured no slower (their sums in another order than oneDNN's: not bit-equal to them).
-               Both change the wrapped model's modules in place; with fusion its state dict holds `wqkv` and
-               `w13` instead of the parts: wrap a copy to keep the original layout.
+    attention  the textbook math (`attention_ref` for one row, `attention_grouped` wider: the query heads
+               sharing a kv head as rows of one matmul), which inductor fuses, or the C++ kernel
+               (native/attention.py), whichever a short measurement on the model's shapes says is faster
+               (`attention="auto"`; "kernel" or "inductor" force one; `repr` says which runs). Not SDPA:
+               PyTorch's CPU flash kernel is built for long query blocks, not one row over a masked cache.
+               Either way the compiled logits are not bit-equal to eager ones (near-ties can flip).
+    projections  each block's q/k/v and gate/up projections run as one matmul each (fuse.py): 4 calls a
+               block instead of 7, on the same weights stacked (bit-equal); `fuse=False` leaves them apart
+    weights    plain linears are swapped for `PackedLinear`s (prepack.py: oneDNN reorders each weight once,
+               where a measurement per shape says it pays; bit-equal), and steps of up to 16 rows run on
+               native/gemv.py's kernels at the widths where they measured no slower. Both change the wrapped
+               model in place (its state dict then holds `wqkv` and `w13`): wrap a copy to keep the original.
 
-The same logits at every width (`compile_decode(model, consistent=True)`, `--compile --consistent`): every
-linear runs on one of cpu_gemv's kernels (the faster over 1 and 8 rows: gemv, or the AMX tiles where the CPU has
-them) and every layer attends with cpu_attention's, at every width. Both compute a
-row from that row's inputs alone, by the same instructions in the same order whatever the width, and the rest
-of the step (norms, RoPE, SwiGLU) works row by row; so a token's logits from a 1-row decode step and from an
-8-row verify step are bit-equal (tested on the tiny config; SmolLM2 in bfloat16 and int4 + int8 head: every
-logit of 24 tokens equal at widths 2, 5, 8 and 16), and plain and speculative/tree decoding give the same tokens
-while plain decoding keeps its 1-row steps. Needs the kernels (AVX512-BF16) and bfloat16 or quantized weights:
-where they cannot run, ValueError says why, and a fixed width is the way left.
+The same logits at every width (`consistent=True`): every linear runs on one native/gemv.py kernel and every
+layer attends with the C++ attention kernel, at every width. Both compute a row from that row's inputs alone,
+in the same order whatever the width, and the rest of the step works row by row, so a token's logits from a
+1-row decode step and from an 8-row verify step are bit-equal (tested) and plain and speculative/tree decoding
+give the same tokens while plain decoding keeps its 1-row steps. Needs those kernels (AVX512-BF16) and
+bfloat16 or quantized weights; where they cannot run, ValueError says why.
 
-One width for everything (`compile_decode(model, widths=(8,))`, `--compile --fixed-width 8`): plain
-decoding then pads each token to 8 rows and a verify step of up to 8 tokens runs the same graph, so a
-token's logits are computed by the same kernels on the same shapes whichever way it was reached: plain
-and speculative/tree decoding give bit-equal logits, hence the same tokens, in bfloat16 and int4 too
-(with several widths a 1-row and an 8-row matmul round near-ties differently). The price: plain decoding
-pays for a width-8 step. decode_steps feeds the prompt in a forward of its own (`prefill_apart`) and cuts
-drafts to the widest graph, so no step falls back to eager.
+One width for everything (`widths=(8,)`): plain decoding pads each token to 8 rows and a verify step runs the
+same graph, so plain and speculative decoding give bit-equal logits on any CPU, at the price of a width-8 step
+for every plain token. decode_steps then feeds the prompt in a forward of its own (`prefill_apart`) and cuts
+drafts to the widest graph.
 
-Anything else (a prefill wider than 16, a paged or int8 cache, no cache, a cache too full for the
-padded width) runs the eager model, so results never depend on what could be compiled. If inductor
-cannot compile on this machine (no C++ compiler, an unsupported op), the first call says why in a
-RuntimeWarning and the model runs eager from then on.
+Anything else (a prefill wider than 16, a paged or int8 cache, no cache, a cache too full for the padded
+width) runs the eager model, so results never depend on what could be compiled. If inductor cannot compile
+here (no C++ compiler, an unsupported op), the first call says why in a RuntimeWarning and the model runs
+eager from then on.
 
     fast = compile_decode(model)               # same weights, same results within float tolerance
     generate(fast, ids, 64)                    # first calls compile (seconds); later calls do not

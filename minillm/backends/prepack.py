@@ -4,10 +4,9 @@ on every call.
 A bfloat16 `F.linear` on the CPU runs oneDNN's matmul, which first reorders the weight matrix into
 the blocked layout its inner loop reads, on every call: for a decode step that reads each weight
 once, that reorder is a second pass over every byte. `torch.ops.mkldnn._reorder_linear_weight` does
-it once; `torch.ops.mkldnn._linear_pointwise` then runs on the reordered copy. Measured on one
-AVX512 CPU (Zen 4, 2 threads, bfloat16, median of 300 calls): the 49152 x 576 output head 3.0 ms ->
-1.4 ms on 1 row, the 1536 x 576 gate 64 -> 31 us, and on 8 rows the gate 61 -> 45 us. The results
-are bit-equal to F.linear's (same kernel, same blocks; tested), so swapping changes no token.
+it once; `torch.ops.mkldnn._linear_pointwise` then runs on the reordered copy (`bench quant` measures
+what it buys). The results are bit-equal to F.linear's (same kernel, same blocks; tested), so swapping
+changes no token.
 
     n = prepack_linears(model)       # every plain nn.Linear whose packed copy measured faster
     PackedLinear.forward_ref          # F.linear on the plain weight: the reference, kept beside it
@@ -18,19 +17,17 @@ which finds the packed copy by the weight's storage; the compiled block graph is
 layers and each call brings its own layer's weight. A weight changed since it was packed (an
 in-place edit, `.to(dtype)`) is no longer found and runs the plain F.linear: a stale copy is never
 used. The price is memory: the packed copy sits beside the plain weight (which the embedding, the
-state dict and the reference still read), +270 MB for SmolLM2 in bfloat16.
+state dict and the reference still read).
 
 Which kernel runs is measured, per weight shape, dtype and thread count, never assumed (a machine
 without oneDNN, or one where its reorder does not pay, keeps F.linear); `PACK_CHOICES` holds the
 timings and `repr(module)` says `kernel=onednn-prepacked`.
 
-A few rows (a decode step, a verify step) can run on another kernel: cpu_gemv's, written for them (32 bfloat16
-weights an instruction, four rows of the weight at a time, prefetching ahead, each weight read once for all the
-rows), and where the CPU has AMX its tile kernel (cpu_gemv.tiles_bf16, on a copy of the weight in the tile
-layout). `PackedLinear.from_linear` measures them against the prepacked copy per weight shape at widths 1 to 16
-(`choose_gemv`, `GEMV_CHOICES`) and `repr` says which runs how many rows (`1 row: gemv, 2-16 rows: tiles`). On an Intel
-Xeon VM it ran the 120 body matmuls of a bfloat16 step in 8.3 ms against oneDNN's 15.1 (native/gemv.py); its outputs
-differ from F.linear's by float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
+A few rows (a decode step, a verify step) can run on another kernel: native/gemv.py's, written for them, and
+where the CPU has AMX its tile kernel (on a copy of the weight in the tile layout). `PackedLinear.from_linear`
+measures them against the prepacked copy per weight shape at widths 1 to 16 (`choose_gemv`, `GEMV_CHOICES`) and
+`repr` says which runs how many rows (`1 row: gemv, 2-16 rows: tiles`); their outputs differ from F.linear's by
+float32 summation order, no longer bit-equal (`gemv=False` keeps the bits).
 """
 from __future__ import annotations
 

@@ -2,64 +2,48 @@
 kernel (csrc/gemv.cpp): the linears of a decode step (one row) and of a verify step (up to 16), which read every
 weight once for those few rows.
 
-Why a kernel of our own: a decode step's linears should run at the memory's speed, and on some CPUs PyTorch's
-do not. Measured on an Intel Xeon VM (AVX512 with avx512_bf16 and AMX, 2 threads, the 120 body matmuls of
-SmolLM2's 30 blocks with q/k/v and gate/up fused, weights streamed from memory, copy bandwidth ~25 GB/s):
-bfloat16, oneDNN prepacked 15.1 ms (14 GB/s) against this kernel's 8.3 ms (26 GB/s); int4 g64, PyTorch's packed
-kernel 5.9 ms against 3.8 ms. What the kernel does differently (csrc/gemv.cpp says how): 32 weights per
-vdpbf16ps instruction, four rows at a time, and a software prefetch ahead in each row (without it: 1.4-1.6x
-slower; with one stream per core the hardware prefetcher alone kept too few lines in flight).
+Why a kernel of our own: a decode step's linears should run at the memory's speed, and on some CPUs PyTorch's do
+not (chapter 3 measures both). csrc/gemv.cpp says how it keeps up: 32 weights per vdpbf16ps instruction, four rows
+at a time, and a software prefetch ahead in each row.
 
-    from minillm import cpu_gemv
-    cpu_gemv.available()                          # None, or the one-line reason it cannot run here
-    y = cpu_gemv.gemv_bf16(x, w)                   # == F.linear(x, w) for x (..., K), w bfloat16 (N, K)
-    y = cpu_gemv.gemv_int8(x, w, scales)           # w int8 (N, K), scales float32 (N,): per-row symmetric
-    y = cpu_gemv.gemv_int4(x, packed, scales, offsets, group_size)   # quant.formats' packed layout, float32 scales
+    from minillm.native import gemv
+    gemv.available()                          # None, or the one-line reason it cannot run here
+    y = gemv.gemv_bf16(x, w)                  # == F.linear(x, w) for x (..., K), w bfloat16 (N, K)
+    y = gemv.gemv_int8(x, w, scales)          # w int8 (N, K), scales float32 (N,): per-row symmetric
+    y = gemv.gemv_int4(x, packed, scales, offsets, group_size)   # quant.formats' packed layout, float32 scales
 
 Each has a reference beside it (`*_ref`: dequantize, round x to bfloat16, matmul in float32), and
 tests/test_cpu_gemv.py holds them together. The kernels round x to bfloat16 (as PyTorch's packed kernels fed
-bfloat16 do) but keep the weights exact: int4 and int8 values are exact in bfloat16 and float32, the products
-exact in float32, the sums float32 in another order than the reference's. So they agree with the reference to
-float32 rounding (relative error ~1e-6), closer than PyTorch's packed int4 kernel (~3e-3: it rounds the
-dequantized weights to bfloat16).
+bfloat16 do) but keep the weights exact, so they agree with the reference to float32 rounding, closer than
+PyTorch's packed int4 kernel (which rounds the dequantized weights to bfloat16).
 
 Each row of x is summed by the same instructions in the same order whatever the number of rows, so row m of an
 8-row call is bit-equal to a 1-row call on row m alone (tested): a verify step's logits can be exactly a decode
-step's, which keeps speculative decoding lossless in bfloat16 and int4 (backends/compiled.py's `consistent`, chapter 5;
-trees keep a residue of their own, chapter 6). Each weight is read once for all the rows (four rows of W and four
-of x at a time in registers), so a few rows cost little more than one while the kernel waits on memory; past that
-it is bound by its instructions (Xeon VM, bfloat16, the 30 blocks' linears streamed: 1 / 2 / 8 rows 8.5 / 8.7 /
-14.9 ms, oneDNN 18-19 at each), and the layers measure where it still pays.
+step's, which keeps speculative decoding lossless in bfloat16 and int4 (backends/compiled.py's `consistent`).
+Each weight is read once for all the rows, so a few rows cost little more than one while the kernel waits on
+memory; past that it is bound by its instructions, and the layers measure where it still pays.
 
-Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (backends/prepack.py) measure, once per weight shape
-and thread count, this kernel (and the tile variant below, where it runs) against theirs at widths 1, 2, 4, 8 and
-16 (`choose`), and run inputs up to the widest width where it paid on it; `repr` says which and up
-to how many rows (`1-16 rows: gemv`). Wider inputs (prefill)
-keep PyTorch's kernels. The kernels are ops of
-PyTorch's dispatcher (`torch.ops.minillm.gemv_*`, registered in C++: the library is built against PyTorch's
-headers), so a compiled decode step calls each as one op, for ~2 us (the same op with a Python body cost ~10 us
-more a call, more than the kernel saved on int4).
+Who uses them: `QuantLinear` (quant/formats.py) and `PackedLinear` (backends/prepack.py) measure, once per weight
+shape and thread count, this kernel (and the tile variant below, where it runs) against theirs at widths 1-16
+(`choose`) and run inputs up to the widest width where it paid; `repr` says which (`1-16 rows: gemv`). Wider
+inputs (prefill) keep PyTorch's kernels. The kernels are ops of PyTorch's dispatcher (`torch.ops.minillm.gemv_*`,
+registered in C++), so a compiled decode step calls each as one op.
 
 Needs AVX512-BF16: on a CPU without it (or without a C++ compiler) `available()` says why and nothing changes.
 
-The tile variant (csrc/tiles.cpp), where the CPU has AMX (Intel Xeon since Sapphire Rapids; not AMD Zen 4). Past
-a few rows the kernels above wait on their instructions: one vdpbf16ps per row of x per 32 weights. AMX's
+The tile variant (csrc/tiles.cpp), where the CPU has AMX (Intel Xeon since Sapphire Rapids; not AMD Zen 4):
 TDPBF16PS multiplies up to 16 rows of x by a 32 x 16 tile of weights in one instruction, so up to 16 rows cost
 about what one does. The weights are repacked once into the tile layout (`pack_tiles_*`: plain reshapes), int8
 and int4 turned into exact bfloat16 tiles in L1 as they stream by:
 
-    cpu_gemv.tiles_available()       # None, or why not (no AMX, no compiler support, the OS says no, MINILLM_TILES=0)
-    y = cpu_gemv.tiles_bf16(x, cpu_gemv.pack_tiles_bf16(w))              # x at most 16 rows
-    y = cpu_gemv.tiles_int8(x, cpu_gemv.pack_tiles_int8(w), scales)
-    y = cpu_gemv.tiles_int4(x, *cpu_gemv.pack_tiles_int4(packed, scales, offsets), group_size)
+    gemv.tiles_available()       # None, or why not (no AMX, no compiler support, the OS says no, MINILLM_TILES=0)
+    y = gemv.tiles_bf16(x, gemv.pack_tiles_bf16(w))              # x at most 16 rows
+    y = gemv.tiles_int8(x, gemv.pack_tiles_int8(w), scales)
+    y = gemv.tiles_int4(x, *gemv.pack_tiles_int4(packed, scales, offsets), group_size)
 
-Same references, same rule (row m of an M-row call bit-equal to a one-row call, tested), but not the same bits as
-the gemv kernels (another summation order; tiles_int8 rounds x to bfloat16). Measured on the Xeon VM, the 120
-body matmuls streamed, 2 threads, 1 / 2 / 4 / 8 / 16 rows: bfloat16 7.8 / 7.9 / 8.2 / 8.6 / 9.3 ms (gemv 8.0 /
-8.2 / 10.0 / 14.2 / 22.9); int8 4.1 / 4.3 / 4.9 / 4.8 / 5.7 (gemv 4.7 / 4.1 / 6.2 / 9.3 / 17.5); int4 g64 3.9 /
-4.4 / 4.9 / 5.9 / 9.3 (gemv 3.5 / 5.1 / 8.4 / 15.9 / 31.0: int4 unpacks and scales each group per call, so
-one row costs the tiles a little more). Layers choose between the two (`choose`: the one paying up to more
-rows, then the faster) and `repr` names the one they run (`1-16 rows: tiles`); gemv="tiles" asks for it.
+Same references, same rule (row m of an M-row call bit-equal to a one-row call, tested), not the same bits as
+the gemv kernels (another summation order; tiles_int8 rounds x to bfloat16). Layers choose between the two
+(`choose`: the one paying up to more rows, then the faster); gemv="tiles" asks for it.
 """
 from __future__ import annotations
 
@@ -71,9 +55,8 @@ import torch
 from ..timing import median_seconds
 from . import build as native
 
-# The one-row kernel is kept where it measures at most this much slower than the layer's own, weights in cache: a
-# decode step streams its weights from memory, where the kernel's prefetching gains most, and in cache the int4
-# kernels measure about even (Xeon VM: 30 blocks' int4 weights streamed 4.3 ms against 5.9-6.3; in cache a tie).
+# The one-row kernel is kept where it measures at most this much slower than the layer's own with the weights in
+# cache: a decode step streams its weights from memory, where the kernel's prefetching gains most.
 TOLERANCE = 0.1
 
 

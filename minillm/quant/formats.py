@@ -25,15 +25,12 @@ see model/loading.py and notebook 03.
 Forwards: `Int4Linear`/`Int8Linear` each have a reference forward (dequantize, then an ordinary matmul)
 and a packed one calling PyTorch's CPU kernels (`aten._weight_int4pack_mm_for_cpu`, whose own
 converted weight layout is kept beside ours, and `aten._weight_int8pack_mm`). Those kernels are
-vectorized for bfloat16 activations; fed float32 they run scalar code (one 1536 x 576 matrix, one row,
-AVX2 CPU: int8 1.37 ms with float32 activations, 0.13 ms with bfloat16; int4 g64 2.03 vs 0.17 ms; a
-float32 nn.Linear 0.12 ms). So the packed forward casts activations to `act_dtype` (bfloat16 by default)
-and back, and impl="auto" (the default) measures ref, packed/bfloat16 and packed/float32 once per shape
-on this machine and keeps the fastest: `repr(module)` and `kernels_used(model)` say which runs. Inputs of a
-few rows (decode and verify steps) can run on one of cpu_gemv's kernels instead, written for them (exact weights,
-activations rounded to bfloat16, float32 sums, each row's numbers the same whatever the width): "gemv"
-(AVX512-BF16) and, where the CPU has AMX, "tiles". "auto" measures them too, at widths 1 to 16 (`_choose_gemv`,
-`GEMV_CHOICES`), and `repr` says which and up to how many rows (`1-16 rows: tiles`).
+vectorized for bfloat16 activations and run scalar code fed float32 (chapter 3 measures it), so the packed
+forward casts activations to `act_dtype` (bfloat16 by default) and back, and impl="auto" (the default) measures
+ref, packed/bfloat16 and packed/float32 once per shape on this machine and keeps the fastest: `repr(module)` and
+`kernels_used(model)` say which runs. Inputs of a few rows (decode and verify steps) can run on one of
+native/gemv.py's kernels instead ("gemv", and "tiles" where the CPU has AMX); "auto" measures them too, at widths
+1 to 16 (`_choose_gemv`, `GEMV_CHOICES`), and `repr` says which and up to how many rows (`1-16 rows: tiles`).
 The embedding and the tied output head can be quantized too: `quantize(..., head="int8")` gives the
 head its own Int8Linear (in float32 the head is a fifth of SmolLM2's bytes, read at every decode step).
 
