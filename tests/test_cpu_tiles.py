@@ -1,5 +1,11 @@
 """cpu_gemv's tile kernels (AMX, csrc/tiles.cpp) against the same references as its gemv kernels, each row the same
-whatever the width, the tile layout they read, the errors they give, and the linears that run on them."""
+whatever the width, the tile layout they read, the errors they give, and the linears that run on them. Without AMX
+the last test runs them all again on emulated tiles (csrc/amx_emulate.h)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,3 +157,22 @@ def test_a_prepacked_linear_on_the_tiles_reads_a_copy_made_with_the_weights_vers
         packed.weight.mul_(2)                                         # changed in place: the copy is stale
     assert torch.equal(packed(x), packed.forward_ref(x))              # so F.linear runs, with the weight as it is
     assert not PackedLinear.from_linear(torch.nn.Linear(64, 20, bias=False).bfloat16(), gemv="tiles").gemv   # 20 outputs
+
+
+@pytest.mark.skipif(cpu_gemv.EMULATED or cpu_gemv.tiles_available() is None,
+                    reason="the tests above ran on this CPU's own tiles (or this is the emulated run)")
+@pytest.mark.skipif(cpu_gemv.available() is not None, reason=f"no AVX512-BF16 here: {cpu_gemv.available()}")
+def test_every_tile_test_passes_on_emulated_tiles_where_the_cpu_has_no_amx():
+    """Where the CPU has no AMX (AMD Zen 4, the course machine), the tile tests run again in a child pytest on the
+    same kernels built over csrc/amx_emulate.h's plain C++ tiles (MINILLM_TILES=emulate): every tile path that ships,
+    the native step's included, is exercised on every AVX512-BF16 CPU, not only on a Xeon."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["MINILLM_TILES"] = "emulate"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           "tests/test_cpu_tiles.py", "tests/test_cpu_step.py", "tests/test_cpu_gemv.py",
+                           "-k", "tiles and not emulated_tiles_where"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "skipped" not in summary and int(summary.split(" passed")[0].split()[-1]) >= 40, summary

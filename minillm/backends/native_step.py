@@ -1,4 +1,4 @@
-"""A native decode step: every block of the model over a few new tokens in one C++ call (csrc/step.cpp), what
+"""A native decode step: every block of the model over a few new tokens in one C++ call (native/csrc/step.cpp), what
 llama.cpp does, beside the compiled step of compiled.py.
 
 Why: after quantization a decode step's weights are small (int4 g64 + int8 head: ~85 MB, ~3 ms at the memory's
@@ -59,7 +59,7 @@ def available(head_dim: int = 64) -> str | None:
     if head_dim % 16 or not 16 <= head_dim <= 256:
         return f"the native step takes head_dim a multiple of 16 up to 256, not {head_dim}"
     try:
-        native.load("step.cpp", {"HD": head_dim}, setup=_setup, with_torch=True)
+        native.load("step.cpp", {"HD": head_dim, **cpu_gemv.TILES_DEFINES}, setup=_setup, with_torch=True)
     except RuntimeError as e:
         return str(e)
     return None
@@ -71,7 +71,7 @@ def op(head_dim: int = 64):
     why = available(head_dim)
     if why:
         raise ValueError(f"native_decode: {why}")
-    return getattr(torch.ops.minillm, f"decode_layers_hd{head_dim}")
+    return getattr(torch.ops.minillm, f"decode_layers{'_emulated' if cpu_gemv.EMULATED else ''}_hd{head_dim}")
 
 
 def linear_args(module, rows: int = 1) -> tuple:

@@ -129,8 +129,8 @@ def add_fixed_width_arg(p, deprecated=False):
                         "speculative/tree decoding compute each token identically (same tokens in bfloat16 and "
                         "int4 too) at the price of a W-wide plain step; drafts are cut to W - 1 tokens")
     p.add_argument("--consistent", action="store_true",
-                   help="with --compile: every width computes a token's logits alike (linears on cpu_gemv, attention "
-                        "on cpu_attention: bfloat16/quantized weights, AVX512-BF16), so plain and speculative/tree "
+                   help="with --compile: every width computes a token's logits alike (linears on minillm.native.gemv, attention "
+                        "on minillm.native.attention: bfloat16/quantized weights, AVX512-BF16), so plain and speculative/tree "
                         "decoding give the same tokens with plain steps of one row")
 
 
@@ -141,7 +141,7 @@ def check_fixed_width(args) -> None:
         raise ValueError("--native and --compile are two kinds of step: choose one")
     if args.native and args.quant == "none" and args.dtype == "float32" and getattr(args, "model", None) is None:
         raise ValueError("--native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant int8/int4/...): "
-                         "float32 linears have no few-row kernel of cpu_gemv's")
+                         "float32 linears have no few-row kernel in minillm.native.gemv")
     if args.consistent and not compiled:
         raise ValueError(f"--consistent is a kind of compiled step: add {add}")
     if args.consistent and args.fixed_width is not None:
@@ -302,7 +302,7 @@ def legacy_backend(args) -> None:
     if args.backend == "native" and args.quant == "none" and args.dtype == "float32" and args.model is None \
             and not args.fast:
         raise ValueError("--backend native needs bfloat16 or quantized weights (--dtype bfloat16 or --quant "
-                         "int8/int4/...): float32 linears have no few-row kernel of cpu_gemv's")
+                         "int8/int4/...): float32 linears have no few-row kernel in minillm.native.gemv")
 
 
 def torch_threads() -> int:

@@ -2,7 +2,7 @@
 
 - `layer.py`: routing, the three dispatches (loop = the reference, sorted segments, dense), load-balancing losses
   and the `MoE` layer the model's `Config` can ask for; it imports nothing above it, so the model may use it;
-- `dist.py` (imported on its own: it builds on the model): expert parallelism across processes.
+- `dist.py` (imported on its own: it needs torch.distributed): expert parallelism across processes.
 """
 from .layer import (
                     BALANCE_MODES,

@@ -10,7 +10,7 @@ call: it reads only the keys some row may see, scores the rows sharing a kv head
 attention) in registers, and splits the work over the threads as flash-decoding does (64-key chunks,
 merged per row). Measured on one AVX512 CPU (Zen 4, 2 threads, bfloat16, SmolLM2's 9 query / 3 kv heads,
 264 of 512 cache slots in view, one layer): the kernel alone takes 35 us for 8 rows and 17 us for 1; called
-as the compiled step calls it (each compiled alone, `compiled.attention_timings`), 8 rows 68 us against
+as the compiled step calls it (each compiled alone, `backends.compiled.attention_timings`), 8 rows 68 us against
 107 us for inductor's matmul + softmax + matmul, 1 row 43 against 46 us for inductor's loops: on one row
 the op's call from Python takes most of what the kernel saves.
 

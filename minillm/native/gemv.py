@@ -87,7 +87,7 @@ def _op(name: str, why_not=None):
     if name not in _OPS:
         why = (why_not or available)()
         if why:
-            raise RuntimeError(f"cpu_gemv.{name}: {why}")
+            raise RuntimeError(f"minillm.native.gemv.{name}: {why}")
         _OPS[name] = getattr(torch.ops.minillm, name).default
     return _OPS[name]
 
@@ -199,14 +199,28 @@ def _setup_tiles(lib) -> None:
         raise RuntimeError("the tile kernel needs AMX-BF16, which this CPU (or its compiler, or the OS) does not give")
 
 
+# MINILLM_TILES=emulate: the tile kernels built on csrc/amx_emulate.h's plain C++ tiles (ops tiles_emulated_*), so
+# their logic runs where the CPU has no AMX: how tests/test_cpu_tiles.py checks them on every CPU with AVX512-BF16.
+# Read at import; slow by design (a scalar loop per tile instruction), never a choice for speed.
+EMULATED = os.environ.get("MINILLM_TILES") == "emulate"
+TILES_DEFINES = {"MINILLM_TILES_EMULATE": 1} if EMULATED else {}
+
+
+def tiles_op_name(kind: str) -> str:
+    """The registered name of a tile op ("bf16", "int8", "int4"): tiles_<kind>, or tiles_emulated_<kind>."""
+    return f"tiles_emulated_{kind}" if EMULATED else f"tiles_{kind}"
+
+
 def tiles_available() -> str | None:
     """None if the AMX tile kernels run here (building them if needed), else why not."""
     if os.environ.get("MINILLM_TILES") == "0":
         return "the tile kernel is switched off (MINILLM_TILES=0)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the tile kernel needs an x86-64 CPU with AMX, not {platform.machine()}"
+    if EMULATED and available() is not None:
+        return f"emulated tiles still need the gemv kernel's AVX512-BF16: {available()}"
     try:
-        native.load("tiles.cpp", setup=_setup_tiles, with_torch=True)
+        native.load("tiles.cpp", TILES_DEFINES, setup=_setup_tiles, with_torch=True)
     except RuntimeError as e:
         return str(e)
     return None
@@ -239,18 +253,18 @@ def pack_tiles_int4(packed, scales, offsets):
 
 def tiles_bf16(x, wt):
     """x (..., K), at most 16 rows; wt = pack_tiles_bf16(w): F.linear(x, w)."""
-    return _op("tiles_bf16", tiles_available)(x, wt)
+    return _op(tiles_op_name("bf16"), tiles_available)(x, wt)
 
 
 def tiles_int8(x, wt, scales):
     """wt = pack_tiles_int8(w), w int8 (N, K), scales float32 (N,): x @ (w * scales[:, None]).T, x rounded to bfloat16
     (the tiles multiply bfloat16; gemv_int8 keeps x in float32)."""
-    return _op("tiles_int8", tiles_available)(x, wt, scales)
+    return _op(tiles_op_name("int8"), tiles_available)(x, wt, scales)
 
 
 def tiles_int4(x, wt, scales, offsets, group_size: int):
     """wt, scales, offsets = pack_tiles_int4(packed, scales, offsets): gemv_int4's answer."""
-    return _op("tiles_int4", tiles_available)(x, wt, scales, offsets, group_size)
+    return _op(tiles_op_name("int4"), tiles_available)(x, wt, scales, offsets, group_size)
 
 
 def tiles_unavailable(out_features: int, in_features: int, group_size: int | None = None) -> str | None:

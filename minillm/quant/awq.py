@@ -16,7 +16,7 @@ run time:
     w2       <- w3's rows / s             (w2's input is silu(w1 x) * (w3 x), linear in w3)
     wo       is left alone: with grouped-query attention its input channels are not v's rows one
              to one (the paper's code skips it for GQA models too).
-Then every Linear is rounded to nearest (quant.py's group-wise int4).
+Then every Linear is rounded to nearest (formats.py's group-wise int4).
 
 Simplifications against the paper's code (llm-awq), stated plainly: the search objective is the
 output of the Linears sharing an input (not the whole attention block), and the weight-clipping

@@ -16,7 +16,7 @@ GPTQ's three ideas, each visible below:
 Groups: each group's scale and offset are chosen when its first column is reached, from the weights
 already corrected. Act-order (quantize columns of large H_ii first) uses "static groups": the group
 parameters are fixed up front from the original W, so column k keeps group k // g and the packed
-layout of quant.py is unchanged.
+layout of formats.py is unchanged.
 
 `gptq_quantize_ref` is the textbook loop (a rank-1 update after every column, no blocks); tests
 assert both agree, that GPTQ equals RTN when H is the identity, and that GPTQ's output error is lower.
@@ -54,7 +54,7 @@ def _prepare(W, H, bits, group_size, symmetric, act_order):
 
 def gptq_quantize(W, H, bits: int = 4, group_size: int = 128, symmetric: bool = True, act_order: bool = False,
                   block_size: int = 128, damp: float = 0.01):
-    """W (N, K), H (K, K) -> q uint8 (N, K), scales (N, K//g), offsets (N, K//g) in quant.py's layout."""
+    """W (N, K), H (K, K) -> q uint8 (N, K), scales (N, K//g), offsets (N, K//g) in formats.py's layout."""
     N, K = W.shape
     if not act_order and block_size % group_size and group_size % block_size:
         raise ValueError(f"block_size {block_size} and group_size {group_size} must divide one another")

@@ -267,7 +267,11 @@ extern "C" int minillm_step_head_dim(void) { return HD; }
 // SmolLM2's in one notebook), and the dispatcher takes each name once (a second "decode_layers" would abort).
 #define STR2(x) #x
 #define STR(x) STR2(x)
+#if TILES_EMULATED   // a build on emulated tiles (tiles.h) registers a name of its own
+#define OP_NAME "decode_layers_emulated_hd" STR(HD)
+#else
 #define OP_NAME "decode_layers_hd" STR(HD)
+#endif
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
     m.def(OP_NAME "(Tensor x, Tensor[] weights, int[] kinds, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
           "Tensor mask, Tensor cos, Tensor sin, Tensor norm, int n_heads, int n_kv_heads, float eps) -> (Tensor, Tensor)");

@@ -10,13 +10,13 @@ extern "C" int minillm_tiles_available(void) { return tiles_permitted(); }
 static void check_tiles(std::initializer_list<const at::Tensor *> ts, const char *what) {
     check_cpu(ts, what);
     TORCH_CHECK(HAVE_TILES && minillm_tiles_available(), what, ": AMX tiles are not available here "
-                "(cpu_gemv.tiles_available() says why)");
+                "(minillm.native.gemv.tiles_available() says why)");
 }
 
 static void check_layout(const at::Tensor &w, at::ScalarType dtype, int64_t row, const char *what) {
     TORCH_CHECK(w.dim() == 4 && w.scalar_type() == dtype && w.size(2) == 16 && w.size(3) == row, what,
                 " takes weights in the tile layout (out / 16, in / 32, 16, ", row, ") of ", dtype, ", got ",
-                w.scalar_type(), " ", w.sizes(), " (cpu_gemv.pack_tiles_* makes it)");
+                w.scalar_type(), " ", w.sizes(), " (minillm.native.gemv.pack_tiles_* makes it)");
 }
 
 #if HAVE_TILES
@@ -91,12 +91,12 @@ static at::Tensor tiles_int4_op(const at::Tensor &x, const at::Tensor &w, const 
 }
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
-    m.def("tiles_bf16(Tensor x, Tensor w) -> Tensor");
-    m.def("tiles_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-    m.def("tiles_int4(Tensor x, Tensor w, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+    m.def(TILES_NAME("bf16") "(Tensor x, Tensor w) -> Tensor");
+    m.def(TILES_NAME("int8") "(Tensor x, Tensor w, Tensor scales) -> Tensor");
+    m.def(TILES_NAME("int4") "(Tensor x, Tensor w, Tensor scales, Tensor offsets, int group_size) -> Tensor");
 }
 MINILLM_IMPL(
-    m.impl("tiles_bf16", &tiles_bf16_op);
-    m.impl("tiles_int8", &tiles_int8_op);
-    m.impl("tiles_int4", &tiles_int4_op);
+    m.impl(TILES_NAME("bf16"), &tiles_bf16_op);
+    m.impl(TILES_NAME("int8"), &tiles_int8_op);
+    m.impl(TILES_NAME("int4"), &tiles_int4_op);
 )

@@ -24,6 +24,7 @@
 // order whatever the rows of x, so row m of an M-row call is bit-equal to a one-row call (tested).
 // Needs AMX-BF16 and AVX512-BF16 from the compiler and, on Linux, the kernel's permission to use the tiles
 // (arch_prctl): minillm_tiles_available() returns 0 where either is missing and the ops refuse to run.
+// -DMINILLM_TILES_EMULATE builds the same kernels on amx_emulate.h's plain C++ tiles (AVX512-BF16 still needed).
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -33,20 +34,38 @@
 #include "ops.h"
 #include "vec.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__linux__)
+#if defined(MINILLM_TILES_EMULATE) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+// the tile instructions in plain C++ (amx_emulate.h), the rest as below: tests the kernels where there is no AMX
+#include <immintrin.h>
+#include "amx_emulate.h"
+#define HAVE_TILES 1
+#define TILES_EMULATED 1
+#elif !defined(MINILLM_TILES_EMULATE) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512BW__) && defined(__linux__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_TILES 1
+#define TILES_EMULATED 0
 #else
 #define HAVE_TILES 0
+#define TILES_EMULATED 0
+#endif
+
+// The ops' names: an emulated build registers its own (tiles_emulated_bf16, ...), so it can sit beside a real one.
+#if TILES_EMULATED
+#define TILES_NAME(kind) "tiles_emulated_" kind
+#else
+#define TILES_NAME(kind) "tiles_" kind
 #endif
 
 #define PF 4096           // bytes prefetched ahead in each stream
 #define MAXM 16           // rows of x a call takes: the rows of a tile
 
 static inline int tiles_permitted(void) {
-#if HAVE_TILES
+#if TILES_EMULATED
+    return 1;
+#elif HAVE_TILES
     // Linux hands out the tile registers' state only to a process that asks (ARCH_REQ_XCOMP_PERM for
     // XFEATURE_XTILEDATA); asking again is harmless. It says no where the CPU or the hypervisor has no AMX.
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
