@@ -33,8 +33,13 @@ lab: $(STAMP)
 
 CHROMIUM := $(wildcard /usr/bin/chromium)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist), a whole file or chapter to each, in order: the two cores
+# of the course machine each run one, a thread each (tests/conftest.py), instead of one process waiting on a
+# notebook's kernel or a CLI subprocess while the other core idles. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -p no:cacheprovider --durations=20 -m "not browser" tests notebooks --nbval
+	$(PY) -m pytest -p no:cacheprovider --durations=20 -n $(TEST_WORKERS) --dist loadfile -m "not browser" tests notebooks --nbval
 ifeq ($(CHROMIUM),)
 	@echo "Browser tests SKIPPED: Chromium is not installed (sudo apt-get install chromium chromium-driver, then make test-browser)."
 else
@@ -43,7 +48,7 @@ endif
 
 # The fast tier while working: no notebooks, nothing that loads SmolLM2 or HF transformers (a few minutes).
 test-fast: $(STAMP)
-	$(PY) -m pytest -p no:cacheprovider -q -m "not slow and not browser and not gpu" tests
+	$(PY) -m pytest -p no:cacheprovider -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not browser and not gpu" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

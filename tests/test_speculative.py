@@ -224,13 +224,6 @@ def test_bad_inputs(target):
                            generate(target, ids, 12, eos_token_id=None))
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from minillm.model.loading import load_pretrained
-
-    return load_pretrained("smollm2-135m")
-
-
 @pytest.mark.slow
 def test_smollm2_greedy_speculative_equals_plain(smollm2):
     model, tok = smollm2
