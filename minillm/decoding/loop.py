@@ -228,6 +228,10 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter: Drafter | None =
                  continue_cache: bool = False, prefill_chunk: int | None = None, keep_hidden: bool = False):
     """Prompt ids (B, T) -> yields, per forward, each row's new tokens (a list of B lists).
 
+    Each round is the four steps of the one loop, below as functions of their own: propose (nothing, a chain or a
+    tree), verify (one forward), accept (a prefix of the proposal and one token of the target's), roll the cache
+    back to what was accepted; plain decoding is the case with nothing proposed.
+
     ids: (B, T); prompts of different lengths as a list of sequences, or left-padded with an
         attention_mask (B, T) of 1 (token) and 0 (padding); each row then computes what it would alone.
     drafter: None (plain decoding), a name or an object for make_drafter; batch size 1.
@@ -327,85 +331,106 @@ def decode_steps(model, ids, max_new_tokens: int = 64, drafter: Drafter | None =
             result.hidden_parts.append(hidden[:, kept - col:])
             kept = col + hidden.shape[1]
 
-    while True:
-        roots = seq[:, -1].tolist()                                  # the last token of each row
-        pending = seq[:, fed:-1]        # not yet in the cache (the prompt in the first round; all with cache="none")
-        if prefill_chunk is not None:                                # chunked prefill: the prompt a piece at a time
+    def observe_prompt(tokens, logits, hidden):
+        """Token Recycling learns from the prompt: on the first round the drafter sees the prompt's columns."""
+        if first and drafter is not None and tokens.shape[1]:
+            drafter.observe(Tree.chain(tokens[0, 0], tokens[0, 1:]), logits[0], hidden[0])
+
+    def prefill(pending):
+        """Feed what the verify step will not take: a long prompt in chunks (prefill_chunk) and, with a compiled
+        step, the whole prompt in a forward of its own, so that the first step's width is the same with and
+        without a drafter (plain == speculative) -> what is still pending."""
+        nonlocal fed
+        if prefill_chunk is not None:
             while pending.shape[1] and pending.shape[1] + 1 > prefill_chunk:
                 piece = pending[:, :prefill_chunk]
                 logits, hidden = forward(piece, fed)
-                if first and drafter is not None:
-                    drafter.observe(Tree.chain(piece[0, 0], piece[0, 1:]), logits[0], hidden[0])
+                observe_prompt(piece, logits, hidden)
                 keep(hidden, fed)
                 fed, pending = fed + piece.shape[1], pending[:, prefill_chunk:]
-        if pending.shape[1] and getattr(model, "prefill_apart", lambda kv: False)(kv):  # compiled steps:
-            logits, hidden = forward(pending, fed)  # the prompt alone, so that the first step's width is the
-            if first and drafter is not None:       # same with and without a drafter (plain == speculative)
-                drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), logits[0], hidden[0])
+        if pending.shape[1] and getattr(model, "prefill_apart", lambda kv: False)(kv):
+            logits, hidden = forward(pending, fed)
+            observe_prompt(pending, logits, hidden)
             keep(hidden, fed)
             fed, pending = fed + pending.shape[1], pending[:, :0]
-        tree = None
-        if drafter is not None:                                      # propose
-            n = min(k, max_new_tokens - len(result.rows[0]) - 1)     # the forward adds (accepted + 1) tokens
-            if kv is not None and hasattr(kv, "max_len"):            # never overflow a cache that was given
-                n = min(n, kv.max_len - kv.length - pending.shape[1] - 1)
-            if hasattr(model, "widths"):                             # compiled: no wider than its widest graph
-                n = min(n, max(model.widths) - pending.shape[1] - 1)
-            tree = drafter.propose(seq[0].tolist(), n, last_hidden, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, generator=generator) if n > 0 else Tree.chain(roots[0], [])
-            tree = tree.prefix(n + 1)
-            if tree.tokens[0] != roots[0]:
-                raise ValueError(f"{type(drafter).__name__} proposed a tree rooted at {tree.tokens[0]}, not at the "
-                                 f"last token {roots[0]}")
-        if tree is not None and not tree.is_chain():                 # verify a tree: its own mask and positions
+        return pending
+
+    def propose(roots, pending):
+        """1. The drafter's guesses after the last token, a chain or a tree rooted at it (None: plain decoding)."""
+        if drafter is None:
+            return None
+        n = min(k, max_new_tokens - len(result.rows[0]) - 1)         # the forward adds (accepted + 1) tokens
+        if kv is not None and hasattr(kv, "max_len"):                # never overflow a cache that was given
+            n = min(n, kv.max_len - kv.length - pending.shape[1] - 1)
+        if hasattr(model, "widths"):                                 # compiled: no wider than its widest graph
+            n = min(n, max(model.widths) - pending.shape[1] - 1)
+        tree = drafter.propose(seq[0].tolist(), n, last_hidden, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator) if n > 0 else Tree.chain(roots[0], [])
+        tree = tree.prefix(n + 1)
+        if tree.tokens[0] != roots[0]:
+            raise ValueError(f"{type(drafter).__name__} proposed a tree rooted at {tree.tokens[0]}, not at the "
+                             f"last token {roots[0]}")
+        return tree
+
+    def verify(tree, roots, pending):
+        """2. One forward over what is pending and the proposal -> the proposal's logits and hidden states, the
+        hidden states to keep, and the cache slot where the proposal's nodes start."""
+        if tree is not None and not tree.is_chain():                 # a tree: its own mask and positions
             if kv is None:
                 raise ValueError("tree drafters need a KV cache (cache='static' or 'paged'), got cache='none'")
             if pending.shape[1]:                                     # the prompt goes in first
                 prefix_logits, prefix_hidden = forward(pending, fed)
-                if first:
-                    drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), prefix_logits[0], prefix_hidden[0])
+                observe_prompt(pending, prefix_logits, prefix_hidden)
                 keep(prefix_hidden, fed)
             start = kv.length
             logits, hidden = score(model, kv, tree)                  # (N, V), (N, dim)
             result.target_forwards += 1
-            nodes_hidden = hidden[None]
-        else:                                                        # verify a chain (or nothing) after `pending`
-            nodes = torch.tensor([[r] + (tree.tokens[1:] if tree is not None else []) for r in roots],
-                                 device=ids.device)                  # (B, N)
-            logits, hidden = forward(torch.cat([pending, nodes], dim=1), fed)
-            P = pending.shape[1]
-            if first and drafter is not None and P:                  # Token Recycling learns from the prompt
-                drafter.observe(Tree.chain(pending[0, 0], pending[0, 1:]), logits[0, :P], hidden[0, :P])
-            keep(hidden[:, :P], fed)
-            logits, hidden = logits[:, P:], hidden[:, P:]
-            nodes_hidden = hidden
-            start = kv.length - nodes.shape[1] if kv is not None else None
-        first = False
+            return logits, hidden, hidden[None], start
+        nodes = torch.tensor([[r] + (tree.tokens[1:] if tree is not None else []) for r in roots],
+                             device=ids.device)                      # a chain (or nothing) after `pending`: (B, N)
+        logits, hidden = forward(torch.cat([pending, nodes], dim=1), fed)
+        P = pending.shape[1]
+        observe_prompt(pending, logits[:, :P], hidden[:, :P])
+        keep(hidden[:, :P], fed)
+        logits, hidden = logits[:, P:], hidden[:, P:]
+        return logits, hidden, hidden, (kv.length - nodes.shape[1] if kv is not None else None)
 
-        if drafter is None:                                          # accept: plain decoding samples one token a row
-            path = [0]
+    def accept(tree, logits, hidden):
+        """3. Plain decoding samples one token a row; with a drafter, the draft's prefix the target accepts plus one
+        token of the target's own -> (accepted node indices, each row's new tokens, which came from the draft,
+        the proposal's logits and hidden states, one row's where the proposal was a chain)."""
+        if drafter is None:
             chunks = [[t] for t in sample_next(logits[:, -1], temperature, top_k, top_p, generator).tolist()]
-            flags = [False]
+            return [0], chunks, [False], logits, hidden
+        if tree.is_chain():
+            logits, hidden = logits[0], hidden[0]
+        if len(tree) == 1:
+            path, extra = [0], int(sample_next(logits[-1:], temperature, top_k, top_p, generator))
+        elif temperature == 0:
+            path, extra = accept_greedy(tree, logits)
+        elif tree.is_chain():
+            m, extra = accept_chain(tree.tokens[1:], tree.q, logits, temperature, top_k, top_p, generator)
+            path = list(range(m + 1))
         else:
-            if tree.is_chain():
-                logits, hidden = logits[0], hidden[0]
-            if len(tree) == 1:
-                path, extra = [0], int(sample_next(logits[-1:], temperature, top_k, top_p, generator))
-            elif temperature == 0:
-                path, extra = accept_greedy(tree, logits)
-            elif tree.is_chain():
-                m, extra = accept_chain(tree.tokens[1:], tree.q, logits, temperature, top_k, top_p, generator)
-                path = list(range(m + 1))
-            else:
-                path, extra = accept_typical(tree, logits, temperature, generator=generator, top_k=top_k, top_p=top_p)
-            if kv is not None:                                       # roll back to the accepted path
+            path, extra = accept_typical(tree, logits, temperature, generator=generator, top_k=top_k, top_p=top_p)
+        chunks = [[tree.tokens[i] for i in path[1:]] + [extra]]
+        return path, chunks, [True] * (len(path) - 1) + [False], logits, hidden
+
+    while True:
+        roots = seq[:, -1].tolist()                                  # the last token of each row
+        pending = prefill(seq[:, fed:-1])  # not yet in the cache (the prompt in the first round; all with cache="none")
+        tree = propose(roots, pending)
+        logits, hidden, nodes_hidden, start = verify(tree, roots, pending)
+        first = False
+        path, chunks, flags, logits, hidden = accept(tree, logits, hidden)
+        if drafter is not None:
+            if kv is not None:                                       # 4. roll the cache back to the accepted path
                 rollback(kv, start, path)
             drafter.observe(tree, logits, hidden)
             result.drafted += len(tree) - 1
             result.accepted += len(path) - 1
             result.draft_lengths.append(len(tree) - 1)
-            chunks, last_hidden = [[tree.tokens[i] for i in path[1:]] + [extra]], hidden[path[-1]]
-            flags = [True] * (len(path) - 1) + [False]
+            last_hidden = hidden[path[-1]]
         if keep_hidden:                                              # the accepted nodes entered the cache
             keep(nodes_hidden[:, path], seq.shape[1] - 1)
 
