@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # descheduled threads; a test that wants more threads sets them, as the CLI's --threads does.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # for the kernels and CLIs they start (Makefile: test)
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, _CORES // _WORKERS))
 if not torch.cuda.is_available():  # chapter 7's kernels run interpreted; choose before anything imports triton
