@@ -70,7 +70,9 @@ def test_fused_model_gives_the_unfused_logits(tiny_model, quantized):
     if quantized:
         for layer in model.layers:
             for name in ("wq", "wk", "wv"):
-                setattr(layer.attn, name, Int4Linear.from_linear(getattr(layer.attn, name), group_size=32))
+                # one kernel, not measured: "auto" may measure the parts and the wider fused layer onto different
+                # few-row kernels (x rounded to bfloat16 or not), which differ by more than this test's 1e-5
+                setattr(layer.attn, name, Int4Linear.from_linear(getattr(layer.attn, name), group_size=32, impl="ref"))
     fused = copy.deepcopy(model)
     assert fuse_projections(fused) == 2 * len(model.layers) and fused_count(fused) == 2 * len(model.layers)
     assert fuse_projections(fused) == 0                                             # fused once only
