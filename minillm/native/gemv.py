@@ -217,8 +217,9 @@ def tiles_available() -> str | None:
         return "the tile kernel is switched off (MINILLM_TILES=0)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the tile kernel needs an x86-64 CPU with AMX, not {platform.machine()}"
-    if EMULATED and available() is not None:
-        return f"emulated tiles still need the gemv kernel's AVX512-BF16: {available()}"
+    why = available() if EMULATED else None
+    if why:
+        return f"emulated tiles still need the gemv kernel's AVX512-BF16: {why}"
     try:
         native.load("tiles.cpp", TILES_DEFINES, setup=_setup_tiles, with_torch=True)
     except RuntimeError as e:
